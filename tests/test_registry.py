@@ -23,6 +23,26 @@ CASES = {
     "leverage_scores": [
         (lambda dev: (_x(2, 40, 24, device=dev),), {"rank": 4, "oversample": 2, "power_iters": 1}),
     ],
+    "attn_scores": [
+        (lambda dev: (_x(2, 4, 5, 16, device=dev), _x(2, 2, 30, 16, device=dev)), {"causal": True}),
+        (
+            lambda dev: (_x(1, 2, 3, 16, device=dev), _x(1, 1, 20, 16, device=dev)),
+            {
+                "key_start": 4,
+                "key_end": 18,
+                "reduce": "sum",
+                "key_mask": torch.tensor([[True] * 15 + [False] * 5]),
+                "query_mask": torch.tensor([[True, False, True]]),
+                "lse": torch.full((1, 2, 3), 3.0),
+            },
+        ),
+    ],
+    "attn_topk": [
+        (
+            lambda dev: (_x(2, 4, 5, 16, device=dev), _x(2, 2, 30, 16, device=dev), _x(2, 20, 8, device=dev), 6),
+            {"key_start": 5, "key_end": 25, "causal": True},
+        ),
+    ],
     "leverage_topk": [
         (lambda dev: (_x(2, 40, 24, device=dev), 9), {"rank": 4, "oversample": 2, "power_iters": 1}),
         (lambda dev: (_x(1, 33, 16, dtype=torch.float16, device=dev), 1), {"rank": 4}),
@@ -44,6 +64,7 @@ def test_every_registered_op_is_checked():
 def test_opcheck(name, case, device):
     make, kwargs = case
     op = getattr(torch.ops.tokenkern, name).default
+    kwargs = {n: (v.to(device) if isinstance(v, torch.Tensor) else v) for n, v in kwargs.items()}
     torch.library.opcheck(op, make(device), kwargs)
 
 
@@ -52,6 +73,7 @@ def test_opcheck(name, case, device):
 def test_compile_fullgraph(name, device):
     make, kwargs = CASES[name][0]
     args = make(device)
+    kwargs = {n: (v.to(device) if isinstance(v, torch.Tensor) else v) for n, v in kwargs.items()}
     op = getattr(torch.ops.tokenkern, name)
 
     def f(*a):

@@ -14,7 +14,7 @@ from torch import Tensor
 from . import ops  # noqa: F401  (registers every op)
 
 __version__ = "0.1.0"
-__all__ = ["leverage_scores", "leverage_topk", "topk_gather"]
+__all__ = ["attn_scores", "attn_topk", "leverage_scores", "leverage_topk", "topk_gather"]
 
 
 def _batched(x: Tensor, name: str, op: str) -> tuple[Tensor, bool]:
@@ -66,3 +66,60 @@ def topk_gather(scores: Tensor, x: Tensor, k: int) -> tuple[Tensor, Tensor]:
     if isinstance(scores, Tensor) and scores.is_floating_point() and scores.dtype != torch.float32:
         scores = scores.float()
     return torch.ops.tokenkern.topk_gather(scores, x, k)
+
+
+def attn_scores(
+    q: Tensor,
+    k: Tensor,
+    lse: Tensor | None = None,
+    scale: float | None = None,
+    key_start: int = 0,
+    key_end: int = -1,
+    query_mask: Tensor | None = None,
+    key_mask: Tensor | None = None,
+    causal: bool = False,
+    reduce: str = "mean",
+) -> Tensor:
+    """Softmax attention mass each key receives, without materializing the attention matrix.
+
+    q: (B, Hq, Nq, d), k: (B, Hkv, Nk, d), Hq a multiple of Hkv (GQA/MQA: query head h reads
+    key head h // (Hq / Hkv)), head dim 1..256, float32/float16/bfloat16.
+    Key j is visible to query i when ``key_mask[b, j]`` (default all) and, if causal,
+    ``j <= Nk - Nq + i`` (the queries are the last Nq positions). ``P = softmax(scale * q.k)``
+    over the visible keys (scale defaults to d^-0.5). A query is valid when
+    ``query_mask[b, i]`` (default all) and it sees at least one key.
+    Returns (B, key_end - key_start) float32:
+    ``sum_h sum_{valid i} P[b, h, i, j]`` for j in [key_start, key_end) (key_end=-1: Nk),
+    divided by Hq x (number of valid queries of b) when reduce="mean". The softmax is
+    normalized over the full key row; the slice only picks the columns returned.
+
+    lse: optional (B, Hq, Nq) float32 natural-log log-sum-exp of ``scale * q.k`` over the
+    visible keys, as returned by the attention that already ran. With it, the op makes a
+    single pass over K. Rows whose lse is not finite contribute nothing. See the README for
+    obtaining it from FlashAttention, FlexAttention and SDPA (and the base-2 pitfall).
+    """
+    return torch.ops.tokenkern.attn_scores(q, k, lse, scale, key_start, key_end, query_mask, key_mask, causal, reduce)
+
+
+def attn_topk(
+    q: Tensor,
+    k: Tensor,
+    x: Tensor,
+    n_keep: int,
+    lse: Tensor | None = None,
+    scale: float | None = None,
+    key_start: int = 0,
+    key_end: int = -1,
+    query_mask: Tensor | None = None,
+    key_mask: Tensor | None = None,
+    causal: bool = False,
+    reduce: str = "mean",
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`attn_scores` over keys [key_start, key_end), then :func:`topk_gather` of the
+    n_keep best. x: (B, key_end - key_start, D), the tokens of that key range (e.g. the image
+    tokens). Returns kept (B, n_keep, D), indices (B, n_keep) int64 ascending and relative to
+    key_start (add key_start for sequence positions), scores (B, key_end - key_start) float32.
+    """
+    return torch.ops.tokenkern.attn_topk(
+        q, k, x, n_keep, lse, scale, key_start, key_end, query_mask, key_mask, causal, reduce
+    )

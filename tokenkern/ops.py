@@ -18,6 +18,7 @@ from torch.library import custom_op, register_fake, register_kernel
 
 from . import _C  # noqa: F401  (loads the C++ op schemas and kernels)
 from . import _checks as checks
+from ._cpu import attention as cpu_attention
 from ._cpu import leverage as cpu_leverage
 
 # --------------------------------------------------------------------------- topk_gather
@@ -106,4 +107,115 @@ def leverage_topk_triton(x, k, rank=32, oversample=8, power_iters=2, seed=0):
 
     scores = leverage.leverage_scores(x, r, l, power_iters, seed)
     kept, indices = topk_gather(scores, x, k)
+    return kept, indices, scores
+
+
+# ---------------------------------------------------------------------- attention scores
+
+_ATTN_ARGS = (
+    "Tensor? lse=None, float? scale=None, int key_start=0, int key_end=-1, "
+    'Tensor? query_mask=None, Tensor? key_mask=None, bool causal=False, str reduce="mean"'
+)
+
+
+def _attn_checked(op, q, k, lse, scale, key_start, key_end, query_mask, key_mask, causal, reduce):
+    end, sc = checks.attention(op, q, k, lse, scale, key_start, key_end, query_mask, key_mask, causal, reduce)
+    return dict(lse=lse, scale=sc, key_start=key_start, key_end=end, query_mask=query_mask, key_mask=key_mask,
+                causal=causal, mean=reduce == "mean")  # fmt: skip
+
+
+@custom_op("tokenkern::attn_scores", mutates_args=(), schema=f"(Tensor q, Tensor k, {_ATTN_ARGS}) -> Tensor")
+def attn_scores(
+    q: Tensor,
+    k: Tensor,
+    lse: Tensor | None = None,
+    scale: float | None = None,
+    key_start: int = 0,
+    key_end: int = -1,
+    query_mask: Tensor | None = None,
+    key_mask: Tensor | None = None,
+    causal: bool = False,
+    reduce: str = "mean",
+) -> Tensor:
+    args = _attn_checked("attn_scores", q, k, lse, scale, key_start, key_end, query_mask, key_mask, causal, reduce)
+    return cpu_attention.attention_scores(q, k, **args)
+
+
+@attn_scores.register_fake
+def _attn_scores_fake(q, k, lse=None, scale=None, key_start=0, key_end=-1, query_mask=None, key_mask=None,
+                      causal=False, reduce="mean"):  # fmt: skip
+    args = _attn_checked("attn_scores", q, k, lse, scale, key_start, key_end, query_mask, key_mask, causal, reduce)
+    return q.new_empty(q.shape[0], args["key_end"] - key_start, dtype=torch.float32)
+
+
+@attn_scores.register_kernel("cuda")
+def attn_scores_triton(q, k, lse=None, scale=None, key_start=0, key_end=-1, query_mask=None, key_mask=None,
+                       causal=False, reduce="mean"):  # fmt: skip
+    args = _attn_checked("attn_scores", q, k, lse, scale, key_start, key_end, query_mask, key_mask, causal, reduce)
+    from ._triton.attention import attention_scores
+
+    return attention_scores(q, k, **args)
+
+
+def _attn_topk_checked(q, k, x, n_keep, *rest):
+    args = _attn_checked("attn_topk", q, k, *rest)
+    n = args["key_end"] - args["key_start"]
+    x = checks.tensor("attn_topk", "x", x)
+    checks.ndim("attn_topk", "x", x, 3, "(B, key_end - key_start, D)")
+    if x.shape[0] != q.shape[0] or x.shape[1] != n:
+        expected = f"({q.shape[0]}, {n}, D)"
+        checks.fail("attn_topk", f"x must be (B, key_end - key_start, D) = {expected}, got {tuple(x.shape)}")
+    if not x.dtype.is_floating_point:
+        checks.fail("attn_topk", f"x must be a floating tensor, got {checks.dtype_name(x.dtype)}")
+    checks.same_device("attn_topk", [("q", q), ("x", x)])
+    checks.keep_count("attn_topk", "n_keep", n_keep, n)
+    return args
+
+
+@custom_op(
+    "tokenkern::attn_topk",
+    mutates_args=(),
+    schema=f"(Tensor q, Tensor k, Tensor x, int n_keep, {_ATTN_ARGS}) -> (Tensor kept, Tensor indices, Tensor scores)",
+)
+def attn_topk(
+    q: Tensor,
+    k: Tensor,
+    x: Tensor,
+    n_keep: int,
+    lse: Tensor | None = None,
+    scale: float | None = None,
+    key_start: int = 0,
+    key_end: int = -1,
+    query_mask: Tensor | None = None,
+    key_mask: Tensor | None = None,
+    causal: bool = False,
+    reduce: str = "mean",
+) -> tuple[Tensor, Tensor, Tensor]:
+    args = _attn_topk_checked(q, k, x, n_keep, lse, scale, key_start, key_end, query_mask, key_mask, causal, reduce)
+    scores = cpu_attention.attention_scores(q, k, **args)
+    kept, indices = torch.ops.tokenkern.topk_gather(scores, x, n_keep)
+    return kept, indices, scores
+
+
+@attn_topk.register_fake
+def _attn_topk_fake(q, k, x, n_keep, lse=None, scale=None, key_start=0, key_end=-1, query_mask=None,
+                    key_mask=None, causal=False, reduce="mean"):  # fmt: skip
+    args = _attn_topk_checked(q, k, x, n_keep, lse, scale, key_start, key_end, query_mask, key_mask, causal, reduce)
+    b = q.shape[0]
+    return (
+        x.new_empty(b, n_keep, x.shape[2]),
+        x.new_empty(b, n_keep, dtype=torch.int64),
+        x.new_empty(b, args["key_end"] - key_start, dtype=torch.float32),
+    )
+
+
+@attn_topk.register_kernel("cuda")
+def attn_topk_triton(q, k, x, n_keep, lse=None, scale=None, key_start=0, key_end=-1, query_mask=None,
+                     key_mask=None, causal=False, reduce="mean"):  # fmt: skip
+    args = _attn_topk_checked(q, k, x, n_keep, lse, scale, key_start, key_end, query_mask, key_mask, causal, reduce)
+    from ._triton.attention import attention_scores
+    from ._triton.topk_gather import topk_gather
+
+    scores = attention_scores(q, k, **args)
+    kept, indices = topk_gather(scores, x, n_keep)
     return kept, indices, scores

@@ -51,9 +51,13 @@ def leverage_demo(keep: float = 0.25, device: str | None = None) -> None:
     side = int(n**0.5)
     for i, name in enumerate(SKIMAGE_PHOTOS):
         overlap = len(set(idx[i].tolist()) & set(exact_idx[i].tolist())) / k
-        print(f"  {name}: kept {k}/{n} tokens, top-k overlap with exact SVD {overlap:.2f}, "
-              f"scores sum {scores[i].sum().item():.2f} (= rank)")
+        print(
+            f"  {name}: kept {k}/{n} tokens, top-k overlap with exact SVD {overlap:.2f}, "
+            f"scores sum {scores[i].sum().item():.2f} (= rank)"
+        )
         print(_grid(idx[i], side))
     print(f"\nkept: {tuple(kept.shape)}  indices: {tuple(idx.shape)} ascending  scores: {tuple(scores.shape)}")
-    print(f"time for the batch of {b}: tokenkern {t_ours * 1e3:.2f} ms | exact float64 SVD {t_exact * 1e3:.2f} ms "
-          f"(median; {device})")
+    print(
+        f"time for the batch of {b}: tokenkern {t_ours * 1e3:.2f} ms | exact float64 SVD {t_exact * 1e3:.2f} ms "
+        f"(median; {device})"
+    )

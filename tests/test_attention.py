@@ -1,0 +1,323 @@
+"""attn_scores / attn_topk: the CPU kernel (torch, chunked) and the Triton kernels (on CPU via
+the interpreter) against the materialized float64 softmax of reference.py."""
+
+import re
+
+import pytest
+import torch
+from testing import BACKENDS, HAS_CUDA, TRITON_DEVICE, assert_rel_close, assert_valid_indices
+
+import tokenkern
+from tokenkern import ops, reference
+from tokenkern._triton import attention as triton_attention
+
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def scores_of(backend, q, k, **kw):
+    if backend == "cpu":
+        return torch.ops.tokenkern.attn_scores(q, k, **kw)
+    if HAS_CUDA:
+        kw = {n: (v.cuda() if isinstance(v, torch.Tensor) else v) for n, v in kw.items()}
+        return torch.ops.tokenkern.attn_scores(q.cuda(), k.cuda(), **kw).cpu()
+    return ops.attn_scores_triton(q, k, **kw)
+
+
+def make_qk(gen, b, hq, hkv, nq, nk, d, dtype=torch.float32):
+    # Larger logits than unit Gaussians give peaked, realistic attention rows.
+    q = (torch.randn(b, hq, nq, d, generator=gen) * 2.0).to(dtype)
+    k = torch.randn(b, hkv, nk, d, generator=gen).to(dtype)
+    return q, k
+
+
+def random_masks(gen, b, nq, nk, kind):
+    if kind == "none":
+        return {}
+    if kind == "random":
+        km = torch.rand(b, nk, generator=gen) > 0.3
+        qm = torch.rand(b, nq, generator=gen) > 0.3
+        qm[0] = False  # a fully masked batch element: contributes nothing, scores 0
+        km[-1, -1] = True
+        return {"key_mask": km, "query_mask": qm}
+    # left padding: sample i starts at position pad_i (keys) and queries are the last Nq positions
+    km = torch.ones(b, nk, dtype=torch.bool)
+    qm = torch.ones(b, nq, dtype=torch.bool)
+    for i in range(b):
+        pad = (i * nk) // (2 * b)
+        km[i, :pad] = False
+        qpad = max(0, pad - (nk - nq))
+        qm[i, :qpad] = False
+    return {"key_mask": km, "query_mask": qm}
+
+
+# (B, Hq, Hkv, Nq, Nk, d): Nk in {1, 7, 577, 650, 2881}, Nq in {1, 5, 64, Nk}, d in {64, 80,
+# 128}, GQA 28/4 and 32/32, covered without running the full product through the interpreter.
+SHAPES = [
+    (1, 2, 1, 1, 1, 64),
+    (2, 2, 2, 5, 7, 80),
+    (2, 4, 2, 7, 7, 128),
+    (1, 4, 2, 64, 577, 128),
+    (1, 28, 4, 64, 650, 128),
+    (1, 32, 32, 5, 577, 64),
+    (2, 2, 2, 650, 650, 80),
+    (1, 2, 1, 1, 2881, 80),
+    (1, 2, 1, 5, 2881, 64),
+    (1, 2, 2, 64, 2881, 128),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("masks", ["none", "random", "left_padding"])
+@pytest.mark.parametrize(("b", "hq", "hkv", "nq", "nk", "d"), SHAPES)
+def test_matches_reference(backend, causal, masks, b, hq, hkv, nq, nk, d, gen):
+    q, k = make_qk(gen, b, hq, hkv, nq, nk, d)
+    kw = dict(causal=causal, **random_masks(gen, b, nq, nk, masks))
+    out = scores_of(backend, q, k, **kw)
+    ref = reference.attn_scores(q, k, **kw)
+    assert out.dtype == torch.float32 and out.shape == (b, nk)
+    assert torch.isfinite(out).all()
+    assert_rel_close(out, ref, TOL[torch.float32])
+    if masks == "random":
+        assert bool((out[0] == 0).all()), "a batch element with no valid query scores 0"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_long_causal_prefill(backend, gen):
+    """Nq = Nk = 2881 (LLaVA-NeXT-sized prefill), causal, with a key mask."""
+    q, k = make_qk(gen, 1, 2, 1, 2881, 2881, 64)
+    km = torch.rand(1, 2881, generator=gen) > 0.1
+    out = scores_of(backend, q, k, causal=True, key_mask=km, key_start=35, key_end=2500)
+    assert_rel_close(out, reference.attn_scores(q, k, causal=True, key_mask=km, key_start=35, key_end=2500), 1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16] + ([torch.bfloat16] if HAS_CUDA else []))
+def test_half_precision_inputs(backend, dtype, gen):
+    q, k = make_qk(gen, 2, 4, 2, 64, 577, 128, dtype)
+    kw = dict(causal=True, key_start=35, key_end=611 - 35)
+    assert_rel_close(scores_of(backend, q, k, **kw), reference.attn_scores(q, k, **kw), TOL[dtype])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("start", "end"), [(0, -1), (35, 611), (100, 101), (0, 1), (649, 650)])
+def test_key_slices_select_columns_of_the_full_normalization(backend, start, end, gen):
+    q, k = make_qk(gen, 2, 4, 4, 9, 650, 64)
+    full = scores_of(backend, q, k, causal=True)
+    part = scores_of(backend, q, k, causal=True, key_start=start, key_end=end)
+    stop = 650 if end == -1 else end
+    assert part.shape == (2, stop - start)
+    assert torch.allclose(part, full[:, start:stop], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("causal", [False, True])
+def test_lse_path_equals_two_pass(backend, causal, gen):
+    q, k = make_qk(gen, 2, 6, 2, 33, 300, 64)
+    masks = random_masks(gen, 2, 33, 300, "random")
+    lse = reference.attn_lse(q, k, key_mask=masks["key_mask"], causal=causal).float()
+    two_pass = scores_of(backend, q, k, causal=causal, **masks)
+    one_pass = scores_of(backend, q, k, lse=lse, causal=causal, **masks)
+    assert_rel_close(one_pass, two_pass.double(), 1e-5)
+
+
+def test_kernel_lse_equals_reference(gen):
+    q, k = make_qk(gen, 2, 4, 2, 40, 200, 80)
+    km = torch.rand(2, 200, generator=gen) > 0.5
+    lse = triton_attention.attention_lse(q.to(TRITON_DEVICE), k.to(TRITON_DEVICE), 80**-0.5, km.to(TRITON_DEVICE), True)
+    ref = reference.attn_lse(q, k, key_mask=km, causal=True)
+    finite = torch.isfinite(ref)
+    assert torch.equal(torch.isfinite(lse.cpu()), finite)
+    assert_rel_close(lse.cpu()[finite], ref[finite], 1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lse_from_scaled_dot_product_attention(backend, gen):
+    """lse as returned by torch's flash SDPA kernel (natural log of the scaled logits)."""
+    q, k = make_qk(gen, 2, 4, 4, 50, 50, 64)
+    v = torch.randn_like(k)
+    _, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True)[:2]
+    out = scores_of(backend, q, k, lse=lse.float(), causal=True)
+    assert_rel_close(out, reference.attn_scores(q, k, causal=True), 1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lse_from_flex_attention(backend, gen):
+    from torch.nn.attention.flex_attention import AuxRequest, create_block_mask, flex_attention
+
+    q, k = make_qk(gen, 1, 2, 2, 40, 40, 64)
+    v = torch.randn_like(k)
+    mask = create_block_mask(lambda b, h, i, j: j <= i, None, None, 40, 40, device="cpu")
+    _, aux = flex_attention(q, k, v, block_mask=mask, return_aux=AuxRequest(lse=True))
+    out = scores_of(backend, q, k, lse=aux.lse.float(), causal=True)
+    assert_rel_close(out, reference.attn_scores(q, k, causal=True), 1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_queries_that_see_no_key_contribute_nothing(backend, gen):
+    q, k = make_qk(gen, 1, 2, 2, 8, 8, 64)
+    km = torch.ones(1, 8, dtype=torch.bool)
+    km[0, :3] = False  # with causal, queries 0..2 see no key at all
+    out = scores_of(backend, q, k, causal=True, key_mask=km)
+    ref = reference.attn_scores(q, k, causal=True, key_mask=km)
+    assert torch.isfinite(out).all() and bool((out[0, :3] == 0).all())
+    assert_rel_close(out, ref, 1e-5)
+    # Mean over the 5 valid queries and 2 heads: the scores sum to 1.
+    assert abs(out.sum().item() - 1.0) < 1e-5
+    # An lse of +inf or -inf for such rows (FlashAttention uses +inf) is ignored too.
+    lse = reference.attn_lse(q, k, key_mask=km, causal=True).float()
+    for fill in (float("inf"), float("-inf"), float("nan")):
+        lse[..., :3] = fill
+        assert_rel_close(scores_of(backend, q, k, lse=lse, causal=True, key_mask=km), ref, 1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_padded_sample_equals_the_sample_alone(backend, gen):
+    """Left padding (causal, masked keys and queries) and right padding (masked keys) give the
+    sample's own scores at its positions."""
+    q, k = make_qk(gen, 1, 4, 2, 20, 20, 64)
+    alone = scores_of(backend, q, k, causal=True)
+    pad = 7
+    ql = torch.cat([torch.randn(1, 4, pad, 64, generator=gen), q], dim=2)
+    kl = torch.cat([torch.randn(1, 2, pad, 64, generator=gen), k], dim=2)
+    mask = torch.arange(pad + 20)[None] >= pad
+    left = scores_of(backend, ql, kl, causal=True, key_mask=mask, query_mask=mask)
+    assert torch.allclose(left[:, pad:], alone, rtol=1e-5, atol=1e-7) and bool((left[:, :pad] == 0).all())
+    kr = torch.cat([k, torch.randn(1, 2, pad, 64, generator=gen)], dim=2)
+    right = scores_of(backend, q, kr, key_mask=torch.arange(20 + pad)[None] < 20)
+    assert torch.allclose(right[:, :20], scores_of(backend, q, k), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sum_is_mean_times_count(backend, gen):
+    q, k = make_qk(gen, 2, 4, 2, 10, 30, 64)
+    qm = torch.ones(2, 10, dtype=torch.bool)
+    qm[1, :4] = False
+    s = scores_of(backend, q, k, query_mask=qm, reduce="sum")
+    m = scores_of(backend, q, k, query_mask=qm, reduce="mean")
+    assert torch.allclose(s, m * torch.tensor([[40.0], [24.0]]), rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_equal_scores_tie_to_lower_indices(backend, gen):
+    q = torch.zeros(2, 2, 3, 64)  # uniform attention: every key gets the same mass
+    k = torch.randn(2, 2, 40, 64, generator=gen)
+    x = torch.randn(2, 30, 16, generator=gen)
+    fn = torch.ops.tokenkern.attn_topk if backend == "cpu" else ops.attn_topk_triton
+    if backend == "triton" and HAS_CUDA:
+        kept, idx, scores = (t.cpu() for t in fn(q.cuda(), k.cuda(), x.cuda(), 7, key_start=10))
+    else:
+        kept, idx, scores = fn(q, k, x, 7, key_start=10)
+    assert torch.allclose(scores, torch.full_like(scores, 1 / 40))
+    # Exactly equal in float32, so ties break by index.
+    assert idx.tolist() == [list(range(7))] * 2
+    assert torch.equal(kept, x[:, :7])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_attn_topk_matches_reference(backend, gen):
+    q, k = make_qk(gen, 2, 8, 2, 1, 650, 128)
+    x = torch.randn(2, 576, 64, generator=gen)
+    kw = dict(key_start=35, key_end=611, causal=True)
+    fn = torch.ops.tokenkern.attn_topk if backend == "cpu" else ops.attn_topk_triton
+    if backend == "triton" and HAS_CUDA:
+        kept, idx, scores = (t.cpu() for t in fn(q.cuda(), k.cuda(), x.cuda(), 144, **kw))
+    else:
+        kept, idx, scores = fn(q, k, x, 144, **kw)
+    assert_rel_close(scores, reference.attn_scores(q, k, **kw), 1e-5)
+    assert_valid_indices(idx, 576, 144)
+    ref_kept, ref_idx = reference.topk_gather(scores, x, 144)
+    assert torch.equal(idx, ref_idx) and torch.equal(kept, ref_kept)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_deterministic(backend, gen):
+    q, k = make_qk(gen, 2, 8, 4, 70, 300, 64)
+    kw = random_masks(gen, 2, 70, 300, "random")
+    assert torch.equal(scores_of(backend, q, k, causal=True, **kw), scores_of(backend, q, k, causal=True, **kw))
+
+
+@pytest.mark.parametrize("blocks", [(16, 16), (64, 64), (32, 64)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_gpu_block_sizes_under_any_runner(blocks, causal, gen):
+    """The GPU's block sizes (many programs per row and column) on whatever runs Triton."""
+    q, k = make_qk(gen, 2, 4, 2, 45, 150, 80)
+    masks = random_masks(gen, 2, 45, 150, "left_padding")
+    args = dict(lse=None, scale=80**-0.5, key_start=20, key_end=140, causal=causal, mean=True)
+    dev = {n: v.to(TRITON_DEVICE) for n, v in masks.items()}
+    out = triton_attention.attention_scores(
+        q.to(TRITON_DEVICE),
+        k.to(TRITON_DEVICE),
+        **args,
+        query_mask=dev["query_mask"],
+        key_mask=dev["key_mask"],
+        blocks=(*blocks, 128),
+    )
+    ref = reference.attn_scores(q, k, key_start=20, key_end=140, causal=causal, **masks)
+    assert_rel_close(out.cpu(), ref, 1e-5)
+
+
+def test_wrappers():
+    q, k = torch.randn(1, 2, 3, 16), torch.randn(1, 2, 9, 16)
+    assert torch.equal(tokenkern.attn_scores(q, k, causal=True), torch.ops.tokenkern.attn_scores(q, k, causal=True))
+    x = torch.randn(1, 9, 4)
+    assert torch.equal(tokenkern.attn_topk(q, k, x, 3)[1], torch.ops.tokenkern.attn_topk(q, k, x, 3)[1])
+
+
+def _bad_calls():
+    q, k = torch.randn(2, 4, 5, 16), torch.randn(2, 2, 9, 16)
+    x = torch.randn(2, 9, 8)
+    yes_q, yes_k = torch.ones(2, 5, dtype=torch.bool), torch.ones(2, 9, dtype=torch.bool)
+    return [
+        ("q must be (B, Hq, Nq, d)", (q[0], k), {}),
+        ("k must be (B, Hkv, Nk, d)", (q, k[0]), {}),
+        ("k has batch size 1 but q has 2", (q, k[:1]), {}),
+        ("k has head dim 8 but q has 16", (q, k[..., :8]), {}),
+        ("must be a multiple of key heads Hkv=3", (q, torch.randn(2, 3, 9, 16)), {}),
+        ("q must have dtype", (q.double(), k), {}),
+        ("k must have q's dtype float32, got float16", (q, k.half()), {}),
+        ("head dim d must be in [1, 256]", (torch.randn(1, 1, 2, 300), torch.randn(1, 1, 2, 300)), {}),
+        ("key_start must be in [0, 8]", (q, k), {"key_start": 9}),
+        ("key_start must be in [0, 8]", (q, k), {"key_start": -1}),
+        ("key_end must be -1 or in (3, 9]", (q, k), {"key_start": 3, "key_end": 3}),
+        ("key_end must be -1 or in (0, 9]", (q, k), {"key_end": 10}),
+        ("query_mask must be (B, Nq)", (q, k), {"query_mask": yes_k}),
+        ("key_mask must be (B, Nk)", (q, k), {"key_mask": yes_q}),
+        ("key_mask must have dtype bool, got int64", (q, k), {"key_mask": yes_k.long()}),
+        ("query_mask must have dtype bool, got float32", (q, k), {"query_mask": yes_q.float()}),
+        ("lse must be (B, Hq, Nq) = (2, 4, 5)", (q, k), {"lse": torch.zeros(2, 2, 5)}),
+        ("lse must have dtype float32", (q, k), {"lse": torch.zeros(2, 4, 5, dtype=torch.float64)}),
+        ("reduce must be one of ('mean', 'sum')", (q, k), {"reduce": "max"}),
+        ("scale must be a finite number", (q, k), {"scale": float("nan")}),
+        ("x must be (B, key_end - key_start, D) = (2, 9, D)", (q, k, x[:, :5], 2), {}),
+        ("n_keep must be in [1, 9]", (q, k, x, 0), {}),
+        ("n_keep must be in [1, 4]", (q, k, x[:, 5:], 5), {"key_start": 5}),
+        ("x must be a floating tensor", (q, k, x.long(), 2), {}),
+    ]
+
+
+@pytest.mark.parametrize("face", ["cpu", "triton", "fake"])
+@pytest.mark.parametrize("case", range(len(_bad_calls())))
+def test_bad_input(face, case):
+    message, args, kwargs = _bad_calls()[case]
+    topk = len(args) == 4
+    if face == "fake":
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        op = torch.ops.tokenkern.attn_topk if topk else torch.ops.tokenkern.attn_scores
+        with FakeTensorMode(allow_non_fake_inputs=True), pytest.raises(ValueError, match=re.escape(message)):
+            op(*args, **kwargs)
+        return
+    if face == "cpu":
+        op = torch.ops.tokenkern.attn_topk if topk else torch.ops.tokenkern.attn_scores
+    else:
+        op = ops.attn_topk_triton if topk else ops.attn_scores_triton
+    with pytest.raises(ValueError, match=re.escape(message)):
+        op(*args, **kwargs)
+    if not topk:  # attn_topk validates the same attention arguments
+        x = torch.randn(2, 9, 8)
+        fn = torch.ops.tokenkern.attn_topk if face == "cpu" else ops.attn_topk_triton
+        with pytest.raises(ValueError):
+            fn(args[0], args[1], x, 1, **kwargs)

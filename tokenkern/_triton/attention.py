@@ -1,0 +1,276 @@
+"""Attention mass received per key, without materializing the Nq x Nk attention matrix.
+
+Three kernels, each output element owned by one program (deterministic, no atomics):
+
+1. ``_lse_kernel`` (only when the caller has no lse): one program per (query block, query
+   head, batch) streams the key blocks with an online max/sum and writes the natural-log
+   log-sum-exp of the scaled logits over the visible keys, (B, Hq, Nq).
+2. ``_colsum_kernel``: one program per (key block of the requested slice, query head, batch)
+   loads its key tile once and streams the query blocks, adding exp(s - lse) over visible
+   (query, key) pairs into (B, Hq, n_cols) partial sums. Causal programs skip the query blocks
+   that cannot see their keys. With a caller's lse this is the only pass over K.
+3. ``_reduce_kernel``: sums the partials over heads in a fixed order and, for ``mean``,
+   divides by Hq x (number of valid queries of the batch element).
+
+Scores are computed in base 2: ``exp(scale * q.k - lse) = exp2(scale * log2(e) * q.k - log2(e) * lse)``.
+A key is visible to query i when key_mask allows it and, if causal, ``j <= Nk - Nq + i``. A
+query is valid when query_mask allows it and at least one key is visible to it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .utils import empty, interpreted, next_pow2
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+@triton.jit
+def _lse_kernel(
+    q_ptr, k_ptr, km_ptr, lse_ptr,
+    Nq, Nk, G, D, qk_scale,
+    q_sb, q_sh, q_sn, q_sd,
+    k_sb, k_sh, k_sn, k_sd,
+    km_sb, km_sn,
+    l_sb, l_sh, l_sn,
+    HAS_KMASK: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    hk = h // G
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rd = tl.arange(0, BLOCK_D)
+    q = tl.load(
+        q_ptr + b * q_sb + h * q_sh + rm[:, None] * q_sn + rd[None, :] * q_sd,
+        mask=(rm < Nq)[:, None] & (rd < D)[None, :],
+        other=0.0,
+    )
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    offset = Nk - Nq
+    hi = Nk
+    if CAUSAL:
+        hi = tl.minimum(Nk, offset + (pid_m + 1) * BLOCK_M)
+    for n0 in range(0, hi, BLOCK_N):
+        rn = n0 + tl.arange(0, BLOCK_N)
+        kt = tl.load(
+            k_ptr + b * k_sb + hk * k_sh + rn[:, None] * k_sn + rd[None, :] * k_sd,
+            mask=(rn < Nk)[:, None] & (rd < D)[None, :],
+            other=0.0,
+        )
+        s = tl.dot(q, tl.trans(kt), input_precision=PRECISION) * qk_scale
+        vis = (rn < Nk)[None, :] & (rm < Nq)[:, None]
+        if HAS_KMASK:
+            vis &= (tl.load(km_ptr + b * km_sb + rn * km_sn, mask=rn < Nk, other=0) != 0)[None, :]
+        if CAUSAL:
+            vis &= rn[None, :] <= offset + rm[:, None]
+        s = tl.where(vis, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), axis=1)
+        m_i = m_new
+    lse2 = tl.where(l_i > 0, m_i + tl.log2(l_i), float("-inf"))
+    tl.store(lse_ptr + b * l_sb + h * l_sh + rm * l_sn, lse2 * 0.6931471805599453, mask=rm < Nq)
+
+
+@triton.jit
+def _colsum_kernel(
+    q_ptr, k_ptr, lse_ptr, qm_ptr, km_ptr, part_ptr,
+    Nq, Nk, G, D, key_start, n_cols, qk_scale,
+    q_sb, q_sh, q_sn, q_sd,
+    k_sb, k_sh, k_sn, k_sd,
+    l_sb, l_sh, l_sn,
+    qm_sb, qm_sn, km_sb, km_sn,
+    p_sb, p_sh,
+    HAS_QMASK: tl.constexpr, HAS_KMASK: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    pid_n = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    hk = h // G
+    col0 = pid_n * BLOCK_N
+    cols = col0 + tl.arange(0, BLOCK_N)
+    rn = key_start + cols
+    col_ok = cols < n_cols
+    rd = tl.arange(0, BLOCK_D)
+    kt = tl.load(
+        k_ptr + b * k_sb + hk * k_sh + rn[:, None] * k_sn + rd[None, :] * k_sd,
+        mask=col_ok[:, None] & (rd < D)[None, :],
+        other=0.0,
+    )
+    kvis = col_ok
+    if HAS_KMASK:
+        kvis &= tl.load(km_ptr + b * km_sb + rn * km_sn, mask=col_ok, other=0) != 0
+    acc = tl.zeros((BLOCK_N,), tl.float32)
+    offset = Nk - Nq
+    lo = 0
+    if CAUSAL:
+        # First query that sees the block's first key, rounded down to a block boundary.
+        lo = (tl.maximum(key_start + col0 - offset, 0) // BLOCK_M) * BLOCK_M
+    for m0 in range(lo, Nq, BLOCK_M):
+        rm = m0 + tl.arange(0, BLOCK_M)
+        q_ok = rm < Nq
+        qt = tl.load(
+            q_ptr + b * q_sb + h * q_sh + rm[:, None] * q_sn + rd[None, :] * q_sd,
+            mask=q_ok[:, None] & (rd < D)[None, :],
+            other=0.0,
+        )
+        lse2 = tl.load(lse_ptr + b * l_sb + h * l_sh + rm * l_sn, mask=q_ok, other=0.0) * 1.4426950408889634
+        q_ok &= (lse2 == lse2) & (tl.abs(lse2) < float("inf"))
+        if HAS_QMASK:
+            q_ok &= tl.load(qm_ptr + b * qm_sb + rm * qm_sn, mask=rm < Nq, other=0) != 0
+        s = tl.dot(qt, tl.trans(kt), input_precision=PRECISION) * qk_scale
+        vis = q_ok[:, None] & kvis[None, :]
+        if CAUSAL:
+            vis &= rn[None, :] <= offset + rm[:, None]
+        p = tl.where(vis, tl.exp2(s - lse2[:, None]), 0.0)
+        acc += tl.sum(p, axis=0)
+    tl.store(part_ptr + b * p_sb + h * p_sh + cols, acc, mask=col_ok)
+
+
+@triton.jit
+def _reduce_kernel(
+    part_ptr, qm_ptr, km_ptr, out_ptr,
+    Hq, Nq, Nk, n_cols,
+    p_sb, p_sh, qm_sb, qm_sn, km_sb, km_sn, o_sb,
+    MEAN: tl.constexpr, HAS_QMASK: tl.constexpr, HAS_KMASK: tl.constexpr, CAUSAL: tl.constexpr,
+    BLOCK: tl.constexpr, CHUNK: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    cols = pid * BLOCK + tl.arange(0, BLOCK)
+    acc = tl.zeros((BLOCK,), tl.float32)
+    for h in range(Hq):
+        acc += tl.load(part_ptr + b * p_sb + h * p_sh + cols, mask=cols < n_cols, other=0.0)
+    if MEAN:
+        # Position of the first key any query may see (Nk if none).
+        first = Nk
+        if HAS_KMASK:
+            first_vec = tl.full((CHUNK,), Nk, tl.int32)
+            for j0 in range(0, Nk, CHUNK):
+                j = j0 + tl.arange(0, CHUNK)
+                km = tl.load(km_ptr + b * km_sb + j * km_sn, mask=j < Nk, other=0) != 0
+                first_vec = tl.minimum(first_vec, tl.where(km, j, Nk))
+            first = tl.min(first_vec)
+        else:
+            first = 0
+        n_valid = tl.zeros((CHUNK,), tl.int32)
+        for i0 in range(0, Nq, CHUNK):
+            i = i0 + tl.arange(0, CHUNK)
+            ok = i < Nq
+            if HAS_QMASK:
+                ok &= tl.load(qm_ptr + b * qm_sb + i * qm_sn, mask=i < Nq, other=0) != 0
+            if CAUSAL:
+                ok &= first <= Nk - Nq + i
+            else:
+                ok &= first < Nk
+            n_valid += ok.to(tl.int32)
+        denom = tl.sum(n_valid) * Hq
+        acc = tl.where(denom > 0, acc / tl.maximum(denom, 1).to(tl.float32), 0.0)
+    tl.store(out_ptr + b * o_sb + cols, acc, mask=cols < n_cols)
+
+
+def _blocks(d: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_D). The interpreter runs programs one by one: larger blocks."""
+    block_d = max(16, next_pow2(d))
+    if interpreted():
+        return 128, 128, block_d
+    if block_d >= 256:
+        return 64, 32, block_d
+    return 64, 64, block_d
+
+
+def _mask_strides(mask: torch.Tensor | None) -> tuple[torch.Tensor | None, int, int]:
+    if mask is None:
+        return None, 0, 0
+    m = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
+    return m, m.stride(0), m.stride(1)
+
+
+def attention_lse(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    scale: float,
+    key_mask: torch.Tensor | None,
+    causal: bool,
+    blocks: tuple[int, int, int] | None = None,
+) -> torch.Tensor:
+    """(B, Hq, Nq) float32 natural-log log-sum-exp of ``scale * q.k`` over the visible keys
+    (-inf for a query that sees none)."""
+    b, hq, nq, d = q.shape
+    hkv, nk = k.shape[1], k.shape[2]
+    block_m, block_n, block_d = blocks or _blocks(d)
+    lse = empty(b, hq, nq, dtype=torch.float32, device=q.device)
+    km, km_sb, km_sn = _mask_strides(key_mask)
+    _lse_kernel[(triton.cdiv(nq, block_m), hq, b)](
+        q, k, km if km is not None else q, lse,
+        nq, nk, hq // hkv, d, scale * LOG2E,
+        *q.stride(), *k.stride(),
+        km_sb, km_sn,
+        *lse.stride(),
+        HAS_KMASK=km is not None, CAUSAL=causal, PRECISION=_precision(q),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+    )  # fmt: skip
+    return lse
+
+
+def _precision(q: torch.Tensor) -> str:
+    return "ieee" if interpreted() or q.dtype != torch.float32 else "tf32x3"
+
+
+def attention_scores(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    lse: torch.Tensor | None,
+    scale: float,
+    key_start: int,
+    key_end: int,
+    query_mask: torch.Tensor | None,
+    key_mask: torch.Tensor | None,
+    causal: bool,
+    mean: bool,
+    blocks: tuple[int, int, int] | None = None,
+) -> torch.Tensor:
+    """Checked arguments in, (B, key_end - key_start) float32 attention mass out.
+    ``blocks`` overrides (BLOCK_M, BLOCK_N, BLOCK_D) (tests exercise the GPU sizes)."""
+    b, hq, nq, d = q.shape
+    hkv, nk = k.shape[1], k.shape[2]
+    n_cols = key_end - key_start
+    block_m, block_n, block_d = blocks or _blocks(d)
+    if lse is None:
+        lse = attention_lse(q, k, scale, key_mask, causal, (block_m, block_n, block_d))
+    qm, qm_sb, qm_sn = _mask_strides(query_mask)
+    km, km_sb, km_sn = _mask_strides(key_mask)
+    partial = empty(b, hq, n_cols, dtype=torch.float32, device=q.device)
+    _colsum_kernel[(triton.cdiv(n_cols, block_n), hq, b)](
+        q, k, lse, qm if qm is not None else q, km if km is not None else q, partial,
+        nq, nk, hq // hkv, d, key_start, n_cols, scale * LOG2E,
+        *q.stride(), *k.stride(), *lse.stride(),
+        qm_sb, qm_sn, km_sb, km_sn,
+        partial.stride(0), partial.stride(1),
+        HAS_QMASK=qm is not None, HAS_KMASK=km is not None, CAUSAL=causal, PRECISION=_precision(q),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+    )  # fmt: skip
+    scores = empty(b, n_cols, dtype=torch.float32, device=q.device)
+    block = min(1024, max(16, next_pow2(n_cols)))
+    _reduce_kernel[(triton.cdiv(n_cols, block), b)](
+        partial, qm if qm is not None else q, km if km is not None else q, scores,
+        hq, nq, nk, n_cols,
+        partial.stride(0), partial.stride(1), qm_sb, qm_sn, km_sb, km_sn, scores.stride(0),
+        MEAN=mean, HAS_QMASK=qm is not None, HAS_KMASK=km is not None, CAUSAL=causal,
+        BLOCK=block, CHUNK=1024,
+    )  # fmt: skip
+    return scores
+
+
+def default_scale(d: int) -> float:
+    return 1.0 / math.sqrt(d)
