@@ -39,7 +39,7 @@ def get_extensions():
     opt = ["-O0", "-g"] if debug else ["-O3"]
     # torch >= 2.6 can be used through the limited Python API (torch/library.h only).
     limited = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 6)
-    cxx = [*opt, "-std=c++17", "-Wall", "-Wextra", "-Wno-unused-parameter"]
+    cxx = [*opt, "-std=c++20", "-Wall", "-Wextra", "-Wno-unused-parameter"]
     if limited:
         cxx.append("-DPy_LIMITED_API=0x030A0000")
     sources = sorted(glob.glob(os.path.join(CSRC, "*.cpp")))
@@ -48,7 +48,8 @@ def get_extensions():
 
     if want_cuda():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCH_LIST)
-        sources += sorted(glob.glob(os.path.join(CSRC, "cuda", "*.cu")))
+        # The torch glue; csrc/cuda/kernels.cu only instantiates the kernels for CMake users.
+        sources += sorted(glob.glob(os.path.join(CSRC, "cuda", "*_cuda.cu")))
         ext = CUDAExtension(
             "tokenkern._C",
             sources,
@@ -56,7 +57,7 @@ def get_extensions():
             define_macros=[("TOKENKERN_WITH_CUDA", "1")],
             extra_compile_args={
                 "cxx": cxx,
-                "nvcc": [*opt, "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"],
+                "nvcc": [*opt, "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"],
             },
             py_limited_api=limited,
         )

@@ -16,4 +16,13 @@ PyObject* PyInit__C(void) {
 TORCH_LIBRARY(tokenkern, m) {
   // scores: (B, N) float32, x: (B, N, D) -> kept (B, k, D), indices (B, k) int64 ascending.
   m.def("topk_gather(Tensor scores, Tensor x, int k) -> (Tensor kept, Tensor indices)");
+  // x: (B, N, D), keep_idx: (B, K) ascending -> merged (B, K, D), mass (B, K) float32.
+  m.def(
+      "merge_tokens(Tensor x, Tensor keep_idx, Tensor? metric=None, Tensor? weight=None, int topm=1, "
+      "float temperature=0.0, str combine=\"mean\", Tensor? query_metric=None, str assign=\"dropped\") "
+      "-> (Tensor merged, Tensor mass)");
+  // ToMe bipartite soft matching: x, metric: (B, N, *) -> merged (B, N - r, D), size (B, N - r) float32.
+  m.def(
+      "bipartite_merge(Tensor x, Tensor metric, int r, Tensor? size=None, bool protect_first=False) "
+      "-> (Tensor merged, Tensor size)");
 }

@@ -43,6 +43,31 @@ CASES = {
             {"key_start": 5, "key_end": 25, "causal": True},
         ),
     ],
+    "merge_tokens": [
+        (lambda dev: (_x(2, 20, 8, device=dev), torch.tensor([[0, 4, 9], [1, 2, 19]], device=dev)), {}),
+        (
+            lambda dev: (
+                _x(2, 20, 8, dtype=torch.float16, device=dev),
+                torch.tensor([[0, 4, 9], [1, 2, 19]], device=dev),
+            ),
+            {
+                "metric": torch.randn(2, 20, 4),
+                "weight": torch.rand(2, 20),
+                "topm": 2,
+                "temperature": 0.5,
+                "combine": "add_mean",
+                "query_metric": torch.randn(2, 20, 4),
+            },
+        ),
+        (
+            lambda dev: (_x(1, 12, 8, device=dev), torch.tensor([[3, 5]], device=dev)),
+            {"topm": 4, "combine": "sum", "assign": "kept"},
+        ),
+    ],
+    "bipartite_merge": [
+        (lambda dev: (_x(2, 15, 8, device=dev), _x(2, 15, 4, device=dev), 5), {"protect_first": True}),
+        (lambda dev: (_x(1, 8, 8, device=dev), _x(1, 8, 8, device=dev), 2), {"size": torch.rand(1, 8) + 1}),
+    ],
     "leverage_topk": [
         (lambda dev: (_x(2, 40, 24, device=dev), 9), {"rank": 4, "oversample": 2, "power_iters": 1}),
         (lambda dev: (_x(1, 33, 16, dtype=torch.float16, device=dev), 1), {"rank": 4}),

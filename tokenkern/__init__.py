@@ -14,7 +14,15 @@ from torch import Tensor
 from . import ops  # noqa: F401  (registers every op)
 
 __version__ = "0.1.0"
-__all__ = ["attn_scores", "attn_topk", "leverage_scores", "leverage_topk", "topk_gather"]
+__all__ = [
+    "attn_scores",
+    "attn_topk",
+    "bipartite_merge",
+    "leverage_scores",
+    "leverage_topk",
+    "merge_tokens",
+    "topk_gather",
+]
 
 
 def _batched(x: Tensor, name: str, op: str) -> tuple[Tensor, bool]:
@@ -123,3 +131,77 @@ def attn_topk(
     return torch.ops.tokenkern.attn_topk(
         q, k, x, n_keep, lse, scale, key_start, key_end, query_mask, key_mask, causal, reduce
     )
+
+
+def merge_tokens(
+    x: Tensor,
+    keep_idx: Tensor,
+    metric: Tensor | None = None,
+    weight: Tensor | None = None,
+    topm: int = 1,
+    temperature: float = 0.0,
+    combine: str = "mean",
+    query_metric: Tensor | None = None,
+    assign: str = "dropped",
+    validate: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """Merge the tokens that keep_idx drops into the ones it keeps.
+
+    x: (B, N, D) float32/float16/bfloat16; keep_idx: (B, K) int64, ascending, unique, in
+    [0, N) (1 <= K <= N). metric: (B, N, C), default x; weight: (B, N) non-negative, default 1
+    (ToMe sizes, [CLS] attention, ...). Returns merged (B, K, D) in x's dtype and mass (B, K)
+    float32; accumulation is float32 and bit-for-bit deterministic.
+
+    Each dropped token i picks its ``topm`` most similar kept tokens (cosine of metric rows;
+    ties to the lower index) with weights a: 1 when topm=1, else softmax(sim / temperature)
+    over them (uniform 1/topm when temperature=0). With c = a * weight[i] summed per kept
+    token j (csum_j): ``combine="mean"`` gives ``(w_j x_j + sum c x_i) / (w_j + csum_j)``,
+    ``"sum"`` gives ``x_j + sum c x_i``, and ``mass_j = w_j + csum_j``.
+
+    Extensions (defaults leave the rule above unchanged):
+      combine="add_mean": ``x_j + sum c x_i / csum_j`` (VisionZip's contextual tokens);
+      query_metric (B, N, C): similarity ``query_metric[i] . metric[j]`` instead of the
+        cosine (attention logits: FiCoCo's correlate step);
+      assign="kept": each kept token j pulls its topm most similar other tokens (kept or
+        dropped) instead (PruMerge's k-nearest-neighbour merge).
+
+    validate: on CUDA, check keep_idx and weight values first (a host sync). Without it the
+    op itself never syncs and writes NaN for a sample whose keep_idx or weight is invalid;
+    the CPU op always raises.
+    """
+    if validate and isinstance(x, Tensor) and x.is_cuda and isinstance(keep_idx, Tensor):
+        from . import _checks
+
+        n = x.shape[1] if x.dim() == 3 else 0
+        _checks.merge_values("merge_tokens", keep_idx, n, {"weight": weight})
+    return torch.ops.tokenkern.merge_tokens(
+        x, keep_idx, metric, weight, topm, temperature, combine, query_metric, assign
+    )
+
+
+def bipartite_merge(
+    x: Tensor,
+    metric: Tensor,
+    r: int,
+    size: Tensor | None = None,
+    protect_first: bool = False,
+    validate: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """ToMe's bipartite soft matching: merge r tokens away.
+
+    x: (B, N, D), metric: (B, N, C) (ToMe: the layer's keys averaged over heads), size:
+    (B, N) token sizes (default 1). Tokens alternate into set A (even positions) and B (odd);
+    each A token's match is its most cosine-similar B token; the r A tokens with the best
+    matches merge into them by size-weighted average and the sizes add. protect_first keeps
+    token 0 ([CLS]) unmerged. Ties go to the lower index.
+
+    Returns merged (B, N - r, D) in x's dtype and size (B, N - r) float32, in this order:
+    the N_A - r unmerged A tokens by ascending position, then all B tokens by position (ToMe's
+    ``[unmerged A, B]`` order; ToMe itself sorts the unmerged A tokens only when it protects
+    the class token). validate: on CUDA, check that size is non-negative first (a host sync).
+    """
+    if validate and isinstance(x, Tensor) and x.is_cuda:
+        from . import _checks
+
+        _checks.merge_values("bipartite_merge", None, 0, {"size": size})
+    return torch.ops.tokenkern.bipartite_merge(x, metric, r, size, protect_first)

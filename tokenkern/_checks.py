@@ -151,3 +151,91 @@ def attention(
 
 def keep_count(op: str, name: str, value: int, n: int) -> None:
     int_range(op, name, value, 1, n, f" (1 <= {name} <= {n})")
+
+
+MERGE_DTYPES = FLOAT_DTYPES
+COMBINES = ("mean", "sum", "add_mean")
+ASSIGNS = ("dropped", "kept")
+
+
+def _same_bn(op: str, name: str, t: object, b: int, n: int, layout: str) -> torch.Tensor:
+    t = tensor(op, name, t)
+    dims = len(layout.split(","))
+    if t.dim() != dims or tuple(t.shape[:2]) != (b, n):
+        expected = f"({b}, {n}, C)" if dims == 3 else f"({b}, {n})"
+        fail(op, f"{name} must be {layout} with x's B and N = {expected}, got shape {tuple(t.shape)}")
+    dtype(op, name, t, MERGE_DTYPES)
+    if dims == 3 and t.shape[2] < 1:
+        fail(op, f"{name} must have C >= 1 features, got shape {tuple(t.shape)}")
+    return t
+
+
+def merge_tokens(x, keep_idx, metric, weight, topm, temperature, combine, query_metric, assign) -> tuple[int, int]:
+    """Static checks of merge_tokens (the CPU and CUDA kernels make the same ones in C++);
+    returns (K, D)."""
+    op = "merge_tokens"
+    x = tensor(op, "x", x)
+    ndim(op, "x", x, 3, "(B, N, D)")
+    dtype(op, "x", x, MERGE_DTYPES)
+    b, n, d = x.shape
+    keep_idx = tensor(op, "keep_idx", keep_idx)
+    ndim(op, "keep_idx", keep_idx, 2, "(B, K)")
+    dtype(op, "keep_idx", keep_idx, (torch.int64,))
+    if keep_idx.shape[0] != b:
+        fail(op, f"keep_idx has batch size {keep_idx.shape[0]} but x has {b}")
+    k = keep_idx.shape[1]
+    if not 1 <= k <= n:
+        fail(op, f"keep_idx must keep K in [1, N={n}] tokens, got K={k}")
+    m = x if metric is None else _same_bn(op, "metric", metric, b, n, "(B, N, C)")
+    c = m.shape[2]
+    if query_metric is not None:
+        q = tensor(op, "query_metric", query_metric)
+        if tuple(q.shape) != (b, n, c):
+            fail(op, f"query_metric must be (B, N, C) = ({b}, {n}, {c}), got shape {tuple(q.shape)}")
+        if q.dtype != m.dtype:
+            fail(op, f"query_metric must have metric's dtype {dtype_name(m.dtype)}, got {dtype_name(q.dtype)}")
+    if weight is not None:
+        _same_bn(op, "weight", weight, b, n, "(B, N)")
+    same_device(op, [("x", x), ("keep_idx", keep_idx), ("metric", metric), ("weight", weight),
+                     ("query_metric", query_metric)])  # fmt: skip
+    if combine not in COMBINES:
+        fail(op, f"combine must be one of {COMBINES}, got {combine!r}")
+    if assign not in ASSIGNS:
+        fail(op, f"assign must be one of {ASSIGNS}, got {assign!r}")
+    candidates = n - 1 if assign == "kept" else k
+    rule = "1 <= topm <= N - 1 with assign='kept'" if assign == "kept" else "1 <= topm <= K"
+    int_range(op, "topm", topm, 1, candidates, f" ({rule})")
+    if not (isinstance(temperature, float | int) and math.isfinite(temperature) and temperature >= 0):
+        fail(op, f"temperature must be finite and >= 0, got {temperature}")
+    return k, d
+
+
+def bipartite_merge(x, metric, r, size, protect_first) -> int:
+    """Static checks of bipartite_merge; returns N."""
+    op = "bipartite_merge"
+    x = tensor(op, "x", x)
+    ndim(op, "x", x, 3, "(B, N, D)")
+    dtype(op, "x", x, MERGE_DTYPES)
+    b, n, _ = x.shape
+    _same_bn(op, "metric", metric, b, n, "(B, N, C)")
+    if size is not None:
+        _same_bn(op, "size", size, b, n, "(B, N)")
+    same_device(op, [("x", x), ("metric", metric), ("size", size)])
+    n_a, n_b = (n + 1) // 2, n // 2
+    mergeable = 0 if n_b == 0 else n_a - (1 if protect_first else 0)
+    protected = ", token 0 protected" if protect_first else ""
+    int_range(op, "r", r, 0, mergeable, f" (the number of set-A tokens that can merge{protected})")
+    return n
+
+
+def merge_values(op: str, keep_idx: torch.Tensor | None, n: int, nonneg: dict) -> None:
+    """Value checks (they read the tensors: a host sync on CUDA). keep_idx strictly ascending
+    in [0, N); the named weight tensors non-negative."""
+    if keep_idx is not None and keep_idx.numel():
+        if bool(((keep_idx < 0) | (keep_idx >= n)).any()):
+            fail(op, f"keep_idx values must be in [0, N={n})")
+        if keep_idx.shape[1] > 1 and not bool((keep_idx[:, 1:] > keep_idx[:, :-1]).all()):
+            fail(op, "keep_idx rows must be strictly ascending (sorted, no duplicates)")
+    for name, t in nonneg.items():
+        if t is not None and not bool((t >= 0).all()):
+            fail(op, f"{name} must be non-negative (and not NaN)")

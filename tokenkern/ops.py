@@ -219,3 +219,19 @@ def attn_topk_triton(q, k, x, n_keep, lse=None, scale=None, key_start=0, key_end
     scores = attention_scores(q, k, **args)
     kept, indices = topk_gather(scores, x, n_keep)
     return kept, indices, scores
+
+
+# ------------------------------------------------------------------------ merge ops (C++)
+
+
+@register_fake("tokenkern::merge_tokens")
+def _merge_tokens_fake(x, keep_idx, metric=None, weight=None, topm=1, temperature=0.0, combine="mean",
+                       query_metric=None, assign="dropped"):  # fmt: skip
+    k, d = checks.merge_tokens(x, keep_idx, metric, weight, topm, temperature, combine, query_metric, assign)
+    return x.new_empty(x.shape[0], k, d), x.new_empty(x.shape[0], k, dtype=torch.float32)
+
+
+@register_fake("tokenkern::bipartite_merge")
+def _bipartite_merge_fake(x, metric, r, size=None, protect_first=False):
+    n = checks.bipartite_merge(x, metric, r, size, protect_first)
+    return x.new_empty(x.shape[0], n - r, x.shape[2]), x.new_empty(x.shape[0], n - r, dtype=torch.float32)

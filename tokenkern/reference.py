@@ -110,3 +110,126 @@ def attn_topk(q: Tensor, k: Tensor, x: Tensor, n_keep: int, **kwargs) -> tuple[T
     scores = attn_scores(q, k, **kwargs)
     kept, indices = topk_gather(scores, x, n_keep)
     return kept, indices, scores
+
+
+def _rank_desc(values: Tensor) -> Tensor:
+    """Indices that order `values` best first: descending, NaN as -inf, ties to the lower index."""
+    key = torch.where(torch.isnan(values), float("-inf"), values)
+    return torch.sort(key, descending=True, stable=True).indices
+
+
+def _assignment_weights(sims: Tensor, temperature: float) -> Tensor:
+    m = sims.numel()
+    if m == 1:
+        return torch.ones(1, dtype=torch.float64)
+    if temperature == 0:
+        return torch.full((m,), 1.0 / m, dtype=torch.float64)
+    return torch.softmax(sims / temperature, dim=0)
+
+
+def merge_tokens(
+    x: Tensor,
+    keep_idx: Tensor,
+    metric: Tensor | None = None,
+    weight: Tensor | None = None,
+    topm: int = 1,
+    temperature: float = 0.0,
+    combine: str = "mean",
+    query_metric: Tensor | None = None,
+    assign: str = "dropped",
+) -> tuple[Tensor, Tensor]:
+    """Merge the dropped tokens into the kept ones. Returns merged (B, K, D), mass (B, K), float64.
+
+    x: (B, N, D); keep_idx: (B, K) ascending unique in [0, N); the dropped set is the
+    complement. Similarity of a chooser token i to a candidate j: the cosine of metric rows
+    (metric defaults to x), or ``query_metric[i] . metric[j]`` when query_metric is given.
+    assign="dropped": each dropped token i picks its topm most similar kept tokens T_i;
+    assign="kept": each kept token j picks its topm most similar other tokens (any, kept or
+    dropped) and receives them. Ties go to the lower index. Assignment weights a: 1 when
+    topm=1, else softmax(sim / temperature) over the chosen (uniform 1/topm when temperature
+    is 0). With c = a * weight[source] summed per receiving kept token j (csum_j):
+      mean:     merged_j = (w_j x_j + sum c x) / (w_j + csum_j)   (x_j when csum_j = 0)
+      sum:      merged_j = x_j + sum c x
+      add_mean: merged_j = x_j + sum c x / csum_j                (x_j when csum_j = 0)
+    and mass_j = w_j + csum_j."""
+    b, n, d = x.shape
+    k = keep_idx.shape[1]
+    xd = x.double().cpu()
+    m = (x if metric is None else metric).double().cpu()
+    w = torch.ones(b, n, dtype=torch.float64) if weight is None else weight.double().cpu()
+    merged = torch.empty(b, k, d, dtype=torch.float64)
+    mass = torch.empty(b, k, dtype=torch.float64)
+    for s in range(b):
+        keep = keep_idx[s].cpu()
+        if query_metric is None:
+            mn = m[s] / m[s].norm(dim=-1, keepdim=True).clamp_min(1e-12)
+            sim = mn @ mn.T
+        else:
+            sim = query_metric[s].double().cpu() @ m[s].T
+        acc = torch.zeros(k, d, dtype=torch.float64)
+        csum = torch.zeros(k, dtype=torch.float64)
+        if assign == "dropped":
+            dropped = torch.ones(n, dtype=torch.bool)
+            dropped[keep] = False
+            for i in dropped.nonzero().flatten().tolist():
+                chosen = _rank_desc(sim[i, keep])[:topm]
+                weights = _assignment_weights(sim[i, keep][chosen], temperature)
+                for pos, a in zip(chosen.tolist(), weights.tolist(), strict=True):
+                    acc[pos] += a * w[s, i] * xd[s, i]
+                    csum[pos] += a * w[s, i]
+        else:
+            for pos, t in enumerate(keep.tolist()):
+                others = torch.tensor([i for i in range(n) if i != t], dtype=torch.long)
+                chosen = others[_rank_desc(sim[t, others])[:topm]]
+                weights = _assignment_weights(sim[t, chosen], temperature)
+                for i, a in zip(chosen.tolist(), weights.tolist(), strict=True):
+                    acc[pos] += a * w[s, i] * xd[s, i]
+                    csum[pos] += a * w[s, i]
+        self_x, self_w = xd[s, keep], w[s, keep]
+        none = (csum == 0)[:, None]
+        if combine == "mean":
+            out = (self_w[:, None] * self_x + acc) / (self_w + csum).clamp_min(1e-300)[:, None]
+            out = torch.where(none | ((self_w + csum) == 0)[:, None], self_x, out)
+        elif combine == "sum":
+            out = self_x + acc
+        else:
+            out = torch.where(none, self_x, self_x + acc / csum.clamp_min(1e-300)[:, None])
+        merged[s], mass[s] = out, self_w + csum
+    return merged, mass
+
+
+def bipartite_merge(
+    x: Tensor, metric: Tensor, r: int, size: Tensor | None = None, protect_first: bool = False
+) -> tuple[Tensor, Tensor]:
+    """ToMe's bipartite soft matching with size-weighted merging, float64.
+
+    Tokens alternate into set A (even positions) and set B (odd positions). Each A token's
+    match is its most cosine-similar B token (ties: lower index); the r A tokens with the most
+    similar matches (ties: lower index) merge into their matches by size-weighted average
+    (``(s_b x_b + sum s_a x_a) / (s_b + sum s_a)``), sizes add. protect_first keeps token 0
+    (e.g. [CLS]) out of merging. Output order: the unmerged A tokens in ascending position,
+    then every B token in position order -> merged (B, N - r, D), size (B, N - r)."""
+    b, n, _ = x.shape
+    xd, mn = x.double().cpu(), metric.double().cpu()
+    mn = mn / mn.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    sz = torch.ones(b, n, dtype=torch.float64) if size is None else size.double().cpu()
+    outs, sizes = [], []
+    for s in range(b):
+        a_idx, b_idx = torch.arange(0, n, 2), torch.arange(1, n, 2)
+        scores = mn[s, a_idx] @ mn[s, b_idx].T
+        best = torch.stack([_rank_desc(row)[0] for row in scores]) if len(b_idx) else torch.zeros(len(a_idx))
+        node_max = torch.stack([scores[i, best[i]] for i in range(len(a_idx))]) if len(b_idx) else best
+        first = 1 if protect_first else 0
+        merged_a = (_rank_desc(node_max[first:])[:r] + first).tolist()
+        unmerged = [i for i in range(len(a_idx)) if i not in merged_a]
+        rows = [xd[s, a_idx[i]] for i in unmerged]
+        row_sizes = [sz[s, a_idx[i]] for i in unmerged]
+        for j in range(len(b_idx)):
+            src = [i for i in sorted(merged_a) if int(best[i]) == j]
+            total = sz[s, b_idx[j]] + sum(sz[s, a_idx[i]] for i in src)
+            num = sz[s, b_idx[j]] * xd[s, b_idx[j]] + sum(sz[s, a_idx[i]] * xd[s, a_idx[i]] for i in src)
+            rows.append(num / total if src and total > 0 else xd[s, b_idx[j]])
+            row_sizes.append(total)
+        outs.append(torch.stack(rows))
+        sizes.append(torch.stack([torch.as_tensor(v, dtype=torch.float64) for v in row_sizes]))
+    return torch.stack(outs), torch.stack(sizes)

@@ -27,7 +27,7 @@ if [ -f csrc/cuda/kernels.cu ]; then
   cmake --build "$build/cmake" -j2
 fi
 if [ -n "$glue" ]; then
-  torch_inc=$($PY -c "from torch.utils.cpp_extension import include_paths; print(' '.join('-I' + p for p in include_paths()))")
+  torch_inc=$($PY -c "from torch.utils.cpp_extension import include_paths; print(' '.join('-isystem ' + p for p in include_paths()))")
   py_inc=$($PY -c "import sysconfig; print(sysconfig.get_paths()['include'])")
   shim="$build/shim"
   mkdir -p "$shim/c10/cuda/impl"
@@ -37,12 +37,11 @@ if [ -n "$glue" ]; then
   for src in $glue; do
     for arch in $ARCHS; do
       echo "check-cuda: $src (sm_$arch)"
-      "$NVCC" -c "$src" -o "$build/$(basename "$src" .cu).sm_$arch.o" -std=c++17 \
+      "$NVCC" -c "$src" -o "$build/$(basename "$src" .cu).sm_$arch.o" -std=c++20 \
         -gencode "arch=compute_$arch,code=sm_$arch" --expt-relaxed-constexpr \
         -DTOKENKERN_WITH_CUDA=1 -DTORCH_EXTENSION_NAME=_C -D_GLIBCXX_USE_CXX11_ABI=1 \
-        -Icsrc -I"$shim" $torch_inc -I"$py_inc" \
-        --Werror all-warnings -Xcompiler=-Wall,-Wextra,-Wno-unused-parameter,-Werror \
-        -diag-suppress=20012,20014
+        -Icsrc -isystem "$shim" $torch_inc -isystem "$py_inc" \
+        --Werror all-warnings -Xcompiler=-Wall,-Wextra,-Wno-unused-parameter,-Werror
     done
   done
 fi

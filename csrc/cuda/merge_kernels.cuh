@@ -1,0 +1,750 @@
+// Torch-free CUDA kernels of merge_tokens and bipartite_merge: raw pointers, sizes and a
+// stream. The torch glue (merge_cuda.cu) allocates the
+// buffers and calls the launchers at the bottom; a C++ user can do the same (CMake target
+// tokenkern_kernels). Per-token math is shared with the CPU ops (common/merge_math.h).
+//
+// Determinism: every output element is written by one thread, sums run in a fixed order
+// (contributions in ascending source order), there are no float atomics. Integer atomics
+// only raise per-sample "invalid input" flags.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <mma.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "common/merge_math.h"
+
+namespace tokenkern {
+namespace cuda {
+
+constexpr int kThreads = 256;
+constexpr int kWarp = 32;
+constexpr int kAccTile = 4096;  // floats of a receiver's accumulator held in shared memory
+
+template <typename T>
+__device__ __forceinline__ float to_float(T v) {
+  return static_cast<float>(v);
+}
+template <>
+__device__ __forceinline__ float to_float<__half>(__half v) {
+  return __half2float(v);
+}
+template <>
+__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) {
+  return __bfloat162float(v);
+}
+template <typename T>
+__device__ __forceinline__ T from_float(float v) {
+  return static_cast<T>(v);
+}
+template <>
+__device__ __forceinline__ __half from_float<__half>(float v) {
+  return __float2half_rn(v);
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+__device__ __forceinline__ unsigned lanes_below() {
+  unsigned mask;
+  asm("mov.u32 %0, %%lanemask_lt;" : "=r"(mask));
+  return mask;
+}
+
+__device__ __forceinline__ int warp_sum(int v) {
+  for (int o = kWarp / 2; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int o = kWarp / 2; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// Exclusive prefix sum of `flag` over the threads of the block (in thread order) and the
+// block total. All threads must call it. `scratch` holds kThreads / kWarp ints.
+__device__ __forceinline__ int block_exclusive_scan(int flag, int* scratch, int* total) {
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+  const unsigned ballot = __ballot_sync(0xffffffffu, flag != 0);
+  if (lane == 0) scratch[warp] = __popc(ballot);
+  __syncthreads();
+  int before = 0, sum = 0;
+  for (int w = 0; w < kThreads / kWarp; ++w) {
+    before += w < warp ? scratch[w] : 0;
+    sum += scratch[w];
+  }
+  __syncthreads();
+  *total = sum;
+  return before + __popc(ballot & lanes_below());
+}
+
+// ------------------------------------------------------------------------- preparation
+
+// kept_pos[b, keep[b, t]] = t; a sample whose keep row is out of range or not strictly
+// ascending is flagged invalid (its outputs become NaN).
+__global__ void keep_scatter_kernel(const int64_t* keep, int64_t k, int64_t n, int32_t* kept_pos,
+                                    int32_t* invalid) {
+  const int64_t b = blockIdx.y;
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (t >= k) return;
+  const int64_t v = keep[b * k + t];
+  const bool ok = v >= 0 && v < n && (t == 0 || keep[b * k + t - 1] < v);
+  if (!ok) {
+    atomicOr(invalid + b, 1);
+    return;
+  }
+  kept_pos[b * n + v] = static_cast<int32_t>(t);
+}
+
+// invalid[b] |= any(w[b] < 0 or NaN).
+__global__ void negative_weight_kernel(const float* w, int64_t n, int32_t* invalid) {
+  const int64_t b = blockIdx.y;
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < n && !(w[b * n + i] >= 0.0f)) atomicOr(invalid + b, 1);
+}
+
+// dropped[b, p] = p-th token (ascending) that keep[b] does not contain.
+__global__ void dropped_list_kernel(const int32_t* kept_pos, int64_t n, int64_t n_dropped, int32_t* dropped) {
+  __shared__ int scratch[kThreads / kWarp];
+  const int64_t b = blockIdx.x;
+  int64_t base = 0;
+  for (int64_t i0 = 0; i0 < n; i0 += kThreads) {
+    const int64_t i = i0 + threadIdx.x;
+    const int flag = (i < n && kept_pos[b * n + i] < 0) ? 1 : 0;
+    int total;
+    const int pos = block_exclusive_scan(flag, scratch, &total);
+    if (flag && base + pos < n_dropped) dropped[b * n_dropped + base + pos] = static_cast<int32_t>(i);
+    base += total;
+  }
+}
+
+// inv[b, i] = 1 / max(||m[b, i, :]||, eps), one warp per row.
+template <typename TM>
+__global__ void inverse_norm_kernel(const TM* m, int64_t rows, int64_t c, float* inv) {
+  const int64_t row = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarp;
+  const int lane = threadIdx.x % kWarp;
+  if (row >= rows) return;
+  float s = 0.0f;
+  for (int64_t e = lane; e < c; e += kWarp) {
+    const float v = to_float(m[row * c + e]);
+    s += v * v;
+  }
+  s = warp_sum(s);
+  if (lane == 0) inv[row] = inverse_norm(static_cast<double>(s));
+}
+
+// Which token row of a (batch, n, c) matrix is row i of a GEMM operand: an index list
+// (int32 or int64, (batch, rows)), or i * step + offset.
+struct RowMap {
+  const int32_t* i32 = nullptr;
+  const int64_t* i64 = nullptr;
+  int64_t step = 1, offset = 0;
+  __device__ __forceinline__ int64_t operator()(int64_t b, int64_t rows, int64_t i) const {
+    if (i32 != nullptr) return i32[b * rows + i];
+    if (i64 != nullptr) return i64[b * rows + i];
+    return i * step + offset;
+  }
+};
+
+constexpr int kTileM = 64, kTileN = 64, kTileK = 32, kPad = 8;
+
+// Token row of each row/column of the output tile (-1 past the end or out of [0, n)).
+__device__ __forceinline__ void tile_rows(RowMap qmap, RowMap kmap, int64_t b, int64_t i0, int64_t j0, int64_t n,
+                                          int64_t rows, int64_t cols, int64_t* a_rows, int64_t* b_rows) {
+  const int tid = threadIdx.x;
+  if (tid < kTileM) {
+    const int64_t i = i0 + tid;
+    const int64_t t = i < rows ? qmap(b, rows, i) : -1;
+    a_rows[tid] = (t >= 0 && t < n) ? t : -1;
+  } else if (tid < kTileM + kTileN) {
+    const int64_t j = j0 + tid - kTileM;
+    const int64_t t = j < cols ? kmap(b, cols, j) : -1;
+    b_rows[tid - kTileM] = (t >= 0 && t < n) ? t : -1;
+  }
+  __syncthreads();
+}
+
+template <typename TM>
+__device__ __forceinline__ TM load_or_zero(const TM* base, int64_t row, int64_t e, int64_t c) {
+  return (row >= 0 && e < c) ? base[row * c + e] : from_float<TM>(0.0f);
+}
+
+__device__ __forceinline__ void store_tile(const float (*c_tile)[kTileN + 4], int64_t b, int64_t i0, int64_t j0,
+                                           int64_t rows, int64_t cols, float* sims) {
+  for (int t = threadIdx.x; t < kTileM * kTileN; t += kThreads) {
+    const int r = t / kTileN, col = t % kTileN;
+    const int64_t i = i0 + r, j = j0 + col;
+    if (i < rows && j < cols) sims[(b * rows + i) * cols + j] = c_tile[r][col];
+  }
+}
+
+// Tensor-core tile (16-bit inputs, sm_80+): 8 warps x 2 WMMA fragments of 16 x 16.
+template <typename TM>
+__device__ void similarity_tile_wmma(const TM* q, const TM* m, int64_t b, int64_t i0, int64_t j0, int64_t n,
+                                     int64_t c, int64_t rows, int64_t cols, const int64_t* a_rows,
+                                     const int64_t* b_rows, float* sims) {
+  namespace wmma = nvcuda::wmma;
+  __shared__ __align__(32) TM a_tile[kTileM][kTileK + kPad];
+  __shared__ __align__(32) TM b_tile[kTileN][kTileK + kPad];
+  __shared__ __align__(32) float c_tile[kTileM][kTileN + 4];
+  const int warp = threadIdx.x / kWarp;
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2];
+  for (auto& f : acc) wmma::fill_fragment(f, 0.0f);
+  const TM* qb = q + b * n * c;
+  const TM* mb = m + b * n * c;
+  for (int64_t e0 = 0; e0 < c; e0 += kTileK) {
+    for (int t = threadIdx.x; t < kTileM * kTileK; t += kThreads) {
+      const int r = t / kTileK, e = t % kTileK;
+      a_tile[r][e] = load_or_zero(qb, a_rows[r], e0 + e, c);
+      b_tile[r][e] = load_or_zero(mb, b_rows[r], e0 + e, c);
+    }
+    __syncthreads();
+    for (int f = 0; f < 2; ++f) {
+      const int tile = warp * 2 + f;
+      const int fm = (tile / 4) * 16, fn = (tile % 4) * 16;
+      for (int kk = 0; kk < kTileK; kk += 16) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, TM, wmma::row_major> fa;
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, TM, wmma::col_major> fb;  // b_tile[n][k] is (Q K^T)'s K^T
+        wmma::load_matrix_sync(fa, &a_tile[fm][kk], kTileK + kPad);
+        wmma::load_matrix_sync(fb, &b_tile[fn][kk], kTileK + kPad);
+        wmma::mma_sync(acc[f], fa, fb, acc[f]);
+      }
+    }
+    __syncthreads();
+  }
+  for (int f = 0; f < 2; ++f) {
+    const int tile = warp * 2 + f;
+    wmma::store_matrix_sync(&c_tile[(tile / 4) * 16][(tile % 4) * 16], acc[f], kTileN + 4, wmma::mem_row_major);
+  }
+  __syncthreads();
+  store_tile(c_tile, b, i0, j0, rows, cols, sims);
+}
+
+// float32 FMA tile: 16 x 16 threads x 4 x 4 outputs; the staged tiles are k-major so that a
+// warp reads consecutive words.
+template <typename TM>
+__device__ void similarity_tile_fma(const TM* q, const TM* m, int64_t b, int64_t i0, int64_t j0, int64_t n,
+                                    int64_t c, int64_t rows, int64_t cols, const int64_t* a_rows,
+                                    const int64_t* b_rows, float* sims) {
+  __shared__ __align__(16) float a_tile[kTileK][kTileM + 4];
+  __shared__ __align__(16) float b_tile[kTileK][kTileN + 4];
+  __shared__ __align__(16) float c_tile[kTileM][kTileN + 4];
+  const int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
+  float acc[4][4] = {};
+  const TM* qb = q + b * n * c;
+  const TM* mb = m + b * n * c;
+  for (int64_t e0 = 0; e0 < c; e0 += kTileK) {
+    for (int t = threadIdx.x; t < kTileM * kTileK; t += kThreads) {
+      const int r = t / kTileK, e = t % kTileK;
+      a_tile[e][r] = to_float(load_or_zero(qb, a_rows[r], e0 + e, c));
+      b_tile[e][r] = to_float(load_or_zero(mb, b_rows[r], e0 + e, c));
+    }
+    __syncthreads();
+    for (int e = 0; e < kTileK; ++e) {
+      float av[4], bv[4];
+      for (int u = 0; u < 4; ++u) {
+        av[u] = a_tile[e][ty * 4 + u];
+        bv[u] = b_tile[e][tx * 4 + u];
+      }
+      for (int u = 0; u < 4; ++u)
+        for (int v = 0; v < 4; ++v) acc[u][v] += av[u] * bv[v];
+    }
+    __syncthreads();
+  }
+  for (int u = 0; u < 4; ++u)
+    for (int v = 0; v < 4; ++v) c_tile[ty * 4 + u][tx * 4 + v] = acc[u][v];
+  __syncthreads();
+  store_tile(c_tile, b, i0, j0, rows, cols, sims);
+}
+
+// sims[b, i, j] = sum_e q[b, qmap(i), e] * m[b, kmap(j), e] in float32, one 64 x 64 tile per
+// block: tensor cores (WMMA, float32 accumulation) for 16-bit inputs on sm_80+, float32 FMA
+// otherwise. Rows that map outside [0, n) read as 0.
+template <typename TM>
+__global__ void __launch_bounds__(kThreads) similarity_kernel(const TM* q, RowMap qmap, const TM* m, RowMap kmap,
+                                                              int64_t n, int64_t c, int64_t rows, int64_t cols,
+                                                              float* sims) {
+  __shared__ int64_t a_rows[kTileM], b_rows[kTileN];
+  const int64_t b = blockIdx.z;
+  const int64_t i0 = static_cast<int64_t>(blockIdx.y) * kTileM, j0 = static_cast<int64_t>(blockIdx.x) * kTileN;
+  tile_rows(qmap, kmap, b, i0, j0, n, rows, cols, a_rows, b_rows);
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  constexpr bool kTensorCores = !std::is_same<TM, float>::value;
+#else
+  constexpr bool kTensorCores = false;  // also the host pass, which never runs this body
+#endif
+  if constexpr (kTensorCores) {
+    similarity_tile_wmma(q, m, b, i0, j0, n, c, rows, cols, a_rows, b_rows, sims);
+  } else {
+    similarity_tile_fma(q, m, b, i0, j0, n, c, rows, cols, a_rows, b_rows, sims);
+  }
+}
+
+// --------------------------------------------------------------------- target selection
+
+// One warp per chooser row: its topm best candidates (similarity descending, ties to the
+// lower candidate index, NaN as -inf), written in ascending candidate order to targets, and
+// their coefficients a * w[source] to coef.
+//   dropped mode: chooser = dropped token, candidates = kept positions 0..K-1
+//   kept mode:    chooser = kept token,    candidates = all tokens except the chooser
+__global__ void select_targets_kernel(const float* sims, int64_t rows_c, int64_t cols_c, const int32_t* chooser_tok,
+                                      const int64_t* keep, int64_t k, int64_t n, const float* inv, bool cosine,
+                                      bool kept_mode, int64_t topm, float temperature, const float* weight,
+                                      const int32_t* invalid, int32_t* targets, float* coef) {
+  const int64_t warp_id = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarp;
+  const int64_t b = blockIdx.y;
+  const int lane = threadIdx.x % kWarp;
+  if (warp_id >= rows_c || invalid[b]) return;
+  const float* row = sims + (b * rows_c + warp_id) * cols_c;
+  const int64_t self = kept_mode ? keep[b * k + warp_id] : chooser_tok[b * rows_c + warp_id];
+  const float inv_self = cosine ? inv[b * n + self] : 1.0f;
+  auto key_of = [&](int64_t j, bool* valid) {
+    if (j >= cols_c) {
+      *valid = false;
+      return int32_t{0};
+    }
+    const int64_t tok = kept_mode ? j : keep[b * k + j];
+    *valid = !(kept_mode && tok == self);
+    if (!*valid) return int32_t{0};
+    const float s = cosine ? row[j] * inv_self * inv[b * n + tok] : row[j];
+    return order_key(s);
+  };
+  // Threshold: the largest key T with #{key >= T} >= topm.
+  int64_t lo = INT32_MIN, hi = INT32_MAX;
+  for (int it = 0; it < 32; ++it) {
+    const int64_t mid = lo + (hi - lo + 1) / 2;
+    int cnt = 0;
+    for (int64_t j = lane; j < cols_c; j += kWarp) {
+      bool valid;
+      const int32_t key = key_of(j, &valid);
+      cnt += (valid && key >= mid) ? 1 : 0;
+    }
+    if (warp_sum(cnt) >= topm) {
+      lo = mid;
+    } else {
+      hi = mid - 1;
+    }
+  }
+  const int32_t thr = static_cast<int32_t>(lo);
+  int gt = 0;
+  for (int64_t j = lane; j < cols_c; j += kWarp) {
+    bool valid;
+    const int32_t key = key_of(j, &valid);
+    gt += (valid && key > thr) ? 1 : 0;
+  }
+  const int64_t ties = topm - warp_sum(gt);
+  int32_t* out_t = targets + (b * rows_c + warp_id) * topm;
+  float* out_c = coef + (b * rows_c + warp_id) * topm;
+  int64_t eq_before = 0, sel_before = 0;
+  for (int64_t j0 = 0; j0 < cols_c; j0 += kWarp) {
+    const int64_t j = j0 + lane;
+    bool valid;
+    const int32_t key = key_of(j, &valid);
+    const bool eq = valid && key == thr;
+    const unsigned eq_ballot = __ballot_sync(0xffffffffu, eq);
+    const bool sel = (valid && key > thr) || (eq && eq_before + __popc(eq_ballot & lanes_below()) < ties);
+    const unsigned sel_ballot = __ballot_sync(0xffffffffu, sel);
+    if (sel) {
+      const int64_t pos = sel_before + __popc(sel_ballot & lanes_below());
+      const int64_t tok = kept_mode ? j : keep[b * k + j];
+      out_t[pos] = static_cast<int32_t>(kept_mode ? tok : j);
+      out_c[pos] = cosine ? row[j] * inv_self * inv[b * n + tok] : row[j];
+    }
+    eq_before += __popc(eq_ballot);
+    sel_before += __popc(sel_ballot);
+  }
+  __syncwarp();
+  if (lane == 0) assignment_weights(out_c, topm, temperature, out_c);
+  __syncwarp();
+  for (int64_t s = lane; s < topm; s += kWarp) {
+    const int64_t src = kept_mode ? out_t[s] : self;
+    out_c[s] *= weight[b * n + src];
+  }
+}
+
+// --------------------------------------------------------------------------- reductions
+
+// Accumulates, in order, the contributions listed in shared memory into the receiver's tile.
+template <typename TX>
+__device__ __forceinline__ void accumulate(const TX* x, int64_t b, int64_t n, int64_t d, int64_t d0, int64_t width,
+                                           const int32_t* src, const float* cs, int count, float* acc,
+                                           float* csum) {
+  for (int e = 0; e < count; ++e) {
+    const TX* row = x + (b * n + src[e]) * d + d0;
+    const float c = cs[e];
+    for (int64_t t = threadIdx.x; t < width; t += blockDim.x) acc[t] += c * to_float(row[t]);
+    *csum += c;
+  }
+}
+
+// One block per receiving kept token j: merged[b, j] and mass[b, j].
+template <typename TX>
+__global__ void merge_reduce_kernel(const TX* x, const int64_t* keep, const float* weight, const int32_t* chooser_tok,
+                                    const int32_t* targets, const float* coef, const int32_t* invalid, int64_t n,
+                                    int64_t d, int64_t k, int64_t rows_c, int64_t topm, bool kept_mode,
+                                    Combine combine, TX* merged, float* mass) {
+  __shared__ float acc[kAccTile];
+  __shared__ int32_t src[kThreads];
+  __shared__ float cs[kThreads];
+  __shared__ int scratch[kThreads / kWarp];
+  const int64_t j = blockIdx.x, b = blockIdx.y;
+  TX* out = merged + (b * k + j) * d;
+  if (invalid[b]) {
+    for (int64_t t = threadIdx.x; t < d; t += blockDim.x) out[t] = from_float<TX>(NAN);
+    if (threadIdx.x == 0) mass[b * k + j] = NAN;
+    return;
+  }
+  const int64_t self = keep[b * k + j];
+  const float w_self = weight[b * n + self];
+  float csum = 0.0f;
+  // At least one pass, so that csum (hence mass) is computed even when d == 0.
+  for (int64_t d0 = 0; d0 < (d > 0 ? d : 1); d0 += kAccTile) {
+    const int64_t width = d - d0 < kAccTile ? d - d0 : kAccTile;
+    for (int64_t t = threadIdx.x; t < width; t += blockDim.x) acc[t] = 0.0f;
+    csum = 0.0f;
+    __syncthreads();
+    if (kept_mode) {
+      const int32_t* my_t = targets + (b * rows_c + j) * topm;
+      const float* my_c = coef + (b * rows_c + j) * topm;
+      for (int64_t e0 = 0; e0 < topm; e0 += kThreads) {
+        const int64_t e = e0 + threadIdx.x;
+        if (e < topm) {
+          src[threadIdx.x] = my_t[e];
+          cs[threadIdx.x] = my_c[e];
+        }
+        __syncthreads();
+        const int count = static_cast<int>(topm - e0 < kThreads ? topm - e0 : kThreads);
+        accumulate(x, b, n, d, d0, width, src, cs, count, acc, &csum);
+        __syncthreads();
+      }
+    } else {
+      const int64_t entries = rows_c * topm;
+      const int32_t* all_t = targets + b * entries;
+      const float* all_c = coef + b * entries;
+      for (int64_t e0 = 0; e0 < entries; e0 += kThreads) {
+        const int64_t e = e0 + threadIdx.x;
+        const int match = (e < entries && all_t[e] == j) ? 1 : 0;
+        int count;
+        const int pos = block_exclusive_scan(match, scratch, &count);
+        if (match) {
+          src[pos] = chooser_tok[b * rows_c + e / topm];
+          cs[pos] = all_c[e];
+        }
+        __syncthreads();
+        accumulate(x, b, n, d, d0, width, src, cs, count, acc, &csum);
+        __syncthreads();
+      }
+    }
+    const TX* xs = x + (b * n + self) * d + d0;
+    for (int64_t t = threadIdx.x; t < width; t += blockDim.x) {
+      out[d0 + t] = from_float<TX>(finalize_merge(combine, to_float(xs[t]), w_self, acc[t], csum));
+    }
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) mass[b * k + j] = w_self + csum;
+}
+
+// --------------------------------------------------------------------- bipartite (ToMe)
+
+// One warp per A token i (position 2i): best B token j (position 2j + 1) by cosine,
+// ties to the lower j; writes its order key and index.
+__global__ void best_match_kernel(const float* sims, int64_t n_a, int64_t n_b, int64_t n, const float* inv,
+                                  int32_t* node_key, int32_t* node_idx) {
+  const int64_t i = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarp;
+  const int64_t b = blockIdx.y;
+  const int lane = threadIdx.x % kWarp;
+  if (i >= n_a) return;
+  int32_t best_key = INT32_MIN;
+  int32_t best_j = INT32_MAX;
+  for (int64_t j = lane; j < n_b; j += kWarp) {
+    const float s = sims[(b * n_a + i) * n_b + j] * inv[b * n + 2 * i] * inv[b * n + 2 * j + 1];
+    const int32_t key = order_key(s);
+    if (best_j == INT32_MAX || key > best_key) {
+      best_key = key;
+      best_j = static_cast<int32_t>(j);
+    }
+  }
+  for (int o = kWarp / 2; o > 0; o /= 2) {
+    const int32_t ok = __shfl_xor_sync(0xffffffffu, best_key, o);
+    const int32_t oj = __shfl_xor_sync(0xffffffffu, best_j, o);
+    if (oj != INT32_MAX && (best_j == INT32_MAX || ok > best_key || (ok == best_key && oj < best_j))) {
+      best_key = ok;
+      best_j = oj;
+    }
+  }
+  if (lane == 0) {
+    node_key[b * n_a + i] = best_key;
+    node_idx[b * n_a + i] = best_j == INT32_MAX ? 0 : best_j;
+  }
+}
+
+// One block per sample: the r A tokens with the best matches (ties to the lower index,
+// token 0 excluded when protected) get merged[i] = 1; the others are listed ascending in
+// unmerged (n_a - r entries).
+__global__ void edge_select_kernel(const int32_t* node_key, int64_t n_a, int64_t r, bool protect_first,
+                                   uint8_t* merged, int32_t* unmerged) {
+  __shared__ int scratch[kThreads / kWarp];
+  const int64_t b = blockIdx.x;
+  const int64_t first = protect_first ? 1 : 0;
+  const int32_t* keys = node_key + b * n_a;
+  int64_t lo = INT32_MIN, hi = INT32_MAX;
+  if (r > 0) {
+    for (int it = 0; it < 32; ++it) {
+      const int64_t mid = lo + (hi - lo + 1) / 2;
+      int cnt = 0;
+      for (int64_t i0 = 0; i0 < n_a; i0 += kThreads) {
+        const int64_t i = i0 + threadIdx.x;
+        cnt += __syncthreads_count(i >= first && i < n_a && keys[i] >= mid);
+      }
+      if (cnt >= r) {
+        lo = mid;
+      } else {
+        hi = mid - 1;
+      }
+    }
+  }
+  const int32_t thr = static_cast<int32_t>(lo);
+  int gt_total = 0;
+  for (int64_t i0 = 0; i0 < n_a; i0 += kThreads) {
+    const int64_t i = i0 + threadIdx.x;
+    gt_total += __syncthreads_count(r > 0 && i >= first && i < n_a && keys[i] > thr);
+  }
+  const int64_t ties = r - gt_total;
+  int64_t eq_before = 0, unm_before = 0;
+  for (int64_t i0 = 0; i0 < n_a; i0 += kThreads) {
+    const int64_t i = i0 + threadIdx.x;
+    const bool cand = r > 0 && i >= first && i < n_a;
+    const int eq = (cand && keys[i] == thr) ? 1 : 0;
+    int eq_count;
+    const int eq_rank = block_exclusive_scan(eq, scratch, &eq_count);
+    const bool sel = (cand && keys[i] > thr) || (eq && eq_before + eq_rank < ties);
+    const int unm = (i < n_a && !sel) ? 1 : 0;
+    int unm_count;
+    const int unm_pos = block_exclusive_scan(unm, scratch, &unm_count);
+    if (i < n_a) merged[b * n_a + i] = sel ? 1 : 0;
+    if (unm) unmerged[b * (n_a - r) + unm_before + unm_pos] = static_cast<int32_t>(i);
+    eq_before += eq_count;
+    unm_before += unm_count;
+  }
+}
+
+// One block per output row: the unmerged A tokens first (copied), then every B token with
+// the A tokens merged into it (size-weighted mean, ascending A order).
+template <typename TX>
+__global__ void bipartite_output_kernel(const TX* x, const float* size, const uint8_t* merged, const int32_t* node_idx,
+                                        const int32_t* unmerged, const int32_t* invalid, int64_t n, int64_t d,
+                                        int64_t n_a, int64_t r, TX* out, float* out_size) {
+  __shared__ float acc[kAccTile];
+  __shared__ int32_t src[kThreads];
+  __shared__ float cs[kThreads];
+  __shared__ int scratch[kThreads / kWarp];
+  const int64_t row = blockIdx.x, b = blockIdx.y;
+  const int64_t rows = n - r, n_unm = n_a - r;
+  TX* o = out + (b * rows + row) * d;
+  if (invalid[b]) {
+    for (int64_t t = threadIdx.x; t < d; t += blockDim.x) o[t] = from_float<TX>(NAN);
+    if (threadIdx.x == 0) out_size[b * rows + row] = NAN;
+    return;
+  }
+  if (row < n_unm) {
+    const int64_t tok = 2 * static_cast<int64_t>(unmerged[b * n_unm + row]);
+    for (int64_t t = threadIdx.x; t < d; t += blockDim.x) o[t] = x[(b * n + tok) * d + t];
+    if (threadIdx.x == 0) out_size[b * rows + row] = size[b * n + tok];
+    return;
+  }
+  const int64_t j = row - n_unm;
+  const int64_t self = 2 * j + 1;
+  const float s_self = size[b * n + self];
+  float csum = 0.0f;
+  for (int64_t d0 = 0; d0 < (d > 0 ? d : 1); d0 += kAccTile) {
+    const int64_t width = d - d0 < kAccTile ? d - d0 : kAccTile;
+    for (int64_t t = threadIdx.x; t < width; t += blockDim.x) acc[t] = 0.0f;
+    csum = 0.0f;
+    __syncthreads();
+    for (int64_t i0 = 0; i0 < n_a; i0 += kThreads) {
+      const int64_t i = i0 + threadIdx.x;
+      const int match = (i < n_a && merged[b * n_a + i] && node_idx[b * n_a + i] == j) ? 1 : 0;
+      int count;
+      const int pos = block_exclusive_scan(match, scratch, &count);
+      if (match) {
+        src[pos] = static_cast<int32_t>(2 * i);
+        cs[pos] = size[b * n + 2 * i];
+      }
+      __syncthreads();
+      accumulate(x, b, n, d, d0, width, src, cs, count, acc, &csum);
+      __syncthreads();
+    }
+    const TX* xs = x + (b * n + self) * d + d0;
+    for (int64_t t = threadIdx.x; t < width; t += blockDim.x) {
+      o[d0 + t] = from_float<TX>(finalize_merge(Combine::kMean, to_float(xs[t]), s_self, acc[t], csum));
+    }
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) out_size[b * rows + row] = s_self + csum;
+}
+
+// ----------------------------------------------------------------------------- launchers
+
+inline int64_t blocks_for(int64_t items, int64_t per_block) { return (items + per_block - 1) / per_block; }
+
+template <typename TM>
+void launch_similarity(const TM* q, RowMap qmap, const TM* m, RowMap kmap, int64_t batch, int64_t n, int64_t c,
+                       int64_t rows, int64_t cols, float* sims, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>(blocks_for(cols, kTileN)), static_cast<unsigned>(blocks_for(rows, kTileM)),
+                  static_cast<unsigned>(batch));
+  similarity_kernel<TM><<<grid, kThreads, 0, stream>>>(q, qmap, m, kmap, n, c, rows, cols, sims);
+}
+
+struct MergeTokensProblem {
+  int64_t batch, n, d, k, c, topm;
+  float temperature;
+  Combine combine;
+  bool kept_mode, cosine;
+  // Chooser rows: the dropped tokens (dropped mode) or the kept tokens (kept mode).
+  int64_t chooser_rows() const { return kept_mode ? k : n - k; }
+  // Candidates: the kept tokens (dropped mode) or every token (kept mode).
+  int64_t candidates() const { return kept_mode ? n : k; }
+};
+
+// Scratch buffers the caller allocates (element counts in the comments).
+struct MergeTokensScratch {
+  int32_t* invalid;   // batch, zeroed by the caller
+  int32_t* kept_pos;  // batch * n, filled with -1 by the caller
+  int32_t* dropped;   // batch * (n - k)
+  float* inv;         // batch * n (cosine only)
+  float* sims;        // batch * chooser_rows * candidates
+  int32_t* targets;   // batch * chooser_rows * topm
+  float* coef;        // batch * chooser_rows * topm
+};
+
+// merged: (batch, k, d) TX, mass: (batch, k) float32. x, metric, query: contiguous; weight:
+// (batch, n) float32; keep: (batch, k) int64. query == nullptr means cosine of metric rows.
+// Returns the first launch error.
+template <typename TX, typename TM>
+void merge_tokens_chunk(const MergeTokensProblem& p, const TX* x, const int64_t* keep, const TM* metric,
+                        const TM* query, const float* weight, TX* merged, float* mass, const MergeTokensScratch& s,
+                        cudaStream_t stream) {
+  const int64_t rows_c = p.chooser_rows(), cols_c = p.candidates();
+  const dim3 per_keep(static_cast<unsigned>(blocks_for(p.k, kThreads)), static_cast<unsigned>(p.batch));
+  keep_scatter_kernel<<<per_keep, kThreads, 0, stream>>>(keep, p.k, p.n, s.kept_pos, s.invalid);
+  const dim3 per_token(static_cast<unsigned>(blocks_for(p.n, kThreads)), static_cast<unsigned>(p.batch));
+  negative_weight_kernel<<<per_token, kThreads, 0, stream>>>(weight, p.n, s.invalid);
+  if (p.n > p.k && !p.kept_mode) {
+    dropped_list_kernel<<<static_cast<unsigned>(p.batch), kThreads, 0, stream>>>(s.kept_pos, p.n, p.n - p.k,
+                                                                                  s.dropped);
+  }
+  if (p.cosine) {
+    inverse_norm_kernel<TM><<<static_cast<unsigned>(blocks_for(p.batch * p.n * kWarp, kThreads)), kThreads, 0,
+                              stream>>>(metric, p.batch * p.n, p.c, s.inv);
+  }
+  if (rows_c > 0) {
+    RowMap qmap, kmap;
+    if (p.kept_mode) {
+      qmap.i64 = keep;  // choosers: the kept tokens; candidates: all tokens
+    } else {
+      qmap.i32 = s.dropped;  // choosers: the dropped tokens; candidates: the kept tokens
+      kmap.i64 = keep;
+    }
+    launch_similarity<TM>(query != nullptr ? query : metric, qmap, metric, kmap, p.batch, p.n, p.c, rows_c, cols_c,
+                          s.sims, stream);
+    const dim3 gs(static_cast<unsigned>(blocks_for(rows_c * kWarp, kThreads)), static_cast<unsigned>(p.batch));
+    select_targets_kernel<<<gs, kThreads, 0, stream>>>(s.sims, rows_c, cols_c, s.dropped, keep, p.k, p.n, s.inv,
+                                                       p.cosine, p.kept_mode, p.topm, p.temperature, weight,
+                                                       s.invalid, s.targets, s.coef);
+  }
+  const dim3 gr(static_cast<unsigned>(p.k), static_cast<unsigned>(p.batch));
+  merge_reduce_kernel<TX><<<gr, kThreads, 0, stream>>>(x, keep, weight, s.dropped, s.targets, s.coef, s.invalid, p.n,
+                                                       p.d, p.k, rows_c, p.topm, p.kept_mode, p.combine, merged,
+                                                       mass);
+}
+
+// Grids put the batch on y or z, whose limit is 65535: larger batches run in chunks.
+constexpr int64_t kMaxBatchPerLaunch = 65535;
+
+template <typename TX, typename TM>
+cudaError_t merge_tokens(const MergeTokensProblem& p, const TX* x, const int64_t* keep, const TM* metric,
+                         const TM* query, const float* weight, TX* merged, float* mass, const MergeTokensScratch& s,
+                         cudaStream_t stream) {
+  const int64_t rows_c = p.chooser_rows(), cols_c = p.candidates();
+  for (int64_t b0 = 0; b0 < p.batch; b0 += kMaxBatchPerLaunch) {
+    MergeTokensProblem q = p;
+    q.batch = p.batch - b0 < kMaxBatchPerLaunch ? p.batch - b0 : kMaxBatchPerLaunch;
+    const MergeTokensScratch sc{s.invalid + b0,
+                                s.kept_pos + b0 * p.n,
+                                s.dropped + b0 * (p.n - p.k),
+                                p.cosine ? s.inv + b0 * p.n : s.inv,
+                                s.sims + b0 * rows_c * cols_c,
+                                s.targets + b0 * rows_c * p.topm,
+                                s.coef + b0 * rows_c * p.topm};
+    merge_tokens_chunk<TX, TM>(q, x + b0 * p.n * p.d, keep + b0 * p.k, metric + b0 * p.n * p.c,
+                               query != nullptr ? query + b0 * p.n * p.c : nullptr, weight + b0 * p.n,
+                               merged + b0 * p.k * p.d, mass + b0 * p.k, sc, stream);
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
+  return cudaSuccess;
+}
+
+struct BipartiteScratch {
+  int32_t* invalid;   // batch, zeroed by the caller
+  float* inv;         // batch * n
+  float* sims;        // batch * n_a * n_b
+  int32_t* node_key;  // batch * n_a
+  int32_t* node_idx;  // batch * n_a
+  uint8_t* merged;    // batch * n_a
+  int32_t* unmerged;  // batch * (n_a - r)
+};
+
+// out: (batch, n - r, d) TX, out_size: (batch, n - r) float32. x, metric contiguous; size:
+// (batch, n) float32. Returns the first launch error.
+template <typename TX, typename TM>
+void bipartite_merge_chunk(int64_t batch, int64_t n, int64_t d, int64_t c, int64_t r, bool protect_first,
+                           const TX* x, const TM* metric, const float* size, TX* out, float* out_size,
+                           const BipartiteScratch& s, cudaStream_t stream) {
+  const int64_t n_a = (n + 1) / 2, n_b = n / 2;
+  const dim3 per_token(static_cast<unsigned>(blocks_for(n, kThreads)), static_cast<unsigned>(batch));
+  negative_weight_kernel<<<per_token, kThreads, 0, stream>>>(size, n, s.invalid);
+  if (n_b > 0) {
+    inverse_norm_kernel<TM><<<static_cast<unsigned>(blocks_for(batch * n * kWarp, kThreads)), kThreads, 0,
+                              stream>>>(metric, batch * n, c, s.inv);
+    RowMap a_rows, b_rows;  // set A: even positions, set B: odd positions
+    a_rows.step = 2;
+    b_rows.step = 2;
+    b_rows.offset = 1;
+    launch_similarity<TM>(metric, a_rows, metric, b_rows, batch, n, c, n_a, n_b, s.sims, stream);
+    const dim3 gb(static_cast<unsigned>(blocks_for(n_a * kWarp, kThreads)), static_cast<unsigned>(batch));
+    best_match_kernel<<<gb, kThreads, 0, stream>>>(s.sims, n_a, n_b, n, s.inv, s.node_key, s.node_idx);
+  }
+  edge_select_kernel<<<static_cast<unsigned>(batch), kThreads, 0, stream>>>(s.node_key, n_a, r, protect_first,
+                                                                           s.merged, s.unmerged);
+  const dim3 go(static_cast<unsigned>(n - r), static_cast<unsigned>(batch));
+  bipartite_output_kernel<TX><<<go, kThreads, 0, stream>>>(x, size, s.merged, s.node_idx, s.unmerged, s.invalid, n,
+                                                           d, n_a, r, out, out_size);
+}
+
+template <typename TX, typename TM>
+cudaError_t bipartite_merge(int64_t batch, int64_t n, int64_t d, int64_t c, int64_t r, bool protect_first,
+                            const TX* x, const TM* metric, const float* size, TX* out, float* out_size,
+                            const BipartiteScratch& s, cudaStream_t stream) {
+  if (n == 0) return cudaSuccess;
+  const int64_t n_a = (n + 1) / 2, n_b = n / 2;
+  for (int64_t b0 = 0; b0 < batch; b0 += kMaxBatchPerLaunch) {
+    const int64_t nb = batch - b0 < kMaxBatchPerLaunch ? batch - b0 : kMaxBatchPerLaunch;
+    const BipartiteScratch sc{s.invalid + b0,       s.inv + b0 * n,      s.sims + b0 * n_a * n_b,
+                              s.node_key + b0 * n_a, s.node_idx + b0 * n_a, s.merged + b0 * n_a,
+                              s.unmerged + b0 * (n_a - r)};
+    bipartite_merge_chunk<TX, TM>(nb, n, d, c, r, protect_first, x + b0 * n * d, metric + b0 * n * c, size + b0 * n,
+                                  out + b0 * (n - r) * d, out_size + b0 * (n - r), sc, stream);
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
+  return cudaSuccess;
+}
+
+}  // namespace cuda
+}  // namespace tokenkern
