@@ -21,6 +21,7 @@ __all__ = [
     "leverage_scores",
     "leverage_topk",
     "merge_tokens",
+    "prune",
     "topk_gather",
 ]
 
@@ -205,3 +206,11 @@ def bipartite_merge(
 
         _checks.merge_values("bipartite_merge", None, 0, {"size": size})
     return torch.ops.tokenkern.bipartite_merge(x, metric, r, size, protect_first)
+
+
+def prune(model, method: str = "fastv", keep: float | int = 0.25, **options):
+    """Make a transformers VLM prune its visual tokens; returns a handle whose remove()
+    restores the model. See :mod:`tokenkern.integrations` for methods, options and models."""
+    from .integrations import prune as _prune
+
+    return _prune(model, method, keep, **options)

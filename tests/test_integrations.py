@@ -1,0 +1,335 @@
+"""tokenkern.prune on real transformers VLM classes, built from tiny random configs (no
+downloads): LLaVA-1.5, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL. For each, a vision-side and an
+LLM-side method: keep=100% changes nothing, keep=25% shortens what the layers after the
+pruning point see, a left-padded batch equals its samples run alone, generate() works,
+remove() restores the model exactly, and the attention implementation stays SDPA."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import tokenkern  # noqa: E402
+
+IMAGE = 127  # placeholder token id of the tiny LLaVA models
+VOCAB = 128
+
+
+@dataclass
+class Tiny:
+    name: str
+    model: torch.nn.Module
+    tokens_per_image: int
+    vision_method: str
+    vision_options: dict | None = None
+
+    def inputs(self, prompts: list[list[int]], gen: torch.Generator) -> dict:
+        """Left-padded batch; each prompt is a list of token ids with image placeholders
+        expanded by the caller."""
+        raise NotImplementedError
+
+
+def _llama(hidden=64, layers=4):
+    return transformers.LlamaConfig(
+        hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=512, bos_token_id=1, eos_token_id=2,
+        pad_token_id=0,
+    )  # fmt: skip
+
+
+def _clip():
+    return transformers.CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=28, patch_size=7
+    )
+
+
+def _left_pad(seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    length = max(len(s) for s in seqs)
+    ids = torch.zeros(len(seqs), length, dtype=torch.long)
+    mask = torch.zeros(len(seqs), length, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, length - len(s) :] = torch.tensor(s)
+        mask[i, length - len(s) :] = 1
+    return ids, mask
+
+
+class TinyLlava(Tiny):
+    def inputs(self, prompts, gen):
+        seqs = [p[:3] + [IMAGE] * 16 + p[3:] for p in prompts]
+        ids, mask = _left_pad(seqs)
+        return {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "pixel_values": torch.randn(len(prompts), 3, 28, 28, generator=gen),
+        }
+
+
+class TinyLlavaNext(Tiny):
+    def inputs(self, prompts, gen):
+        seqs = [p[:3] + [IMAGE] * self.tokens_per_image + p[3:] for p in prompts]
+        ids, mask = _left_pad(seqs)
+        return {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "pixel_values": torch.randn(len(prompts), 3, 3, 28, 28, generator=gen),
+            "image_sizes": torch.tensor([[28, 56]] * len(prompts)),
+        }
+
+
+class TinyQwen(Tiny):
+    def inputs(self, prompts, gen):
+        cfg = self.model.config
+        img = [cfg.vision_start_token_id] + [cfg.image_token_id] * 16 + [cfg.vision_end_token_id]
+        seqs = [p[:3] + img + p[3:] for p in prompts]
+        ids, mask = _left_pad(seqs)
+        n = len(prompts)
+        return {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "pixel_values": torch.randn(n * 64, 3 * 2 * 14 * 14, generator=gen),
+            "image_grid_thw": torch.tensor([[1, 8, 8]] * n),
+            # what the processor returns beside input_ids: 1 marks image tokens (M-RoPE)
+            "mm_token_type_ids": (ids == cfg.image_token_id).int(),
+        }
+
+
+def build(name: str) -> Tiny:
+    torch.manual_seed(0)
+    if name == "llava":
+        cfg = transformers.LlavaConfig(
+            vision_config=_clip(), text_config=_llama(), image_token_index=IMAGE, vision_feature_layer=-2
+        )
+        return TinyLlava(name, transformers.LlavaForConditionalGeneration(cfg).eval(), 16, "fastervlm")
+    if name == "llava_next":
+        cfg = transformers.LlavaNextConfig(
+            vision_config=_clip(), text_config=_llama(), image_token_index=IMAGE,
+            image_grid_pinpoints=[[28, 56], [56, 28]], vision_feature_layer=-2,
+        )  # fmt: skip
+        model = transformers.LlavaNextForConditionalGeneration(cfg).eval()
+        with torch.no_grad():
+            feats = model.model.get_image_features(
+                torch.zeros(1, 3, 3, 28, 28), torch.tensor([[28, 56]]), vision_feature_layer=-2,
+                vision_feature_select_strategy="default",
+            ).pooler_output  # fmt: skip
+        return TinyLlavaNext(name, model, feats[0].shape[0], "lofi", {"rank": 8})
+    cls_name = {"qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}[name]
+    cfg_name = {"qwen2_vl": "Qwen2VLConfig", "qwen2_5_vl": "Qwen2_5_VLConfig"}[name]
+    if not hasattr(transformers, cls_name):
+        pytest.skip(f"this transformers has no {cls_name}")
+    vision = dict(depth=2, hidden_size=64, num_heads=4, patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
+    vision.update(in_chans=3, in_channels=3, embed_dim=32, intermediate_size=64, out_hidden_size=64)
+    text = dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2
+    )
+    text.update(vocab_size=VOCAB + 32, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    text["rope_parameters"] = {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}
+    cfg = getattr(transformers, cfg_name)(
+        vision_config=vision, text_config=text, image_token_id=VOCAB + 1, video_token_id=VOCAB + 2,
+        vision_start_token_id=VOCAB + 3, vision_end_token_id=VOCAB + 4,
+    )  # fmt: skip
+    # LoFi at rank 4 of 16 tokens: a full-rank sketch would give every token leverage 1 (all ties).
+    return TinyQwen(name, getattr(transformers, cls_name)(cfg).eval(), 16, "lofi", {"rank": 4})
+
+
+MODELS = ["llava", "llava_next", "qwen2_vl", "qwen2_5_vl"]
+PROMPTS = [[1, 5, 6, 7, 8, 9, 10, 11], [1, 12, 13, 14, 15]]
+
+
+@pytest.fixture(scope="module", params=MODELS)
+def tiny(request):
+    return build(request.param)
+
+
+def _methods(tiny: Tiny):
+    return [tiny.vision_method, "fastv"]
+
+
+def _options(tiny: Tiny, method: str) -> dict:
+    return dict(tiny.vision_options or {}) if method == tiny.vision_method else {}
+
+
+def _forward(model, inputs):
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+def _generate(model, inputs, n=6):
+    with torch.no_grad():
+        return model.generate(**inputs, max_new_tokens=n, do_sample=False, min_new_tokens=n)
+
+
+def _layer_lengths(model) -> tuple[list[int], list]:
+    seen: list[int] = []
+    layers = model.model.language_model.layers
+
+    def record(module, args, kwargs):
+        seen.append(kwargs["hidden_states"].shape[1])
+
+    handles = [layer.self_attn.register_forward_pre_hook(record, with_kwargs=True) for layer in layers]
+    return seen, handles
+
+
+def test_attention_implementation_is_sdpa(tiny):
+    assert tiny.model.config._attn_implementation == "sdpa"
+    with tokenkern.prune(tiny.model, "fastv", keep=0.25):
+        assert tiny.model.config._attn_implementation == "sdpa"
+        assert tiny.model.config.text_config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("which", [0, 1])
+def test_keep_everything_changes_nothing(tiny, which, gen):
+    method = _methods(tiny)[which]
+    inputs = tiny.inputs(PROMPTS[:1], gen)
+    ref_logits, ref_tokens = _forward(tiny.model, inputs), _generate(tiny.model, inputs)
+    with tokenkern.prune(tiny.model, method, keep=1.0, **_options(tiny, method)):
+        logits, tokens = _forward(tiny.model, inputs), _generate(tiny.model, inputs)
+    assert torch.equal(logits, ref_logits)
+    assert torch.equal(tokens, ref_tokens)
+
+
+@pytest.mark.parametrize("which", [0, 1])
+def test_quarter_keep_shortens_the_layers_after_the_pruning_point(tiny, which, gen):
+    method = _methods(tiny)[which]
+    inputs = tiny.inputs(PROMPTS[:1], gen)
+    length = inputs["input_ids"].shape[1]
+    kept = tokenkern.methods.keep_count(0.25, tiny.tokens_per_image)
+    expected = length - (tiny.tokens_per_image - kept)
+    seen, hooks = _layer_lengths(tiny.model)
+    start = 0 if which == 0 else 2
+    with tokenkern.prune(tiny.model, method, keep=0.25, **_options(tiny, method)):
+        logits = _forward(tiny.model, inputs)
+    for h in hooks:
+        h.remove()
+    n_layers = len(tiny.model.model.language_model.layers)
+    assert seen == [length] * start + [expected] * (n_layers - start)
+    assert logits.shape[1] == expected
+
+
+@pytest.mark.parametrize("which", [0, 1])
+def test_generate_after_pruning(tiny, which, gen):
+    method = _methods(tiny)[which]
+    inputs = tiny.inputs(PROMPTS[:1], gen)
+    seen, hooks = _layer_lengths(tiny.model)
+    with tokenkern.prune(tiny.model, method, keep=0.25, **_options(tiny, method)):
+        tokens = _generate(tiny.model, inputs, n=4)
+    for h in hooks:
+        h.remove()
+    assert tokens.shape == (1, inputs["input_ids"].shape[1] + 4)
+    assert seen[-1] == 1  # decoding steps feed one token at a time through every layer
+
+
+@pytest.mark.parametrize("which", [0, 1])
+def test_padded_batch_equals_single_samples(tiny, which, gen):
+    method = _methods(tiny)[which]
+    batch = tiny.inputs(PROMPTS, gen)
+    singles = []
+    for i in range(2):
+        one = tiny.inputs(PROMPTS[i : i + 1], gen)
+        for key in ("pixel_values",):  # the same image for the sample alone
+            if tiny.name.startswith("qwen"):
+                one[key] = batch[key][i * 64 : (i + 1) * 64]
+            else:
+                one[key] = batch[key][i : i + 1]
+        singles.append(one)
+    with tokenkern.prune(tiny.model, method, keep=0.25, **_options(tiny, method)):
+        batched = _generate(tiny.model, batch, n=5)
+        alone = [_generate(tiny.model, s, n=5) for s in singles]
+    for i in range(2):
+        assert torch.equal(batched[i, -5:], alone[i][0, -5:]), f"sample {i}"
+
+
+def test_remove_restores_bit_identical_outputs(tiny, gen):
+    inputs = tiny.inputs(PROMPTS, gen)
+    before = _forward(tiny.model, inputs)
+    for method in _methods(tiny):
+        handle = tokenkern.prune(tiny.model, method, keep=0.25, **_options(tiny, method))
+        _forward(tiny.model, inputs)
+        handle.remove()
+    after = _forward(tiny.model, inputs)
+    assert torch.equal(before, after)
+    assert "get_image_features" not in tiny.model.model.__dict__
+
+
+def test_llava_all_methods_run_and_prune(gen):
+    tiny = build("llava")
+    inputs = tiny.inputs(PROMPTS, gen)
+    full = inputs["input_ids"].shape[1]
+    for method in tokenkern.integrations.METHODS:
+        options = {"layer": 2} if method == "ficoco-l" else {}
+        with tokenkern.prune(tiny.model, method, keep=0.25, **options):
+            logits = _forward(tiny.model, inputs)
+            tokens = _generate(tiny.model, inputs, n=3)
+        assert logits.shape[1] == full - 12, method
+        assert torch.isfinite(logits).all(), method
+        assert tokens.shape[1] == full + 3, method
+
+
+def test_bad_calls():
+    tiny = build("llava")
+    with pytest.raises(ValueError, match="unknown method"):
+        tokenkern.prune(tiny.model, "nope")
+    with pytest.raises(ValueError, match="keep as a fraction"):
+        tokenkern.prune(tiny.model, "fastv", keep=1.5)
+    with pytest.raises(ValueError, match="layer must be in"):
+        tokenkern.prune(tiny.model, "fastv", layer=9)
+    with pytest.raises(ValueError, match="unknown options"):
+        tokenkern.prune(tiny.model, "fastv", colour="blue")
+    with pytest.raises(ValueError, match="unsupported model class"):
+        tokenkern.prune(torch.nn.Linear(2, 2), "fastv")
+    qwen = build("qwen2_vl")
+    with pytest.raises(ValueError, match="CLIP tower"):
+        tokenkern.prune(qwen.model, "visionzip")
+    # A failed call leaves nothing installed.
+    assert not tiny.model.model.language_model._forward_pre_hooks
+
+
+def _rotary_seen(model, layer_idx):
+    seen = []
+    attn = model.model.language_model.layers[layer_idx].self_attn
+    handle = attn.register_forward_pre_hook(
+        lambda m, a, kw: seen.append(kw["position_embeddings"][0].detach().clone()), with_kwargs=True
+    )
+    return seen, handle
+
+
+@pytest.mark.parametrize("which", [0, 1])
+def test_kept_tokens_keep_their_original_positions(tiny, which, gen):
+    """The rotary embedding a pruned layer applies to each kept token is the one of that token's
+    original position (for Qwen2-VL: its 3-D M-RoPE position)."""
+    method = _methods(tiny)[which]
+    layer_idx = 0 if which == 0 else 3
+    inputs = tiny.inputs(PROMPTS[:1], gen)
+    full, h = _rotary_seen(tiny.model, layer_idx)
+    _forward(tiny.model, inputs)
+    h.remove()
+    pruned, h = _rotary_seen(tiny.model, layer_idx)
+    with tokenkern.prune(tiny.model, method, keep=0.25, **_options(tiny, method)) as handle:
+        _forward(tiny.model, inputs)
+        kept = handle.decoder.gather.idx[0]
+    h.remove()
+    table, got = full[0][0], pruned[0][0]  # (L, d) and (L', d)
+    assert got.shape[0] == kept.numel() < table.shape[0]
+    assert torch.equal(got, table[kept])
+    assert bool((kept[1:] > kept[:-1]).all()) and int(kept[-1]) == table.shape[0] - 1
+
+
+def test_fastv_cache_holds_only_what_later_layers_see(gen):
+    tiny = build("llava")
+    inputs = tiny.inputs(PROMPTS[:1], gen)
+    length = inputs["input_ids"].shape[1]
+    with tokenkern.prune(tiny.model, "fastv", keep=0.25, layer=2), torch.no_grad():
+        out = tiny.model(**inputs, use_cache=True)
+        cache = out.past_key_values
+        sizes = [cache.layers[i].keys.shape[-2] for i in range(4)]
+        assert sizes == [length, length, length - 12, length - 12]
+        step = tiny.model(
+            input_ids=torch.tensor([[9]]), attention_mask=torch.ones(1, length + 1, dtype=torch.long),
+            past_key_values=cache, position_ids=torch.tensor([[length]]), use_cache=True,
+        )  # fmt: skip
+        sizes = [cache.layers[i].keys.shape[-2] for i in range(4)]
+        assert sizes == [length + 1, length + 1, length - 11, length - 11]
+        assert torch.isfinite(step.logits).all()

@@ -1,0 +1,237 @@
+"""Drop-in visual-token pruning for transformers VLMs: ``handle = tokenkern.prune(model, ...)``.
+
+Supported classes: LlavaForConditionalGeneration, LlavaNextForConditionalGeneration,
+Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration (transformers 5.x).
+
+| method | side | where | models |
+|---|---|---|---|
+| fastv, sparsevlm, ficoco-l | LLM | after decoder layer K (option `layer`) | all |
+| lofi, random, uniform | vision | each image's features after the projector | all |
+| fastervlm, visionzip, prumerge+, ficoco-v | vision | projector input, scored by a CLIP layer | LLaVA-1.5 |
+
+The model keeps its attention implementation (SDPA, FlashAttention 2 or eager): scores come
+from tokenkern's ops on the q/k that the layer computed anyway, captured by hooks. Pruning
+happens at prefill; generate() works (the KV cache of the pruned layers holds only kept tokens;
+decoding steps see the same cache). Kept tokens keep their original position ids (Qwen2-VL's
+3-D M-RoPE positions included). Batches with padding work per sample. ``handle.remove()``
+restores the model exactly. Output logits of a pruned prefill cover the kept positions only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from .. import methods as M
+from .adapters import SUPPORTED, VLMParts, clip_layers, parts_of
+from .decoder import DecoderPruner, PrefillState
+from .sequence import image_ids
+from .vision import ClipReducer, PostProjectorReducer, sequence_keep
+
+LLM_METHODS = ("fastv", "sparsevlm", "ficoco-l")
+POST_PROJECTOR_METHODS = ("lofi", "random", "uniform")
+CLIP_METHODS = ("fastervlm", "visionzip", "prumerge+", "ficoco-v")
+METHODS = LLM_METHODS + POST_PROJECTOR_METHODS + CLIP_METHODS
+ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3")
+
+
+@dataclass
+class PruneHandle:
+    """What tokenkern.prune installed on a model; remove() (or leaving a `with` block) undoes it."""
+
+    model: nn.Module
+    method: str
+    keep: float | int
+    parts: list = field(default_factory=list)
+
+    @property
+    def decoder(self) -> DecoderPruner:
+        """The decoder-side pruner (its `gather` describes the last pruned prefill)."""
+        return next(p for p in self.parts if isinstance(p, DecoderPruner))
+
+    def remove(self) -> None:
+        for part in reversed(self.parts):
+            part.remove()
+        self.parts = []
+
+    def __enter__(self) -> PruneHandle:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+class _Hook:
+    def __init__(self, handle):
+        self.handle = handle
+
+    def remove(self) -> None:
+        self.handle.remove()
+
+
+def prune(model: nn.Module, method: str = "fastv", keep: float | int = 0.25, **options) -> PruneHandle:
+    """Make a transformers VLM prune its visual tokens.
+
+    keep: a fraction in (0, 1] or an absolute token count, per image. options: the method's
+    config fields (e.g. layer=2 and query="last" for fastv; rank for lofi; seed for random;
+    contextual_fraction for visionzip; neighbours for prumerge+; topk for ficoco-v/l;
+    recycle for sparsevlm)."""
+    if method not in METHODS:
+        raise ValueError(f"tokenkern.prune: unknown method {method!r}; choose from {', '.join(METHODS)}")
+    M.keep_count(keep, 1)  # validates keep
+    parts = parts_of(model)
+    impl = getattr(model.config, "_attn_implementation", None)
+    if impl not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(f"tokenkern.prune: attention implementation {impl!r} is not supported; use one of "
+                         f"{ATTENTION_IMPLEMENTATIONS}")  # fmt: skip
+    handle = PruneHandle(model, method, keep)
+    if method in LLM_METHODS:
+        layer = int(options.pop("layer", {"fastv": 2, "sparsevlm": 2, "ficoco-l": 4}[method]))
+        if not 1 <= layer < len(parts.layers):
+            raise ValueError(f"tokenkern.prune: layer must be in [1, {len(parts.layers) - 1}], got {layer}")
+        selector = _llm_selector(method, keep, options)
+        decoder = DecoderPruner(parts.language_model, parts.layers, layer, selector, parts.rotary(layer - 1))
+    else:
+        reducer = _vision_reducer(parts, method, keep, options)
+        handle.parts.append(reducer)
+
+        def selector(state: PrefillState, reducer=reducer):
+            return sequence_keep(state.image, reducer.keeps), None
+
+        decoder = DecoderPruner(parts.language_model, parts.layers, 0, selector)
+    if options:
+        decoder.remove()
+        handle.remove()
+        raise ValueError(f"tokenkern.prune: unknown options for {method}: {sorted(options)}")
+    handle.parts.append(decoder)
+    handle.parts.append(_Hook(parts.core.register_forward_pre_hook(_image_finder(parts, decoder), with_kwargs=True)))
+    return handle
+
+
+def _image_finder(parts: VLMParts, decoder: DecoderPruner):
+    """Pre-hook on the VLM core: a call with images and input_ids announces the prefill."""
+
+    def hook(module, args, kwargs):
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        has_pixels = kwargs.get("pixel_values") is not None
+        if input_ids is not None and has_pixels:
+            decoder.pending_image = image_ids(input_ids, parts.image_token_id)
+        elif has_pixels:
+            raise ValueError("tokenkern.prune: pass input_ids (not only inputs_embeds) with the images")
+        return None
+
+    return hook
+
+
+def _config(cls, keep, options, names):
+    fields = {n: options.pop(n) for n in names if n in options}
+    return cls(keep=keep, **fields)
+
+
+def _vision_reducer(parts: VLMParts, method: str, keep, options):
+    if method in POST_PROJECTOR_METHODS:
+        if method == "lofi":
+            cfg = _config(M.LoFiConfig, keep, options, ("rank", "oversample", "power_iters", "seed"))
+            fn = lambda f: M.lofi(f.float(), cfg)  # noqa: E731
+        elif method == "random":
+            cfg = _config(M.RandomConfig, keep, options, ("seed",))
+            fn = lambda f: M.random_select(f, cfg)  # noqa: E731
+        else:
+            cfg = _config(M.UniformConfig, keep, options, ())
+            fn = lambda f: M.uniform_select(f, cfg)  # noqa: E731
+        return PostProjectorReducer(parts.core, fn)
+    if parts.clip_tower is None or parts.projector is None:
+        raise ValueError(
+            f"tokenkern.prune: {method} reads a CLIP tower's [CLS] attention and is supported on "
+            f"LlavaForConditionalGeneration with a CLIP tower; for {parts.name} use one of "
+            f"{', '.join(POST_PROJECTOR_METHODS + LLM_METHODS)}"
+        )
+    layers = clip_layers(parts.clip_tower)
+    n = len(layers)
+    feature_layer = parts.vision_feature_layer if parts.vision_feature_layer is not None else -2
+    default_layer = (n + feature_layer) % n if feature_layer < 0 else feature_layer - 1
+    if method == "fastervlm":
+        cfg = _config(M.FasterVLMConfig, keep, options, ())
+        fn = lambda f, layer: M.fastervlm(f, layer, cfg)  # noqa: E731
+        layer_idx = int(options.pop("layer", default_layer))
+    elif method == "visionzip":
+        cfg = _config(M.VisionZipConfig, keep, options, ("contextual_fraction",))
+        fn = lambda f, layer: M.visionzip(f, layer, cfg)  # noqa: E731
+        layer_idx = int(options.pop("layer", default_layer))
+    elif method == "prumerge+":
+        cfg = _config(M.PruMergeConfig, keep, options, ("neighbours",))
+        fn = lambda f, layer: M.prumerge_plus(f, layer, cfg)[0]  # noqa: E731
+        layer_idx = int(options.pop("layer", n - 1))
+    else:
+        cfg = _config(M.FiCoCoVConfig, keep, options, ("topk",))
+        fn = lambda f, layer: M.ficoco_v(f, layer.q, layer.k, layer.scale, cfg)  # noqa: E731
+        layer_idx = int(options.pop("layer", default_layer))
+    return ClipReducer(parts.core, layers, parts.projector, layer_idx % n, fn)
+
+
+def _llm_selector(method: str, keep, options):
+    if method == "fastv":
+        cfg = _config(M.FastVConfig, keep, options, ("query",))
+
+        def select(state: PrefillState):
+            layer = M.DecoderLayer(state.q, state.k, state.scale, state.valid, state.image, state.text)
+            return M.fastv(layer, cfg)[0], None
+
+        return select
+    if method == "sparsevlm":
+        cfg = _config(M.SparseVLMConfig, keep, options, ("recycle",))
+
+        def select(state: PrefillState):
+            layer = M.DecoderLayer(state.q, state.k, state.scale, state.valid, state.image, state.text)
+            text_all = (state.image < 0) & state.valid
+            rater_mask = M.raters(state.inputs_embeds, state.image >= 0, text_all)
+            keep_mask, _ = M.sparsevlm(layer, rater_mask, cfg)
+            hidden = _recycle(state.hidden, state.image, keep_mask) if cfg.recycle else None
+            return keep_mask, hidden
+
+        return select
+    cfg = _config(M.FiCoCoLConfig, keep, options, ("topk",))
+
+    def select(state: PrefillState):
+        keep_mask = torch.ones_like(state.valid)
+        hidden = state.hidden.clone()
+        for s in range(state.image.shape[0]):  # visual/text counts may differ per sample
+            vis = (state.image[s] >= 0).nonzero().flatten()
+            txt = state.text[s].nonzero().flatten()
+            if len(vis) == 0 or len(txt) == 0:
+                continue
+            q, k = state.q[s : s + 1], state.k[s : s + 1]
+            if k.shape[1] != q.shape[1]:
+                k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+            red = M.ficoco_l(hidden[s : s + 1, vis], q[:, :, vis], k[:, :, vis], q[:, :, txt], k[:, :, txt],
+                             state.scale, cfg)  # fmt: skip
+            keep_mask[s, vis] = False
+            keep_mask[s, vis[red.indices[0]]] = True
+            hidden[s, vis[red.indices[0]]] = red.tokens[0].to(hidden.dtype)
+        return keep_mask, hidden
+
+    return select
+
+
+def _recycle(hidden: Tensor, image: Tensor, keep_mask: Tensor) -> Tensor:
+    """SparseVLM recycling as documented in methods.sparsevlm: each dropped image token merges
+    into its most similar kept image token of the same image (size-weighted mean)."""
+    import tokenkern
+
+    out = hidden.clone()
+    for s in range(image.shape[0]):
+        for img in image[s].unique().tolist():
+            if img < 0:
+                continue
+            pos = (image[s] == img).nonzero().flatten()
+            kept = keep_mask[s, pos].nonzero().flatten()
+            if len(kept) == len(pos):
+                continue
+            merged, _ = tokenkern.merge_tokens(hidden[s : s + 1, pos], kept[None], validate=False)
+            out[s, pos[kept]] = merged[0]
+    return out
+
+
+__all__ = ["CLIP_METHODS", "LLM_METHODS", "METHODS", "POST_PROJECTOR_METHODS", "SUPPORTED", "PruneHandle", "prune"]

@@ -1,0 +1,60 @@
+"""Where things live in each supported transformers VLM class. Integrations know model
+classes; nothing below them does."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+from torch import nn
+
+
+@dataclass
+class VLMParts:
+    name: str
+    core: nn.Module  # the module whose forward receives input_ids and pixel values
+    language_model: nn.Module  # the decoder stack (receives inputs_embeds)
+    layers: nn.ModuleList  # its decoder layers
+    image_token_id: int
+    clip_tower: nn.Module | None  # CLIP-style tower with a [CLS] token (LLaVA-1.5 only)
+    projector: nn.Module | None  # the module that maps tower features to the LLM (LLaVA)
+    vision_feature_layer: int | None
+
+    def attention(self, layer_idx: int) -> nn.Module:
+        return self.layers[layer_idx].self_attn
+
+    def rotary(self, layer_idx: int):
+        """The model's own apply_rotary_pos_emb for that attention layer."""
+        module = sys.modules[type(self.attention(layer_idx)).__module__]
+        return module.apply_rotary_pos_emb
+
+
+SUPPORTED = (
+    "LlavaForConditionalGeneration",
+    "LlavaNextForConditionalGeneration",
+    "Qwen2VLForConditionalGeneration",
+    "Qwen2_5_VLForConditionalGeneration",
+)
+
+
+def parts_of(model: nn.Module) -> VLMParts:
+    name = type(model).__name__
+    if name not in SUPPORTED:
+        raise ValueError(f"tokenkern.prune: unsupported model class {name}; supported: {', '.join(SUPPORTED)}")
+    core = model.model
+    lm = core.language_model
+    cfg = model.config
+    image_token_id = getattr(cfg, "image_token_id", None)
+    if image_token_id is None:
+        image_token_id = cfg.image_token_index
+    if name == "LlavaForConditionalGeneration":
+        tower = core.vision_tower
+        clip = tower if type(tower).__name__ in ("CLIPVisionModel", "SiglipVisionModel") else None
+        feature_layer = cfg.vision_feature_layer if isinstance(cfg.vision_feature_layer, int) else None
+        return VLMParts(name, core, lm, lm.layers, int(image_token_id), clip, core.multi_modal_projector, feature_layer)
+    return VLMParts(name, core, lm, lm.layers, int(image_token_id), None, None, None)
+
+
+def clip_layers(tower: nn.Module) -> nn.ModuleList:
+    model = getattr(tower, "vision_model", tower)
+    return model.encoder.layers

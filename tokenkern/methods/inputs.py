@@ -1,0 +1,68 @@
+"""What the recipes read from the model that already ran (no method ever re-runs attention
+eagerly): the q/k of one attention layer and the tokens being reduced."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class VisionLayer:
+    """One vision-tower attention layer with a [CLS] token at position 0.
+
+    q, k: (B, H, 1 + N, d) the layer's queries and keys (before the softmax scale);
+    scale: the softmax scale (d^-0.5 for CLIP/DINOv2).
+    """
+
+    q: Tensor
+    k: Tensor
+    scale: float
+
+    def cls_attention(self) -> Tensor:
+        """(B, N) float32: the [CLS] query's softmax attention over the patch keys, mean over
+        heads (normalized over [CLS] + patches, as the tower computed it)."""
+        import tokenkern
+
+        return tokenkern.attn_scores(self.q[:, :, :1], self.k, scale=self.scale, key_start=1)
+
+    def mean_keys(self) -> Tensor:
+        """(B, N, d) the patch keys averaged over heads (ToMe / VisionZip's similarity metric)."""
+        return self.k[:, :, 1:].mean(dim=1)
+
+    def flat_keys(self) -> Tensor:
+        """(B, N, H * d) the patch keys of all heads side by side (PruMerge's full-width keys)."""
+        return self.k[:, :, 1:].transpose(1, 2).flatten(2)
+
+
+@dataclass
+class DecoderLayer:
+    """One LLM decoder attention layer over the whole sequence (text and image tokens).
+
+    q: (B, Hq, L, d), k: (B, Hkv, L, d) after RoPE; scale: the softmax scale;
+    valid: (B, L) bool, False at padding; image: (B, L) int64 image id of every image token
+    (0, 1, ... per sample) and -1 elsewhere; text: (B, L) bool, the text tokens after the
+    first image (the instruction), used by methods that score with text queries.
+    """
+
+    q: Tensor
+    k: Tensor
+    scale: float
+    valid: Tensor
+    image: Tensor
+    text: Tensor | None = None
+
+    @property
+    def image_mask(self) -> Tensor:
+        return self.image >= 0
+
+    def last_query(self) -> tuple[Tensor, Tensor]:
+        """The query of each sample's last valid position, (B, Hq, 1, d), and the matching key
+        mask (B, L): valid keys up to that position (left or right padding both work)."""
+        b, _, length, _ = self.q.shape
+        pos = torch.arange(length, device=self.q.device).expand(b, length)
+        last = torch.where(self.valid, pos, -1).max(dim=1).values  # (B,)
+        q_last = self.q.gather(2, last[:, None, None, None].expand(-1, self.q.shape[1], 1, self.q.shape[3]))
+        return q_last, self.valid & (pos <= last[:, None])
