@@ -10,10 +10,9 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+import transformers
 
-transformers = pytest.importorskip("transformers")
-
-import tokenkern  # noqa: E402
+import tokenkern
 
 IMAGE = 127  # placeholder token id of the tiny LLaVA models
 VOCAB = 128
