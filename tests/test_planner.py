@@ -1,23 +1,36 @@
-"""The inference-compute planner: FLOPs/memory model against counted references (FlopCounterMode,
-real KV-cache tensors) on small random ``transformers`` models, CPU only."""
+"""The inference-compute planner: FLOPs/memory model against counted references, scaling law and
+planner properties. CPU only, small random ``transformers`` models."""
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import math
+import random
 
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from tokenkern.planner import (
+    DEFAULT_LAW,
+    LI2024_VISUAL_REASONING_POINTS,
+    PAPER_FAMILY,
+    PRESET_NAMES,
+    AdditivePowerLaw,
     LLMSpec,
+    PowerLaw,
     VLMSpec,
+    fit_power_law,
+    format_table,
     get_preset,
     kv_cache_bytes,
     llm_decode_flops,
     llm_decode_step_flops,
     llm_forward_flops,
     llm_prefill_flops,
+    pareto_frontier,
+    plan,
     projector_flops,
     vision_flops,
     vlm_cost,
@@ -379,3 +392,149 @@ def test_presets_match_transformers_configs():
     assert VLMSpec.from_config(llama_config()).vision is None
     with pytest.raises(ValueError, match="unknown preset"):
         get_preset("gpt-5")
+
+
+# ----------------------------------------------------------------------------- scaling law
+
+
+def test_default_law_reproduces_from_the_published_points(report):
+    n = [p[0] * 1e9 for p in LI2024_VISUAL_REASONING_POINTS]
+    v = [p[1] for p in LI2024_VISUAL_REASONING_POINTS]
+    e = [1 - p[2] for p in LI2024_VISUAL_REASONING_POINTS]
+    assert len(n) == 28
+    fixed, rms_fixed = fit_power_law(n, v, e, alpha=DEFAULT_LAW.alpha, beta=DEFAULT_LAW.beta)
+    assert fixed.A == pytest.approx(DEFAULT_LAW.A, abs=1e-3) and fixed.D == pytest.approx(DEFAULT_LAW.D, abs=1e-3)
+    free, rms_free = fit_power_law(n, v, e)
+    report(
+        f"scaling law refit to the paper's 28 points: alpha {free.alpha:.4f}, beta {free.beta:.4f}, "
+        f"A {free.A:.4f}, D {free.D:.4f}, rms {rms_free:.4f} (fixed exponents: rms {rms_fixed:.4f})"
+    )
+    assert 0.06 < free.alpha < 0.09 and 0.01 < free.beta < 0.02  # reported: 0.077, 0.015
+    assert rms_free <= rms_fixed < 0.006
+
+
+def test_fit_recovers_a_known_law(gen):
+    true = PowerLaw(A=0.4, alpha=0.21, beta=0.047, D=0.12)
+    n = [float(x) for x in torch.logspace(8, 11, 6).tolist()]
+    v = [1, 3, 10, 50, 200, 700]
+    pts = [(a, b) for a in n for b in v]
+    law, rms = fit_power_law([a for a, _ in pts], [b for _, b in pts], [true(a, b) for a, b in pts])
+    assert rms < 1e-4
+    assert law.alpha == pytest.approx(true.alpha, abs=0.01) and law.beta == pytest.approx(true.beta, abs=0.005)
+
+
+def test_laws_decrease_in_params_and_tokens():
+    additive = AdditivePowerLaw(E=0.2, A=0.3, alpha=0.3, B=0.4, beta=0.2)
+    for law in (DEFAULT_LAW, additive):
+        assert law(1e9, 10) > law(2e9, 10) and law(1e9, 10) > law(1e9, 20)
+        with pytest.raises(ValueError):
+            law(1e9, 0)
+    assert additive(1e9, 1) == pytest.approx(0.2 + 0.3 + 0.4)
+
+
+# ----------------------------------------------------------------------------- planner properties
+
+
+def brute_force_optimum(result):
+    fits = [c for c in result.candidates if c.total_flops <= result.budget_flops]
+    return min(fits, key=lambda c: (c.error, c.total_flops, c.name, c.visual_tokens)) if fits else None
+
+
+def test_optimum_is_the_best_candidate_within_budget():
+    for budget in (5e11, 1e12, 3e12, 2e13):
+        r = plan(budget, PRESET_NAMES, text_tokens=50, decode_tokens=20)
+        assert r.optimum is not None and r.optimum.within_budget and r.optimum.total_flops <= budget
+        assert r.optimum is brute_force_optimum(r)
+        assert all(c.within_budget == (c.total_flops <= budget) for c in r.candidates)
+
+
+def test_more_budget_never_worsens_the_optimum():
+    errors = []
+    for budget in torch.logspace(11, 13.5, 40).tolist():  # starts below any vision tower's cost
+        r = plan(budget, PRESET_NAMES, text_tokens=30, decode_tokens=8)
+        errors.append(math.inf if r.optimum is None else r.optimum.error)
+    assert all(b <= a for a, b in itertools.pairwise(errors))
+    assert errors[0] == math.inf and errors[-1] == min(errors)
+    assert len(set(errors)) > 10
+
+
+def test_law_ignoring_tokens_picks_the_fewest_tokens():
+    grid = (3, 9, 27, 81)
+    r = plan(5e12, PRESET_NAMES, visual_tokens=grid, law=lambda n, v: 1.0 / n)
+    assert r.optimum.visual_tokens == min(grid)
+    # and the largest LLM that fits
+    fitting = [c for c in r.candidates if c.within_budget]
+    assert r.optimum.n_params == max(c.n_params for c in fitting)
+
+
+def test_law_ignoring_the_llm_picks_the_cheapest_model_with_most_tokens():
+    r = plan(2e12, PAPER_FAMILY, law=lambda n, v: 1.0 / v)
+    best_v = max(c.visual_tokens for c in r.candidates if c.within_budget)
+    assert r.optimum.visual_tokens == best_v
+    same_v = [c for c in r.candidates if c.visual_tokens == best_v]
+    assert r.optimum.total_flops == min(c.total_flops for c in same_v)
+
+
+def test_paper_headline_one_token_and_the_largest_llm():
+    """With cached text (Q = 0) and LLM compute only, the paper's law picks one visual token and
+    the largest LLM that fits, at every budget that just admits the next larger model."""
+    family = [get_preset(n) for n in PAPER_FAMILY]
+    for spec in family:
+        budget = vlm_cost(spec, 1, 0, include_vision=False).flops.total
+        r = plan(budget, PAPER_FAMILY, text_tokens=0, include_vision=False)
+        assert (r.optimum.name, r.optimum.visual_tokens) == (spec.name, 1)
+
+
+def test_pareto_frontier_properties():
+    r = plan(3e12, PRESET_NAMES, text_tokens=50)
+    front = r.frontier
+    assert all(a.total_flops <= b.total_flops and a.error > b.error for a, b in itertools.pairwise(front))
+    assert r.optimum in front
+    for f in front:  # nothing dominates a frontier point
+        assert not any(
+            c.total_flops <= f.total_flops
+            and c.error <= f.error
+            and (c.total_flops, c.error) != (f.total_flops, f.error)
+            for c in r.candidates
+        )
+    for c in r.candidates:  # every other point is dominated by a frontier point
+        assert c in front or any(f.total_flops <= c.total_flops and f.error <= c.error for f in front)
+    assert pareto_frontier(reversed(r.candidates)) == front
+
+
+def test_plan_is_deterministic_and_order_independent():
+    names = list(PRESET_NAMES)
+    a = plan(2e12, names, visual_tokens=[64, 1, 16, 4], text_tokens=20, decode_tokens=5)
+    random.Random(0).shuffle(names)
+    b = plan(2e12, names, visual_tokens=[16, 4, 1, 64, 64], text_tokens=20, decode_tokens=5)
+    assert a.candidates == b.candidates and a.frontier == b.frontier and a.optimum == b.optimum
+
+
+def test_candidates_respect_native_tokens_and_accept_specs():
+    llm_only = LLMSpec("toy-llm", 4, 256, 512, 4, 4, vocab=1000)
+    r = plan(
+        1e13,
+        ["qwen2-vl-2b", get_preset("llava-1.5-7b"), llm_only, transformers.LlavaConfig()],
+        visual_tokens=(1, 256, 300, 576, 4096),
+    )
+    by_name = {}
+    for c in r.candidates:
+        by_name.setdefault(c.name, set()).add(c.visual_tokens)
+    assert by_name["qwen2-vl-2b"] == {1, 256}  # 448 px -> 256 native tokens
+    assert by_name["llava-1.5-7b"] == {1, 256, 300, 576}
+    assert by_name["toy-llm"] == {1, 256, 300, 576, 4096}  # no vision tower: no cap
+    assert len(by_name) == 4
+
+
+def test_nothing_fits_and_memory_budget():
+    r = plan(1e9, PAPER_FAMILY)
+    assert r.optimum is None and not r.feasible() and "nothing fits" in format_table(r)
+    unlimited = plan(1e13, PAPER_FAMILY)
+    assert unlimited.optimum.name == "llava-qwen1.5-14b"
+    limited = plan(1e13, PAPER_FAMILY, memory_budget_bytes=16 * 2**30)  # 14B weights are ~27 GiB in bf16
+    assert limited.optimum.name == "llava-qwen1.5-7b" and limited.optimum.memory.total <= 16 * 2**30
+    for bad in (0, -1.0, math.inf, math.nan):
+        with pytest.raises(ValueError, match="budget"):
+            plan(bad)
+    with pytest.raises(ValueError, match="visual_tokens"):
+        plan(1e12, visual_tokens=[0, 4])
