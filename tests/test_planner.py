@@ -1,5 +1,5 @@
-"""The inference-compute planner: FLOPs/memory model against counted references, scaling law and
-planner properties. CPU only, small random ``transformers`` models."""
+"""The inference-compute planner: FLOPs/memory model against counted references, scaling law,
+planner properties and the CLI. CPU only, small random ``transformers`` models."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import dataclasses
 import itertools
 import math
 import random
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -538,3 +540,59 @@ def test_nothing_fits_and_memory_budget():
             plan(bad)
     with pytest.raises(ValueError, match="visual_tokens"):
         plan(1e12, visual_tokens=[0, 4])
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def test_cli_prints_frontier_and_writes_png(tmp_path, capsys):
+    from tokenkern.__main__ import main
+
+    png = tmp_path / "plots" / "frontier.png"
+    assert main(["plan", "--budget", "2T", "--text-tokens", "50", "--decode-tokens", "16", "--png", str(png)]) == 0
+    out = capsys.readouterr().out
+    expected = plan(2e12, PAPER_FAMILY, text_tokens=50, decode_tokens=16)
+    best = expected.optimum
+    assert "Pareto frontier" in out and "pred. error" in out
+    assert f"optimum: {best.name} with {best.visual_tokens} visual tokens" in out
+    rows = [line for line in out.splitlines() if "llava-qwen1.5-" in line and not line.startswith("optimum")]
+    assert len(rows) == len(expected.frontier)
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+    assert main(["plan", "--budget", "800G", "--models", "qwen2-vl-2b,llava-1.5-7b", "--all", "--llm-only"]) == 0
+    out = capsys.readouterr().out
+    assert "all candidates" in out and "without vision tower" in out and "qwen2-vl-2b" in out
+
+    # a custom law that ignores the LLM: the cheapest model with the most tokens that fit wins
+    assert main(["plan", "--budget", "2T", "--law", "1,0,0.5,0", "--visual-tokens", "1,16,144"]) == 0
+    assert "optimum: llava-qwen1.5-0.5b with 144 visual tokens" in capsys.readouterr().out
+
+    assert main(["plan", "--budget", "1e6"]) == 1
+    assert "nothing fits" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["plan", "--budget", "lots"])
+    with pytest.raises(SystemExit):
+        main(["plan", "--budget", "1T", "--models", "nope"])
+    with pytest.raises(SystemExit):
+        main(["plan", "--budget", "1T", "--text-tokens", "-5"])
+    assert main(["plan", "--budget", "1T", "--models", "qwen2-vl-2b", "--image-size", "434"]) == 2
+    assert "merge" in capsys.readouterr().err
+
+
+def test_cli_module_entry_point():
+    proc = subprocess.run(
+        [sys.executable, "-m", "tokenkern", "plan", "--budget", "3e12", "--models", "all"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "optimum:" in proc.stdout and "budget 3 TF per request" in proc.stdout
+
+
+def test_cli_parse_flops():
+    from tokenkern.planner.cli import parse_flops
+
+    assert parse_flops("2e12") == 2e12 and parse_flops("2T") == 2e12 and parse_flops("800 GFLOPs") == 8e11
+    assert parse_flops("1.5p") == 1.5e15

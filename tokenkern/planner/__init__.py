@@ -15,7 +15,7 @@ concrete models:
   ``fit_power_law``;
 * ``planning``: ``plan(budget_flops, candidates, ...)`` -> ``PlanResult`` (all candidates, the
   Pareto frontier, the optimum);
-* ``report``: ``format_table`` and ``plot_png``.
+* ``report``: ``format_table`` and ``plot_png``; ``python -m tokenkern plan`` prints both.
 
 The planner is pure Python (numpy for fitting, matplotlib for the plot): it needs no GPU.
 
