@@ -15,13 +15,14 @@ better). Two parametric forms ship:
 
 ``DEFAULT_LAW`` is the paper's visual-reasoning law. Where its numbers come from:
 
-* the form and ``alpha = 0.077``, ``beta = 0.015``: the paper's fit for the average error over
-  its visual-reasoning benchmarks (LLaVA-NeXT-style models with Qwen-1.5 LLMs of 0.5B-7B, a
-  CLIP ViT-L/14-336 tower, V in {1, 4, 16, 36, 64, 144, 576}); the exponents are printed in the
-  scaling plot of the authors' repository (``locuslab/llava-token-compression``,
-  ``scaling_law_code/objective.py``), and their README's "performance varies 5x faster with LLM
-  parameters than with visual tokens" is ``alpha / beta``. That code evaluates the law at the
-  visual token count V (the paper writes ``T = Q + V``), so the coefficients here are for V.
+* the form and ``alpha = 0.077``, ``beta = 0.015``: the authors' fit of the average error over
+  their visual-reasoning benchmarks (LLaVA-NeXT-style models with Qwen-1.5 LLMs of 0.5B-7B, a
+  CLIP ViT-L/14-336 tower, V in {1, 4, 16, 36, 64, 144, 576}), as reported in their repository
+  (``locuslab/llava-token-compression``: the legend of the scaling plot drawn by
+  ``scaling_law_code/objective.py``; the README's "performance varies 5x faster with LLM
+  parameters than with visual tokens" is ``alpha / beta``). We did not have the paper's full
+  text to cross-check them. That code evaluates the law at the visual token count V (the paper
+  writes ``T = Q + V``), so the coefficients here are for V.
 * ``A`` and ``D`` are **not published** (the fitting script writes them to a file that is not
   in the repository). We fitted them by least squares, with alpha and beta fixed at the values
   above and ``D >= 0``, to the 28 average accuracies in that repository's
