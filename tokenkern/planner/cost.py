@@ -7,7 +7,8 @@ Conventions (every function here):
   ``torch.utils.flop_counter.FlopCounterMode`` counts (``mm``, ``addmm``, ``bmm``, ``baddbmm``,
   ``convolution``, fused attention on CUDA), which is how the model is checked
   (``tests/test_planner.py``, within 5% on small ``transformers`` models; the measured gap is
-  the rotary-embedding frequency matmul of ``transformers``, which we leave out).
+  the rotary-embedding frequency matmul of ``transformers``, which we leave out). In torch 2.13
+  FlopCounterMode counts nothing for the CPU SDPA kernel, so the checks use eager attention.
 * **Not counted** (neither here nor by FlopCounterMode): bias adds, norms, activations, the
   softmax, RoPE rotation, residual adds, attention scaling and masking. Each is
   ``O(tokens x width)`` per layer, against ``O(tokens x width^2)`` for the projections: well
