@@ -1,4 +1,4 @@
-"""Command line: ``python -m tokenkern {demo,info,bench}``."""
+"""Command line: ``python -m tokenkern {demo,info,bench,plan}``."""
 
 from __future__ import annotations
 
@@ -38,6 +38,15 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("info", help="versions, devices and registered ops")
     bench = sub.add_parser("bench", help="run the benchmark suites (extra args go to pytest)")
     bench.add_argument("pytest_args", nargs=argparse.REMAINDER)
+    from .planner import cli as planner_cli
+
+    plan_parser = sub.add_parser(
+        "plan",
+        help="inference-optimal (LLM size, visual tokens) under a FLOPs budget: frontier table and plot",
+        description="Cost every (model, visual token count) pair, score it with a scaling law and print "
+        "the Pareto frontier and the optimum under the budget. Exit status 1 if nothing fits.",
+    )
+    planner_cli.add_arguments(plan_parser)
     args = parser.parse_args(argv)
     if args.command == "demo":
         from .demo.run import leverage_demo
@@ -47,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "info":
         _info()
         return 0
+    if args.command == "plan":
+        return planner_cli.run(args)
     return _bench(args.pytest_args)
 
 
