@@ -252,7 +252,9 @@ def test_baselines(gen):
     assert torch.equal(a.indices, b.indices) and not torch.equal(a.indices, c.indices)
     assert a.indices.shape == (3, 10) and bool((a.indices[:, 1:] > a.indices[:, :-1]).all())
     u = M.uniform_select(x, M.UniformConfig(keep=4))
-    assert u.indices.tolist() == [[12, 37, 62, 87]] * 3
+    assert u.indices.tolist() == [[22, 27, 72, 77]] * 3  # a 2 x 2 lattice on the 10 x 10 grid
+    line = M.uniform_select(x[:, :99], M.UniformConfig(keep=4))
+    assert line.indices.tolist() == [[12, 37, 61, 86]] * 3  # not a grid: evenly spaced in order
 
 
 def test_keep_count_rules():

@@ -32,9 +32,10 @@ def _bench(extra: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tokenkern", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="prune real DINOv2 tokens of real photos and time it")
-    demo.add_argument("--keep", type=float, default=0.25, help="fraction of tokens kept (default 0.25)")
+    demo = sub.add_parser("demo", help="prune real DINOv2 tokens of real photos, every method, and a small LLaVA")
+    demo.add_argument("--keep", type=float, default=0.25, help="fraction kept in the LoFi section (default 0.25)")
     demo.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    demo.add_argument("--out", default="demo-output", help="folder for the PNG (default demo-output)")
     sub.add_parser("info", help="versions, devices and registered ops")
     bench = sub.add_parser("bench", help="run the benchmark suites (extra args go to pytest)")
     bench.add_argument("pytest_args", nargs=argparse.REMAINDER)
@@ -49,9 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     planner_cli.add_arguments(plan_parser)
     args = parser.parse_args(argv)
     if args.command == "demo":
-        from .demo.run import leverage_demo
+        from .demo.run import main as demo_main
 
-        leverage_demo(args.keep, args.device)
+        demo_main(args.keep, args.device, args.out)
         return 0
     if args.command == "info":
         _info()

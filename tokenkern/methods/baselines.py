@@ -33,14 +33,32 @@ class UniformConfig:
     keep: float | int = 0.25
 
 
-def uniform_positions(n: int, k: int, device: torch.device | str = "cpu") -> Tensor:
+def _spread(n: int, k: int, device) -> Tensor:
     """k evenly spaced positions of n: the centers floor((j + 1/2) n / k), ascending, unique."""
     j = torch.arange(k, device=device, dtype=torch.float64)
     return torch.floor((j + 0.5) * n / k).long()
 
 
+def uniform_positions(n: int, k: int, device: torch.device | str = "cpu") -> Tensor:
+    """k spatially uniform positions of n tokens, ascending and unique. When n is a square
+    (a patch grid) they lie on an a x b lattice of evenly spaced rows and columns
+    (a = round(sqrt(k)), a b >= k, thinned evenly to k); otherwise evenly spaced in order."""
+    side = round(n**0.5)
+    if side * side != n or k >= n:
+        return _spread(n, k, device)
+    a = max(1, min(side, round(k**0.5)))
+    b = min(side, -(-k // a))
+    rows = _spread(side, a, device)
+    cols = _spread(side, b, device)
+    lattice = (rows[:, None] * side + cols[None, :]).flatten()
+    if lattice.numel() < k:  # b was capped by the grid: fill from the evenly spaced order
+        extra = _spread(n, k, device)
+        lattice = torch.unique(torch.cat([lattice, extra]))
+    return lattice[_spread(lattice.numel(), k, device)].sort().values
+
+
 def uniform_select(x: Tensor, cfg: UniformConfig) -> Reduction:
-    """Keep k evenly spaced tokens (in raster order for a patch grid). x: (B, N, D)."""
+    """Keep k spatially uniform tokens (uniform_positions). x: (B, N, D)."""
     b, n, _ = x.shape
     idx = uniform_positions(n, keep_count(cfg.keep, n), x.device).expand(b, -1).contiguous()
     return Reduction(idx, gather_tokens(x, idx))

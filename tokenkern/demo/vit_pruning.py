@@ -1,0 +1,150 @@
+"""Vision-side methods applied inside the real DINOv2 ViT-S/14 (tokenkern.demo.dinov2).
+
+The tower runs normally up to block `layer`; the method then reduces the 256 patch tokens
+using that block's q/k (computed from its own projections, as the block itself does) and the
+hidden states; the remaining blocks run on [CLS] + the kept tokens. ToMe instead merges r
+tokens after every block from `layer` on, with proportional attention.
+
+To decode a saliency map from a pruned run, every patch position takes the final feature of
+the output token that represents it: itself if kept, else the kept token most similar to it
+(cosine of hidden states at the pruning block), or for ToMe the token its merges ended in.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import methods as M
+from .dinov2 import Dinov2Saliency
+
+VISION_METHODS = ("fastervlm", "visionzip", "prumerge+", "ficoco-v", "lofi", "tome", "random", "uniform")
+
+
+@dataclass
+class PrunedRun:
+    method: str
+    keep: float
+    tokens: int  # patch tokens after reduction
+    seconds: float  # median wall time of the forward pass
+    cls: Tensor  # (B, C) final [CLS] embedding
+    saliency: Tensor  # (B, 1, H, W)
+    kept: Tensor | None  # (B, k) kept patch indices (None for ToMe)
+
+
+def _layer_qk(block, x: Tensor) -> tuple[Tensor, Tensor]:
+    q, k, _ = block.attn.qkv(block.norm1(x))
+    return q, k
+
+
+def _reduce(method: str, x: Tensor, q: Tensor, k: Tensor, keep: float, seed: int) -> M.Reduction:
+    """x: (B, 1 + N, C) hidden states after the pruning block; q, k: that block's (B, H, 1+N, d)."""
+    patches = x[:, 1:]
+    layer = M.VisionLayer(q=q, k=k, scale=q.shape[-1] ** -0.5)
+    if method == "fastervlm":
+        return M.fastervlm(patches, layer, M.FasterVLMConfig(keep=keep))
+    if method == "visionzip":
+        return M.visionzip(patches, layer, M.VisionZipConfig(keep=keep))
+    if method == "prumerge+":
+        return M.prumerge_plus(patches, layer, M.PruMergeConfig(keep=keep, neighbours=8))[0]
+    if method == "ficoco-v":
+        return M.ficoco_v(patches, q, k, layer.scale, M.FiCoCoVConfig(keep=keep))
+    if method == "lofi":
+        return M.lofi(patches, M.LoFiConfig(keep=keep))
+    if method == "random":
+        return M.random_select(patches, M.RandomConfig(keep=keep, seed=seed))
+    if method == "uniform":
+        return M.uniform_select(patches, M.UniformConfig(keep=keep))
+    raise ValueError(f"unknown vision method {method!r}; choose from {VISION_METHODS}")
+
+
+def _nearest_kept(x: Tensor, kept: Tensor) -> Tensor:
+    """For every patch, the position (0..k-1) of the most cosine-similar kept patch (itself when
+    kept). x: (B, N, C) patch hidden states, kept: (B, k)."""
+    xn = F.normalize(x.float(), dim=-1)
+    kn = xn.gather(1, kept[..., None].expand(-1, -1, xn.shape[-1]))
+    owner = (xn @ kn.mT).argmax(dim=-1)
+    owner.scatter_(1, kept, torch.arange(kept.shape[1], device=x.device).expand_as(kept))
+    return owner
+
+
+@torch.no_grad()
+def pruned_forward(
+    model: Dinov2Saliency, pixels: Tensor, method: str, keep: float, layer: int = 4, seed: int = 0
+) -> tuple[Tensor, Tensor, Tensor | None, int]:
+    """-> (cls (B, C), saliency (B, 1, H, W), kept patch indices (B, k) or None, tokens kept).
+    Blocks [0, layer) see every token; the method reduces the patches using block layer - 1's
+    q/k and output; blocks [layer, 12) see [CLS] + the reduced tokens."""
+    vit = model.backbone
+    grid = vit.grid(pixels)
+    x = vit.embed(pixels)
+    for block in vit.blocks[: layer - 1]:
+        x = block(x)
+    n = x.shape[1] - 1
+    if method == "tome":
+        return _tome_forward(model, pixels, x, keep, layer)
+    scoring = vit.blocks[layer - 1]
+    q, k = _layer_qk(scoring, x)
+    x = scoring(x)
+    red = _reduce(method, x, q, k, keep, seed)
+    owner = _nearest_kept(x[:, 1:], red.indices)
+    y = torch.cat([x[:, :1], red.tokens.to(x.dtype)], dim=1)
+    for block in vit.blocks[layer:]:
+        y = block(y)
+    final = vit.norm(y)
+    patch_feats = final[:, 1:].gather(1, owner[..., None].expand(-1, -1, final.shape[-1]))
+    sal = model.decoder(patch_feats, grid, tuple(pixels.shape[-2:]))
+    assert red.indices.shape[1] < n or keep >= 1.0
+    return final[:, 0], sal, red.indices, red.indices.shape[1]
+
+
+def _tome_forward(model: Dinov2Saliency, pixels: Tensor, x: Tensor, keep: float, layer: int):
+    vit = model.backbone
+    grid = vit.grid(pixels)
+    n = x.shape[1] - 1
+    x = vit.blocks[layer - 1](x)
+    # Which patches each token covers rides along as extra channels: merges average them.
+    eye = torch.eye(n, device=x.device, dtype=x.dtype).expand(x.shape[0], -1, -1)
+    src = torch.cat([torch.zeros_like(eye[:, :1]), eye], dim=1)  # (B, 1 + N, N); [CLS] covers none
+    size = torch.ones(x.shape[:2], device=x.device)
+    target = M.keep_count(keep, n)
+    blocks = vit.blocks[layer:]
+    r = -(-(n - target) // len(blocks))  # enough per block to reach the target by the last one
+    for block in blocks:
+        r_here = min(r, x.shape[1] - 1 - target)
+        if r_here > 0:
+            _, keys, _ = block.attn.qkv(block.norm1(x))
+            c = x.shape[-1]
+            merged, size = M.tome_merge(torch.cat([x, src], dim=-1), keys.mean(dim=1), size, M.ToMeConfig(r=r_here))
+            x, src = merged[..., :c], merged[..., c:]
+        x = block(x, attn_bias=M.tome.attention_bias(size, x.dtype))
+    final = vit.norm(x)
+    owner = src[:, 1:].argmax(dim=1)  # (B, N): the output token holding most of each patch
+    patch_feats = final[:, 1:].gather(1, owner[..., None].expand(-1, -1, final.shape[-1]))
+    sal = model.decoder(patch_feats, grid, tuple(pixels.shape[-2:]))
+    return final[:, 0], sal, None, x.shape[1] - 1
+
+
+def run_method(model: Dinov2Saliency, pixels: Tensor, method: str, keep: float, layer: int = 4, repeats: int = 3):
+    """Times pruned_forward (median of `repeats`) and returns a PrunedRun."""
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        cls, sal, kept, tokens = pruned_forward(model, pixels, method, keep, layer)
+        times.append(time.perf_counter() - t0)
+    return PrunedRun(method, keep, tokens, sorted(times)[len(times) // 2], cls, sal, kept)
+
+
+@torch.no_grad()
+def full_forward(model: Dinov2Saliency, pixels: Tensor, repeats: int = 3) -> PrunedRun:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        tokens = model.backbone(pixels)
+        sal = model.decoder(tokens[:, 1:], model.backbone.grid(pixels), tuple(pixels.shape[-2:]))
+        times.append(time.perf_counter() - t0)
+    return PrunedRun("none", 1.0, tokens.shape[1] - 1, sorted(times)[len(times) // 2], tokens[:, 0], sal, None)
