@@ -81,6 +81,10 @@ def test_fastv(query, gen):
         ref = (att * rows[:, None, :, None]).sum(dim=(1, 2)) / (att.shape[1] * rows.sum(dim=1, keepdim=True))
     assert_rel_close(scores, ref, 1e-5)
     assert torch.equal(keep, topk_per_image(ref, layer.image, 0.25) | (layer.image < 0))
+    # With the layer's lse (as FlashAttention returns it) the scores are the same, in one pass.
+    layer.lse = reference.attn_lse(layer.q, layer.k, layer.scale, key_mask=layer.valid, causal=True).float()
+    _, scores_lse = M.fastv(layer, M.FastVConfig(keep=0.25, query=query))
+    assert_rel_close(scores_lse, ref, 1e-5)
 
 
 def test_sparsevlm(gen):

@@ -31,14 +31,15 @@ class FastVConfig:
 def fastv_scores(layer: DecoderLayer, query: str = "last") -> Tensor:
     """(B, L) float32: attention received by every position from the chosen queries."""
     if query == "last":
-        q_last, keys = layer.last_query()
-        return tokenkern.attn_scores(q_last, layer.k, scale=layer.scale, key_mask=keys)
+        q_last, keys, lse = layer.last_query()
+        return tokenkern.attn_scores(q_last, layer.k, lse=lse, scale=layer.scale, key_mask=keys)
     if query == "text":
         if layer.text is None:
             raise ValueError("tokenkern.fastv: query='text' needs the text token mask")
         return tokenkern.attn_scores(
-            layer.q, layer.k, scale=layer.scale, query_mask=layer.text & layer.valid, key_mask=layer.valid, causal=True
-        )
+            layer.q, layer.k, lse=layer.lse, scale=layer.scale, query_mask=layer.text & layer.valid,
+            key_mask=layer.valid, causal=True,
+        )  # fmt: skip
     raise ValueError(f"tokenkern.fastv: query must be 'last' or 'text', got {query!r}")
 
 

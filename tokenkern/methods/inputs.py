@@ -44,7 +44,9 @@ class DecoderLayer:
     q: (B, Hq, L, d), k: (B, Hkv, L, d) after RoPE; scale: the softmax scale;
     valid: (B, L) bool, False at padding; image: (B, L) int64 image id of every image token
     (0, 1, ... per sample) and -1 elsewhere; text: (B, L) bool, the text tokens after the
-    first image (the instruction), used by methods that score with text queries.
+    first image (the instruction), used by methods that score with text queries; lse: optional
+    (B, Hq, L) float32 log-sum-exp of the layer's scaled logits per query, as the attention
+    that ran returned it (FlashAttention/FlexAttention/SDPA): the scores then take one pass.
     """
 
     q: Tensor
@@ -53,16 +55,21 @@ class DecoderLayer:
     valid: Tensor
     image: Tensor
     text: Tensor | None = None
+    lse: Tensor | None = None
 
     @property
     def image_mask(self) -> Tensor:
         return self.image >= 0
 
-    def last_query(self) -> tuple[Tensor, Tensor]:
-        """The query of each sample's last valid position, (B, Hq, 1, d), and the matching key
-        mask (B, L): valid keys up to that position (left or right padding both work)."""
+    def last_query(self) -> tuple[Tensor, Tensor, Tensor | None]:
+        """The query of each sample's last valid position, (B, Hq, 1, d), the matching key mask
+        (B, L) (valid keys up to that position; left or right padding both work) and its lse
+        (B, Hq, 1) when the layer's lse is known."""
         b, _, length, _ = self.q.shape
         pos = torch.arange(length, device=self.q.device).expand(b, length)
         last = torch.where(self.valid, pos, -1).max(dim=1).values  # (B,)
         q_last = self.q.gather(2, last[:, None, None, None].expand(-1, self.q.shape[1], 1, self.q.shape[3]))
-        return q_last, self.valid & (pos <= last[:, None])
+        lse = None
+        if self.lse is not None:
+            lse = self.lse.gather(2, last[:, None, None].expand(-1, self.lse.shape[1], 1)).contiguous()
+        return q_last, self.valid & (pos <= last[:, None]), lse

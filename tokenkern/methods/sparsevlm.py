@@ -51,7 +51,7 @@ def sparsevlm(layer: DecoderLayer, rater_mask: Tensor, cfg: SparseVLMConfig) -> 
     has_raters = rater_mask.any(dim=1, keepdim=True)
     queries = torch.where(has_raters, rater_mask, text) & layer.valid
     scores = tokenkern.attn_scores(
-        layer.q, layer.k, scale=layer.scale, query_mask=queries, key_mask=layer.valid, causal=True
+        layer.q, layer.k, lse=layer.lse, scale=layer.scale, query_mask=queries, key_mask=layer.valid, causal=True
     )
     keep = segment_topk_mask(scores, layer.image, cfg.keep) | ~layer.image_mask
     return keep, scores
