@@ -20,7 +20,8 @@ def full(dinov2, one_photo):
 
 @pytest.mark.parametrize("method", vit_pruning.VISION_METHODS)
 def test_quarter_keep(method, dinov2, one_photo, full):
-    cls, sal, kept, tokens = vit_pruning.pruned_forward(dinov2, one_photo, method, 0.25)
+    cls, sal, kept, tokens, final = vit_pruning.pruned_forward(dinov2, one_photo, method, 0.25)
+    assert final.shape == (1, tokens, 384)
     assert tokens == 64
     assert cls.shape == full.cls.shape and sal.shape == full.saliency.shape
     assert torch.isfinite(cls).all() and torch.isfinite(sal).all()
@@ -33,7 +34,7 @@ def test_quarter_keep(method, dinov2, one_photo, full):
 
 @pytest.mark.parametrize("method", ["fastervlm", "lofi", "random", "uniform", "visionzip", "tome"])
 def test_keeping_everything_is_the_unpruned_model(method, dinov2, one_photo, full):
-    cls, sal, _, tokens = vit_pruning.pruned_forward(dinov2, one_photo, method, 1.0)
+    cls, sal, _, tokens, _ = vit_pruning.pruned_forward(dinov2, one_photo, method, 1.0)
     assert tokens == 256
     torch.testing.assert_close(cls, full.cls, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(sal, full.saliency, rtol=1e-4, atol=1e-4)

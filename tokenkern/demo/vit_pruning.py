@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +35,15 @@ class PrunedRun:
     cls: Tensor  # (B, C) final [CLS] embedding
     saliency: Tensor  # (B, 1, H, W)
     kept: Tensor | None  # (B, k) kept patch indices (None for ToMe)
+    final: Tensor  # (B, tokens, C) final patch tokens
+
+
+class Forward(NamedTuple):
+    cls: Tensor  # (B, C) final [CLS] embedding
+    saliency: Tensor  # (B, 1, H, W)
+    kept: Tensor | None  # (B, k) kept patch indices (None for ToMe)
+    tokens: int  # patch tokens after the reduction
+    final: Tensor  # (B, tokens, C) final (normalized) patch tokens of the reduced sequence
 
 
 def _layer_qk(block, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -75,9 +85,8 @@ def _nearest_kept(x: Tensor, kept: Tensor) -> Tensor:
 @torch.no_grad()
 def pruned_forward(
     model: Dinov2Saliency, pixels: Tensor, method: str, keep: float, layer: int = 4, seed: int = 0
-) -> tuple[Tensor, Tensor, Tensor | None, int]:
-    """-> (cls (B, C), saliency (B, 1, H, W), kept patch indices (B, k) or None, tokens kept).
-    Blocks [0, layer) see every token; the method reduces the patches using block layer - 1's
+) -> Forward:
+    """Blocks [0, layer) see every token; the method reduces the patches using block layer - 1's
     q/k and output; blocks [layer, 12) see [CLS] + the reduced tokens."""
     vit = model.backbone
     grid = vit.grid(pixels)
@@ -99,7 +108,7 @@ def pruned_forward(
     patch_feats = final[:, 1:].gather(1, owner[..., None].expand(-1, -1, final.shape[-1]))
     sal = model.decoder(patch_feats, grid, tuple(pixels.shape[-2:]))
     assert red.indices.shape[1] < n or keep >= 1.0
-    return final[:, 0], sal, red.indices, red.indices.shape[1]
+    return Forward(final[:, 0], sal, red.indices, red.indices.shape[1], final[:, 1:])
 
 
 def _tome_forward(model: Dinov2Saliency, pixels: Tensor, x: Tensor, keep: float, layer: int):
@@ -126,7 +135,7 @@ def _tome_forward(model: Dinov2Saliency, pixels: Tensor, x: Tensor, keep: float,
     owner = src[:, 1:].argmax(dim=1)  # (B, N): the output token holding most of each patch
     patch_feats = final[:, 1:].gather(1, owner[..., None].expand(-1, -1, final.shape[-1]))
     sal = model.decoder(patch_feats, grid, tuple(pixels.shape[-2:]))
-    return final[:, 0], sal, None, x.shape[1] - 1
+    return Forward(final[:, 0], sal, None, x.shape[1] - 1, final[:, 1:])
 
 
 def run_method(model: Dinov2Saliency, pixels: Tensor, method: str, keep: float, layer: int = 4, repeats: int = 3):
@@ -134,9 +143,11 @@ def run_method(model: Dinov2Saliency, pixels: Tensor, method: str, keep: float, 
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        cls, sal, kept, tokens = pruned_forward(model, pixels, method, keep, layer)
+        out = pruned_forward(model, pixels, method, keep, layer)
         times.append(time.perf_counter() - t0)
-    return PrunedRun(method, keep, tokens, sorted(times)[len(times) // 2], cls, sal, kept)
+    return PrunedRun(
+        method, keep, out.tokens, sorted(times)[len(times) // 2], out.cls, out.saliency, out.kept, out.final
+    )
 
 
 @torch.no_grad()
@@ -147,4 +158,5 @@ def full_forward(model: Dinov2Saliency, pixels: Tensor, repeats: int = 3) -> Pru
         tokens = model.backbone(pixels)
         sal = model.decoder(tokens[:, 1:], model.backbone.grid(pixels), tuple(pixels.shape[-2:]))
         times.append(time.perf_counter() - t0)
-    return PrunedRun("none", 1.0, tokens.shape[1] - 1, sorted(times)[len(times) // 2], tokens[:, 0], sal, None)
+    seconds = sorted(times)[len(times) // 2]
+    return PrunedRun("none", 1.0, tokens.shape[1] - 1, seconds, tokens[:, 0], sal, None, tokens[:, 1:])
