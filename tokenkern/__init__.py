@@ -61,10 +61,11 @@ def spectral_ipr(x: Tensor, rank: int = -1) -> Tensor:
 
     All singular values: ``||G||_F^2 / tr(G)^2`` of the Gram matrix G on the smaller side
     (exact up to float32 rounding on CUDA, float64 on CPU). Top rank on CUDA: a randomized
-    range finder (sketch ``min(2 rank, rank + 16)`` rounded up to a power of two, at most 128
-    columns, 6 power iterations) whose Ritz values slightly underestimate the eigenvalues
-    (README: accuracy); exact when min(N, D) <= 128 or the sketch covers min(N, D). On CPU
-    the top eigenvalues are exact (eigvalsh).
+    range finder (sketch ``max(2 rank, rank + 16)`` columns rounded up to a power of two, at
+    most 128 and at most min(N, D); 6 power iterations) whose Ritz values slightly
+    underestimate the eigenvalues (README: accuracy); exact up to rounding when the sketch
+    covers min(N, D), e.g. min(N, D) <= 128. With min(N, D) > 128 the CUDA op takes
+    rank <= 112 (ValueError otherwise). On CPU the top eigenvalues are exact (eigvalsh).
     """
     xb, single = _batched(x, "x", "spectral_ipr")
     out = torch.ops.tokenkern.spectral_ipr(xb, rank)
