@@ -23,6 +23,10 @@ CASES = {
     "leverage_scores": [
         (lambda dev: (_x(2, 40, 24, device=dev),), {"rank": 4, "oversample": 2, "power_iters": 1}),
     ],
+    "spectral_ipr": [
+        (lambda dev: (_x(2, 40, 24, device=dev),), {}),
+        (lambda dev: (_x(2, 30, 50, dtype=torch.float16, device=dev),), {"rank": 4}),
+    ],
     "attn_scores": [
         (lambda dev: (_x(2, 4, 5, 16, device=dev), _x(2, 2, 30, 16, device=dev)), {"causal": True}),
         (

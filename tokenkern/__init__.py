@@ -22,6 +22,7 @@ __all__ = [
     "leverage_topk",
     "merge_tokens",
     "prune",
+    "spectral_ipr",
     "topk_gather",
 ]
 
@@ -48,6 +49,28 @@ def leverage_scores(x: Tensor, rank: int = 32, oversample: int = 8, power_iters:
     xb, single = _batched(x, "x", "leverage_scores")
     scores = torch.ops.tokenkern.leverage_scores(xb, rank, oversample, power_iters, seed)
     return scores[0] if single else scores
+
+
+def spectral_ipr(x: Tensor, rank: int = -1) -> Tensor:
+    """Inverse participation ratio (IPR) of the singular-value energy of each token matrix.
+
+    x: (B, N, D) or (N, D), float32/float16/bfloat16, rows are tokens. With s_1 >= s_2 >= ...
+    the singular values of x[b] and r = min(N, D) when rank = -1 or rank >= min(N, D), else
+    r = rank: ``p_i = s_i^2 / sum_{j <= r} s_j^2`` and ``IPR = sum_{i <= r} p_i^2``, in
+    [1/r, 1] (1: one direction holds all the energy). Returns (B,) float32, or a 0-dim
+    tensor for a 2-D x. A zero x[b] gets 0; an x[b] with a NaN or Inf gets NaN.
+
+    All singular values: ``||G||_F^2 / tr(G)^2`` of the Gram matrix G on the smaller side
+    (exact up to float32 rounding on CUDA, float64 on CPU). Top rank on CUDA: a randomized
+    range finder (sketch ``max(2 rank, rank + 16)`` columns rounded up to a power of two, at
+    most 128 and at most min(N, D); 6 power iterations) whose Ritz values slightly
+    underestimate the eigenvalues (README: accuracy); exact up to rounding when the sketch
+    covers min(N, D), e.g. min(N, D) <= 128. With min(N, D) > 128 the CUDA op takes
+    rank <= 112 (ValueError otherwise). On CPU the top eigenvalues are exact (eigvalsh).
+    """
+    xb, single = _batched(x, "x", "spectral_ipr")
+    out = torch.ops.tokenkern.spectral_ipr(xb, rank)
+    return out[0] if single else out
 
 
 def leverage_topk(

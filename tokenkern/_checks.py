@@ -239,3 +239,42 @@ def merge_values(op: str, keep_idx: torch.Tensor | None, n: int, nonneg: dict) -
     for name, t in nonneg.items():
         if t is not None and not bool((t >= 0).all()):
             fail(op, f"{name} must be non-negative (and not NaN)")
+
+
+# spectral_ipr: the CUDA kernel estimates the top-r eigenvalues with a randomized sketch whose
+# width must fit its register-resident eigen-solver.
+SPECTRAL_MAX_SKETCH = 128
+SPECTRAL_MIN_OVERSAMPLE = 16
+
+
+def spectral_sketch(m: int, r: int) -> int:
+    """Sketch width of the CUDA top-r path for 1 <= r < m = min(N, D): twice the rank and at
+    least r + 16, rounded up to a power of two, at most 128 and at most m (l = m is exact)."""
+    want = max(2 * r, r + SPECTRAL_MIN_OVERSAMPLE)
+    return min(m, 1 << (want - 1).bit_length(), SPECTRAL_MAX_SKETCH)
+
+
+def spectral_ipr(x: object, rank: int, cuda: bool) -> tuple[torch.Tensor, int | None]:
+    """Checks spectral_ipr's arguments; returns (x, r): r is None when every singular value
+    counts (rank = -1 or rank >= min(N, D)), else the number of top eigenvalues kept. With
+    cuda=True also checks that the CUDA kernel's sketch can hold rank."""
+    op = "spectral_ipr"
+    x = tokens(op, "x", x)
+    if not isinstance(rank, int) or isinstance(rank, bool):
+        fail(op, f"rank must be an int, got {type(rank).__name__}")
+    if rank != -1 and rank < 1:
+        fail(op, f"rank must be -1 (all singular values) or >= 1, got {rank}")
+    m = min(x.shape[1], x.shape[2])
+    if rank == -1 or rank >= m:
+        return x, None
+    if cuda:
+        l = spectral_sketch(m, rank)
+        if l < m and l < rank + SPECTRAL_MIN_OVERSAMPLE:
+            top = SPECTRAL_MAX_SKETCH - SPECTRAL_MIN_OVERSAMPLE
+            fail(
+                op,
+                f"rank={rank} with min(N, D)={m} does not fit the CUDA kernel's sketch ({SPECTRAL_MAX_SKETCH} "
+                f"columns, rank + {SPECTRAL_MIN_OVERSAMPLE} needed); use rank <= {top}, rank >= min(N, D) "
+                "or -1 (all singular values), or a CPU tensor",
+            )
+    return x, rank

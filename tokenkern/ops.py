@@ -20,6 +20,7 @@ from . import _C  # noqa: F401  (loads the C++ op schemas and kernels)
 from . import _checks as checks
 from ._cpu import attention as cpu_attention
 from ._cpu import leverage as cpu_leverage
+from ._cpu import spectral as cpu_spectral
 
 # --------------------------------------------------------------------------- topk_gather
 
@@ -108,6 +109,30 @@ def leverage_topk_triton(x, k, rank=32, oversample=8, power_iters=2, seed=0):
     scores = leverage.leverage_scores(x, r, l, power_iters, seed)
     kept, indices = topk_gather(scores, x, k)
     return kept, indices, scores
+
+
+# ------------------------------------------------------------------------- spectral IPR
+
+
+@custom_op("tokenkern::spectral_ipr", mutates_args=(), schema="(Tensor x, int rank=-1) -> Tensor")
+def spectral_ipr(x: Tensor, rank: int = -1) -> Tensor:
+    x, r = checks.spectral_ipr(x, rank, cuda=False)
+    return cpu_spectral.spectral_ipr(x, r)
+
+
+@spectral_ipr.register_fake
+def _spectral_ipr_fake(x, rank=-1):
+    checks.spectral_ipr(x, rank, cuda=isinstance(x, Tensor) and x.device.type == "cuda")
+    return x.new_empty(x.shape[0], dtype=torch.float32)
+
+
+@spectral_ipr.register_kernel("cuda")
+def spectral_ipr_triton(x, rank=-1):
+    x, r = checks.spectral_ipr(x, rank, cuda=True)
+    from ._triton import spectral
+
+    l = None if r is None else checks.spectral_sketch(min(x.shape[1], x.shape[2]), r)
+    return spectral.spectral_ipr(x, r, l)
 
 
 # ---------------------------------------------------------------------- attention scores

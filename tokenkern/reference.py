@@ -233,3 +233,24 @@ def bipartite_merge(
         outs.append(torch.stack(rows))
         sizes.append(torch.stack([torch.as_tensor(v, dtype=torch.float64) for v in row_sizes]))
     return torch.stack(outs), torch.stack(sizes)
+
+
+def spectral_ipr(x: Tensor, rank: int = -1) -> Tensor:
+    """x: (B, N, D) -> (B,) float64 inverse participation ratio of the singular-value energy.
+
+    With s_1 >= s_2 >= ... >= s_m the singular values of x[b] (m = min(N, D)) and
+    r = m when rank = -1 or rank >= m, else r = rank:
+    ``p_i = s_i^2 / sum_{j <= r} s_j^2`` for i <= r and ``IPR = sum_{i <= r} p_i^2``, in
+    [1/r, 1] (1: one direction holds all the energy; 1/r: the energy is spread evenly).
+    A sample whose top-r energy is zero (x[b] = 0) gets 0; a sample with a NaN or Inf gets NaN.
+    """
+    xd = x.double().cpu()
+    finite = torch.isfinite(xd).flatten(1).all(dim=1)
+    s2 = torch.linalg.svdvals(torch.where(finite[:, None, None], xd, 0.0)) ** 2
+    m = s2.shape[-1]
+    r = m if rank == -1 or rank >= m else rank
+    lam = s2[..., :r]
+    total = lam.sum(-1)
+    ipr = (lam**2).sum(-1) / torch.where(total > 0, total, 1.0) ** 2
+    ipr = torch.where(total > 0, ipr, 0.0)
+    return torch.where(finite, ipr, float("nan"))
