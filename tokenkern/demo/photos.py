@@ -17,12 +17,12 @@ def load_rgb(name: str) -> np.ndarray:
     if name in SKIMAGE_PHOTOS:
         import skimage.data
 
-        return getattr(skimage.data, name)()
+        return np.array(getattr(skimage.data, name)())  # a writable copy
     if name == "grace_hopper":
         import matplotlib.cbook
         import matplotlib.image
 
-        return matplotlib.image.imread(matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False))
+        return np.array(matplotlib.image.imread(matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)))
     raise ValueError(f"unknown photo {name!r}; choose from {(*SKIMAGE_PHOTOS, 'grace_hopper')}")
 
 
