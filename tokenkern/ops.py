@@ -243,7 +243,10 @@ def _gumbel_topk_fake(logits, k, tau, seed, hard=True):
 
 @gumbel_topk.register_kernel("cuda")
 def gumbel_topk_triton(logits, k, tau, seed, hard=True):
-    return gumbel_topk_triton_with_noise(logits, k, tau, seed, hard)[0]
+    checks.gumbel_topk(logits, k, tau, seed)
+    from ._triton import gumbel
+
+    return gumbel.gumbel_topk(logits, k, float(tau), seed, hard)[0]
 
 
 def gumbel_topk_triton_with_noise(logits, k, tau, seed, hard=True) -> tuple[Tensor, Tensor]:
