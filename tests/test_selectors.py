@@ -2,6 +2,7 @@
 select() is one scorer forward + topk_gather, weights round-trip through safetensors."""
 
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -52,6 +53,34 @@ def test_training_decreases_the_loss(gen):
     assert all(torch.isfinite(torch.tensor(losses)))
     assert after < 0.7 * before, (before, after)
     assert sum(losses[-10:]) < sum(losses[:10])
+
+
+def test_scorer_learns_which_tokens_cannot_be_reconstructed(gen):
+    """Tokens 0-3 are random, the other 12 are a fixed pattern plus small noise: only the
+    first four carry information, so a trained selector keeping 4 should keep them (random
+    subsets hold one of them on average) and reconstruct far better than random subsets."""
+    pattern = torch.randn(N, D, generator=torch.Generator().manual_seed(2))
+
+    def data(batch):
+        x = pattern + 0.05 * torch.randn(batch, N, D, generator=gen)
+        x[:, :4] = 2 * torch.randn(batch, 4, D, generator=gen)
+        return x
+
+    model = tiny()
+    x = data(64)
+    model.fit_normalization(x)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for step in range(80):
+        train_step(model, opt, x, 4, 0.5, seed=step, random_rows=16, noise_scale=max(0.1, 1 - step / 60))
+    model.eval()
+    test = data(64)
+    _, idx, _ = model.select(test, 4)
+    hits = (idx < 4).sum(-1).double().mean().item()
+    random_idx = torch.stack([torch.randperm(N, generator=gen)[:4].sort().values for _ in range(64)])
+    err_sel = model.reconstruction_error(test, idx).mean().item()
+    err_random = model.reconstruction_error(test, random_idx).mean().item()
+    assert hits >= 2.5, hits
+    assert err_sel < 0.6 * err_random, (err_sel, err_random)
 
 
 @pytest.mark.parametrize("keep", [1, 5, 0.5, 16])
@@ -119,3 +148,24 @@ def test_bad_inputs():
 def test_keep_count_and_schedule():
     assert keep_count(0.1, 256) == 26 and keep_count(0.001, 256) == 1 and keep_count(1.0, 256) == 256
     assert cosine_tau(0, 100) == 1.0 and abs(cosine_tau(99, 100) - 0.2) < 1e-12
+
+
+SHIPPED = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "selector" / "selector.safetensors"
+
+
+def test_shipped_selector_beats_random_on_dinov2_tokens(dinov2_patch_tokens, photos, gen, report):
+    """The weights benchmarks/train_selector.py wrote (trained on other crops of astronaut,
+    coffee and rocket; chelsea held out) against random subsets on the centered crops."""
+    model = ReconstructionSelector.load(str(SHIPPED))
+    x = dinov2_patch_tokens
+    n = x.shape[1]
+    for keep in (0.5, 0.3, 0.1):
+        k = round(keep * n)
+        _, idx, _ = model.select(x, k)
+        err_sel = model.reconstruction_error(x, idx)
+        draws = [torch.stack([torch.randperm(n, generator=gen)[:k].sort().values for _ in x]) for _ in range(16)]
+        err_random = torch.stack([model.reconstruction_error(x, d) for d in draws]).mean(0)
+        ratio = err_sel.mean().item() / err_random.mean().item()
+        names = ", ".join(f"{p} {s:.3f}/{r:.3f}" for p, s, r in zip(photos[0], err_sel, err_random, strict=True))
+        report(f"shipped selector keep {keep:.0%}: error selector/random {ratio:.3f} ({names})")
+        assert torch.isfinite(err_sel).all() and ratio < 0.97, (keep, ratio)

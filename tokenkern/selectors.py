@@ -3,16 +3,19 @@
 :class:`ReconstructionSelector` follows "When Less is Enough" (Allakhverdov et al., 2025): a
 small scorer gives every token a logit; during training ``tokenkern.gumbel_topk`` samples k
 tokens to keep (a hard mask in the forward, gradients through its relaxation), and a
-masked-autoencoder decoder predicts every token from the kept ones (the dropped tokens are
-replaced by a learned mask token, position embeddings added, a few transformer layers). The
-loss is the mean squared error on the dropped tokens, on features normalized per feature
-(so 1.0 is the error of predicting the mean feature). The gradient reaching the scorer says
-which tokens, if kept, would make the others easier to reconstruct.
+masked-autoencoder decoder predicts every token from the kept ones (a dropped token starts as
+a learned mask token plus a distance-weighted average of the kept embeddings; position
+embeddings added; a few transformer layers). The loss is the mean squared error on the
+dropped tokens, on features normalized per feature (so 1.0 is the error of predicting the
+mean feature). The gradient reaching the scorer says which tokens, if kept, would make the
+others easier to reconstruct. Training anneals the Gumbel noise towards 0 (``noise_scale``)
+so that the sampled subsets end up chosen the way inference chooses them; the scorer's
+per-position bias starts as an evenly spread ranking of the token grid.
 
 At inference the scorer runs once and ``tokenkern.topk_gather`` keeps the k best tokens::
 
     sel = ReconstructionSelector.load("selector.safetensors")
-    kept, indices, scores = sel.select(tokens, k=64)   # tokens: (B, N, D)
+    kept, indices, scores = sel.select(tokens, k=64)  # tokens: (B, N, D)
 
 Training loop: :func:`train_step`; the script ``benchmarks/train_selector.py`` fits a
 selector on DINOv2 ViT-S/14 patch tokens of real photos.
@@ -49,6 +52,11 @@ class ReconstructionSelector(nn.Module):
     d_model: token width. hidden: width of the scorer MLP and of the decoder. num_tokens: the
     number of tokens (positions get learned embeddings; e.g. 256 for a 16x16 patch grid).
     decoder_layers / heads: the decoder's pre-norm transformer layers (feed-forward 2 x hidden).
+    scorer_layers: transformer layers giving the scorer context (0: a per-token MLP).
+    dropout: in every transformer layer. interp_scale: length scale (in grid cells) of the
+    decoder's interpolation prior, 0 to disable. spread_prior: the initial per-position bias
+    spans [-spread_prior, spread_prior] in farthest-point order, 0 to start flat. The two
+    priors need a square token grid (N a perfect square) and are off otherwise.
     """
 
     def __init__(
