@@ -18,6 +18,7 @@ __all__ = [
     "attn_scores",
     "attn_topk",
     "bipartite_merge",
+    "gumbel_topk",
     "leverage_scores",
     "leverage_topk",
     "merge_tokens",
@@ -98,6 +99,26 @@ def topk_gather(scores: Tensor, x: Tensor, k: int) -> tuple[Tensor, Tensor]:
     if isinstance(scores, Tensor) and scores.is_floating_point() and scores.dtype != torch.float32:
         scores = scores.float()
     return torch.ops.tokenkern.topk_gather(scores, x, k)
+
+
+def gumbel_topk(logits: Tensor, k: int, tau: float = 1.0, seed: int = 0, hard: bool = True) -> Tensor:
+    """Sample a k-subset of tokens by Gumbel top-k, with gradients through a relaxation.
+
+    logits: (B, N) or (N,), any floating dtype. Returns a float32 mask of logits' shape.
+
+    The perturbed scores ``z = float32(logits) + g`` add Gumbel(0, 1) noise g drawn from
+    ``(seed, b, i)``; the draw depends on seed and on the device type (the CPU and CUDA
+    kernels use different generators), and is the same on every call with the same seed.
+    ``hard=True``: the value is the hard mask, exactly k ones per row at the k largest z (ties
+    to the lower index, NaN as -inf), and the gradient is that of the soft relaxation
+    (straight-through). ``hard=False``: the value is the relaxation itself,
+    ``soft = sum_{j=1..k} softmax(z_j / tau)`` with ``z_1 = z`` and
+    ``z_{j+1} = z_j + log(max(1 - softmax(z_j / tau), 2^-126))``: each row sums to k and tends to
+    the hard mask as tau -> 0. The gradient w.r.t. logits comes back in logits' dtype.
+    """
+    single = isinstance(logits, Tensor) and logits.dim() == 1
+    out = torch.ops.tokenkern.gumbel_topk(logits.unsqueeze(0) if single else logits, k, tau, seed, hard)
+    return out[0] if single else out
 
 
 def attn_scores(

@@ -278,3 +278,30 @@ def spectral_ipr(x: object, rank: int, cuda: bool) -> tuple[torch.Tensor, int | 
                 "or -1 (all singular values), or a CPU tensor",
             )
     return x, rank
+
+
+def gumbel_topk(logits: object, k: int, tau: float, seed: int) -> None:
+    """Checks the gumbel_topk arguments: logits (B, N) floating with N >= 1, 1 <= k <= N,
+    tau > 0 finite, 0 <= seed < 2^63."""
+    op = "gumbel_topk"
+    logits = tensor(op, "logits", logits)
+    ndim(op, "logits", logits, 2, "(B, N)")
+    if not logits.dtype.is_floating_point:
+        fail(op, f"logits must be a floating tensor, got {dtype_name(logits.dtype)}")
+    if logits.shape[1] < 1:
+        fail(op, f"logits must have N >= 1 tokens, got shape {tuple(logits.shape)}")
+    int_range(op, "k", k, 1, logits.shape[1], " (1 <= k <= N)")
+    if isinstance(tau, bool) or not isinstance(tau, float | int) or not (math.isfinite(tau) and tau > 0):
+        fail(op, f"tau must be a finite number > 0, got {tau!r}")
+    int_range(op, "seed", seed, 0, 2**63 - 1)
+
+
+def gumbel_topk_backward(grad: object, logits: object, k: int, tau: float, seed: int) -> None:
+    gumbel_topk(logits, k, tau, seed)
+    op = "gumbel_topk_backward"
+    grad = tensor(op, "grad", grad)
+    if tuple(grad.shape) != tuple(logits.shape):  # type: ignore[union-attr]
+        fail(op, f"grad must have logits' shape {tuple(logits.shape)}, got {tuple(grad.shape)}")  # type: ignore[union-attr]
+    if not grad.dtype.is_floating_point:
+        fail(op, f"grad must be a floating tensor, got {dtype_name(grad.dtype)}")
+    same_device(op, [("logits", logits), ("grad", grad)])  # type: ignore[list-item]

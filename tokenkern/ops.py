@@ -19,6 +19,7 @@ from torch.library import custom_op, register_fake, register_kernel
 from . import _C  # noqa: F401  (loads the C++ op schemas and kernels)
 from . import _checks as checks
 from ._cpu import attention as cpu_attention
+from ._cpu import gumbel as cpu_gumbel
 from ._cpu import leverage as cpu_leverage
 from ._cpu import spectral as cpu_spectral
 
@@ -244,6 +245,85 @@ def attn_topk_triton(q, k, x, n_keep, lse=None, scale=None, key_start=0, key_end
     scores = attention_scores(q, k, **args)
     kept, indices = topk_gather(scores, x, n_keep)
     return kept, indices, scores
+
+
+# ---------------------------------------------------------------------------- gumbel_topk
+
+
+@custom_op(
+    "tokenkern::gumbel_topk",
+    mutates_args=(),
+    schema="(Tensor logits, int k, float tau, int seed, bool hard=True) -> Tensor",
+)
+def gumbel_topk(logits: Tensor, k: int, tau: float, seed: int, hard: bool = True) -> Tensor:
+    checks.gumbel_topk(logits, k, tau, seed)
+    return cpu_gumbel.gumbel_topk(logits, k, tau, seed, hard)
+
+
+@gumbel_topk.register_fake
+def _gumbel_topk_fake(logits, k, tau, seed, hard=True):
+    checks.gumbel_topk(logits, k, tau, seed)
+    return logits.new_empty(logits.shape, dtype=torch.float32)
+
+
+@gumbel_topk.register_kernel("cuda")
+def gumbel_topk_triton(logits, k, tau, seed, hard=True):
+    checks.gumbel_topk(logits, k, tau, seed)
+    from ._triton import gumbel
+
+    return gumbel.gumbel_topk(logits, k, float(tau), seed, hard)[0]
+
+
+def gumbel_topk_triton_with_noise(logits, k, tau, seed, hard=True) -> tuple[Tensor, Tensor]:
+    """The CUDA kernel, also returning the noise it drew (for the tests)."""
+    checks.gumbel_topk(logits, k, tau, seed)
+    from ._triton import gumbel
+
+    return gumbel.gumbel_topk(logits, k, float(tau), seed, hard, return_noise=True)
+
+
+@custom_op(
+    "tokenkern::gumbel_topk_backward",
+    mutates_args=(),
+    schema="(Tensor grad, Tensor logits, int k, float tau, int seed) -> Tensor",
+)
+def gumbel_topk_backward(grad: Tensor, logits: Tensor, k: int, tau: float, seed: int) -> Tensor:
+    """Gradient of gumbel_topk w.r.t. logits (either value of hard): the vector-Jacobian
+    product of the relaxation at the same perturbed scores, whose noise is drawn again from
+    seed exactly as the forward drew it."""
+    checks.gumbel_topk_backward(grad, logits, k, tau, seed)
+    z = logits.float() + cpu_gumbel.noise(logits.shape[0], logits.shape[1], seed, logits.device)
+    return cpu_gumbel.gumbel_topk_backward(grad, logits, z, k, tau)
+
+
+@gumbel_topk_backward.register_fake
+def _gumbel_topk_backward_fake(grad, logits, k, tau, seed):
+    checks.gumbel_topk_backward(grad, logits, k, tau, seed)
+    return torch.empty_like(logits)
+
+
+@gumbel_topk_backward.register_kernel("cuda")
+def gumbel_topk_backward_cuda(grad, logits, k, tau, seed):
+    checks.gumbel_topk_backward(grad, logits, k, tau, seed)
+    from ._triton import gumbel
+
+    z = logits.float() + gumbel.noise(logits.shape[0], logits.shape[1], seed, logits.device)
+    return cpu_gumbel.gumbel_topk_backward(grad, logits, z, k, tau)
+
+
+def _gumbel_topk_setup_context(ctx, inputs, output):
+    logits, k, tau, seed = inputs[:4]
+    ctx.save_for_backward(logits)
+    ctx.k, ctx.tau, ctx.seed = k, tau, seed
+
+
+def _gumbel_topk_autograd(ctx, grad):
+    (logits,) = ctx.saved_tensors
+    grad_logits = torch.ops.tokenkern.gumbel_topk_backward(grad, logits, ctx.k, ctx.tau, ctx.seed)
+    return grad_logits, None, None, None, None
+
+
+gumbel_topk.register_autograd(_gumbel_topk_autograd, setup_context=_gumbel_topk_setup_context)
 
 
 # ------------------------------------------------------------------------ merge ops (C++)

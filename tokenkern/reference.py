@@ -254,3 +254,65 @@ def spectral_ipr(x: Tensor, rank: int = -1) -> Tensor:
     ipr = (lam**2).sum(-1) / torch.where(total > 0, total, 1.0) ** 2
     ipr = torch.where(total > 0, ipr, 0.0)
     return torch.where(finite, ipr, float("nan"))
+
+
+# ------------------------------------------------------------------------------ gumbel_topk
+
+# float32's smallest normal number: the floor of the uniform draw and of 1 - alpha.
+GUMBEL_TINY = 2.0**-126
+
+
+def gumbel_from_uniform(u: Tensor) -> Tensor:
+    """Gumbel(0, 1) noise from uniform draws u in [0, 1): ``g = -log(-log(max(u, tiny)))``."""
+    return -torch.log(-torch.log(u.clamp_min(GUMBEL_TINY)))
+
+
+def perturbed_scores(logits: Tensor, noise: Tensor) -> Tensor:
+    """The perturbed scores z = logits + g, formed in float32 as the op forms them (so that
+    the hard mask of the reference and of the kernels rank the very same numbers)."""
+    return logits.float() + noise.float()
+
+
+def relaxed_topk(z: Tensor, k: int, tau: float) -> Tensor:
+    """Successive-softmax relaxation of the top-k subset of the scores z (B, N), in z's dtype
+    (the tests run it in float64). NaN scores count as -inf.
+
+        z_1 = z,  alpha_j = softmax(z_j / tau),  z_{j+1} = z_j + log(max(1 - alpha_j, tiny)),
+        soft = sum_{j=1..k} alpha_j
+
+    Each alpha_j is a softmax over the row, so soft sums to k. As tau -> 0, alpha_j becomes
+    the one-hot of the j-th largest score and soft the hard top-k mask. A row whose scores
+    are all -inf (or contain +inf) gives NaN, as softmax does."""
+    z = torch.where(torch.isnan(z), float("-inf"), z)
+    soft = torch.zeros_like(z)
+    for j in range(k):
+        alpha = torch.softmax(z / tau, dim=-1)
+        soft = soft + alpha
+        if j + 1 < k:
+            z = z + torch.log(torch.clamp_min(1 - alpha, GUMBEL_TINY))
+    return soft
+
+
+def hard_topk_mask(z: Tensor, k: int) -> Tensor:
+    """(B, N) float64 mask with ones at the k largest scores of each row (ties to the lower
+    index, NaN as -inf: the topk_gather rule)."""
+    _, indices = topk_gather(z, z[..., None], k)
+    return torch.zeros(z.shape, dtype=torch.float64, device=z.device).scatter_(1, indices, 1.0)
+
+
+def gumbel_topk(logits: Tensor, k: int, tau: float, noise: Tensor, hard: bool = True) -> Tensor:
+    """The op given its noise g (B, N) (the op draws g from (seed, row, column); the tests
+    read the noise the kernel drew and pass it here).
+
+    z = float32(logits) + g; soft = relaxed_topk(z, k, tau) computed in float64 from z with
+    gradients flowing to logits; hard = hard_topk_mask(z, k). Returns, in float64,
+    ``hard + (soft - soft.detach())`` when hard (exactly the value of hard, the gradient of
+    soft: a straight-through estimator) and soft otherwise."""
+    z32 = perturbed_scores(logits.detach(), noise)
+    # Differentiable float64 copy of z: the values of z32, gradient 1 to finite logits.
+    ld = logits.double()
+    z = torch.where(torch.isfinite(ld), z32.double() + (ld - ld.detach()), z32.double())
+    soft = relaxed_topk(z, k, tau)
+    if not hard:
+        return soft
+    return hard_topk_mask(z32, k) + (soft - soft.detach())  # exactly hard in value
