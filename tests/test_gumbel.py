@@ -232,6 +232,40 @@ def test_op_backward_matches_reference(backend, hard, b, n, k, tau, gen):
     assert_rel_close(got, want, GRAD_TOL, "d logits")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("b", "n", "k"), [(2, 5, 1), (2, 4100, 3), (1, 4096, 17)])
+def test_backward_one_step_and_long_rows(backend, b, n, k, gen):
+    """k = 1 (a single softmax), and rows at and past the fused backward's 4096-element chunk
+    (past it the CUDA path runs the torch backward on the same noise)."""
+    logits = torch.randn(b, n, generator=gen)
+    grad = torch.randn(b, n, generator=gen, dtype=torch.float64)
+    _, got = op_grad(backend, logits, k, 0.8, 11, False, grad)
+    x = logits.double().requires_grad_()
+    (want,) = torch.autograd.grad(reference.gumbel_topk(x, k, 0.8, noise_of(backend, b, n, 11), False), x, grad)
+    assert_rel_close(got, want, GRAD_TOL, "d logits")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backward_with_infinite_logits_and_strided_grad(backend, gen):
+    """-inf and NaN logits get gradient 0 and leave the rest of the row's gradient as autograd
+    through the reference gives it; rows with +inf or no finite logit are NaN, as softmax is.
+    The incoming gradient may be non-contiguous."""
+    logits = torch.randn(3, 40, generator=gen)
+    logits[0, ::3] = float("-inf")
+    logits[0, 1::7] = float("nan")
+    logits[1, 5] = float("inf")
+    logits[2] = float("-inf")
+    grad = torch.randn(40, 3, generator=gen, dtype=torch.float64).t()
+    _, got = op_grad(backend, logits, 6, 0.8, 9, True, grad)
+    noise = noise_of(backend, 3, 40, 9)
+    x = logits.double().requires_grad_()
+    (want,) = torch.autograd.grad(reference.gumbel_topk(x, 6, 0.8, noise, True), x, grad)
+    dead = torch.isnan(logits[0]) | torch.isinf(logits[0])
+    assert bool((got[0][dead] == 0).all())
+    assert_rel_close(got[0][~dead], want[0][~dead], GRAD_TOL, "d logits with -inf/NaN entries")
+    assert bool(torch.isnan(got[1:]).all())
+
+
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 def test_grad_has_logits_dtype(dtype, gen):
     x = torch.randn(2, 20, generator=gen).to(dtype).requires_grad_()
@@ -332,6 +366,14 @@ for arch, dtypes, chunks in ((90, ("fp32", "bf16"), ((1024, True), (4096, True),
             for hard in (True, False):
                 consts = {"CHUNK": chunk, "SINGLE_CHUNK": single, "HARD": hard, "STORE_NOISE": hard}
                 src = ASTSource(gumbel._gumbel_topk_kernel, sig, constexprs=consts)
+                opts = {"num_warps": gumbel._num_warps(chunk)}
+                assert triton.compile(src, target=target, options=opts).asm["cubin"]
+        sig = {"l_ptr": "*" + dtype, "g_ptr": "*fp32", "out_ptr": "*fp32", "ckpt_ptr": "*fp32",
+               "alpha_ptr": "*fp32", "N": "i32", "k": "i32", "seg": "i32", "n_ckpt": "i32", "inv_tau": "fp32",
+               "seed": "i64", "l_sb": "i32", "l_sn": "i32", "g_sb": "i32", "g_sn": "i32", "CHUNK": "constexpr"}
+        for chunk, single in chunks:
+            if single:
+                src = ASTSource(gumbel._gumbel_topk_backward_kernel, sig, constexprs={"CHUNK": chunk})
                 opts = {"num_warps": gumbel._num_warps(chunk)}
                 assert triton.compile(src, target=target, options=opts).asm["cubin"]
     sig = {"out_ptr": "*fp32", "total": "i64", "seed": "i64", "BLOCK": "constexpr"}

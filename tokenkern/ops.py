@@ -307,8 +307,7 @@ def gumbel_topk_backward_cuda(grad, logits, k, tau, seed):
     checks.gumbel_topk_backward(grad, logits, k, tau, seed)
     from ._triton import gumbel
 
-    z = logits.float() + gumbel.noise(logits.shape[0], logits.shape[1], seed, logits.device)
-    return cpu_gumbel.gumbel_topk_backward(grad, logits, z, k, tau)
+    return gumbel.gumbel_topk_backward(grad, logits, k, float(tau), seed).to(logits.dtype)
 
 
 def _gumbel_topk_setup_context(ctx, inputs, output):

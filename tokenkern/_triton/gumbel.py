@@ -13,10 +13,19 @@ When the row fits one chunk (N <= 4096) everything stays in registers: one read 
 logits and one write of the output. Longer rows keep z in a scratch row (the output row
 itself for HARD) and make two passes per relaxation step (online max and sum, then the
 update). The hard forward of ``gumbel_topk(hard=True)`` needs no relaxation: its gradient
-is computed in the backward from the same noise, redrawn bit for bit by ``noise``.
+is computed in the backward from the same noise, redrawn bit for bit.
+
+The backward (``gumbel_topk_backward``) is one program per row as well: it redraws the noise,
+runs the k relaxation steps keeping z_j every ceil(sqrt(k)) steps in a scratch buffer, then walks
+the segments in reverse, recomputing each segment's alphas into a second scratch buffer and
+back-propagating through them (the algorithm of ``_cpu.gumbel.relaxed_topk_backward``, in one
+launch instead of ~10 k torch kernels). About 2 sqrt(k) x N floats of scratch per row. Rows
+longer than one chunk fall back to that torch backward.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import triton
@@ -147,6 +156,76 @@ def _gumbel_topk_kernel(
 
 
 @triton.jit
+def _softmax_row(z, inv_tau):
+    t = z * inv_tau
+    e = tl.exp(t - tl.max(t, 0))
+    return e / tl.sum(e, 0)
+
+
+@triton.jit
+def _gumbel_topk_backward_kernel(
+    l_ptr,
+    g_ptr,
+    out_ptr,
+    ckpt_ptr,
+    alpha_ptr,
+    N,
+    k,
+    seg,
+    n_ckpt,
+    inv_tau,
+    seed,
+    l_sb,
+    l_sn,
+    g_sb,
+    g_sn,
+    CHUNK: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, CHUNK)
+    valid = offs < N
+    tiny = 1.1754943508222875e-38
+    ckpt_row = ckpt_ptr + b * n_ckpt * N
+    alpha_row = alpha_ptr + b * seg * N
+
+    z = _perturb(l_ptr + b * l_sb, l_sn, l_ptr, b, N, seed, offs, False)
+    z = tl.where(valid & (z == z), z, float("-inf"))
+    grad = tl.load(g_ptr + b * g_sb + offs * g_sn, mask=valid, other=0.0).to(tl.float32)
+
+    # Forward: z_j at the start of every segment.
+    for j in range(0, k):
+        if j % seg == 0:
+            tl.store(ckpt_row + (j // seg) * N + offs, z, mask=valid)
+        z = z + tl.log(tl.maximum(1.0 - _softmax_row(z, inv_tau), tiny))
+    tl.debug_barrier()
+
+    # Reverse: gz holds dL/dz_{j+1} while step j is processed.
+    gz = tl.zeros((CHUNK,), tl.float32)
+    for ci in range(0, n_ckpt):
+        c = n_ckpt - 1 - ci
+        start = c * seg
+        stop = tl.minimum(k, start + seg)
+        z = tl.load(ckpt_row + c * N + offs, mask=valid, other=float("-inf"))
+        for j in range(start, stop):
+            alpha = _softmax_row(z, inv_tau)
+            tl.store(alpha_row + (j - start) * N + offs, alpha, mask=valid)
+            z = z + tl.log(tl.maximum(1.0 - alpha, tiny))
+        tl.debug_barrier()
+        for jj in range(0, stop - start):
+            j = stop - 1 - jj
+            alpha = tl.load(alpha_row + (j - start) * N + offs, mask=valid, other=0.0)
+            g_alpha = grad
+            if j + 1 < k:
+                # z_{j+1} = z_j + log(max(1 - alpha_j, tiny)): clamped entries pass nothing.
+                one_minus = 1.0 - alpha
+                g_alpha = g_alpha - tl.where(one_minus >= tiny, gz / one_minus, 0.0)
+            g_t = alpha * (g_alpha - tl.sum(alpha * g_alpha, 0))
+            gz = gz + g_t * inv_tau
+        tl.debug_barrier()
+    tl.store(out_ptr + b * N + offs, gz, mask=valid)
+
+
+@triton.jit
 def _noise_kernel(out_ptr, total, seed, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     tl.store(out_ptr + offs, gumbel_noise(seed, offs), mask=offs < total)
@@ -196,4 +275,44 @@ def noise(batch: int, n: int, seed: int, device: torch.device) -> torch.Tensor:
     total = batch * n
     if total:
         _noise_kernel[(triton.cdiv(total, _NOISE_BLOCK),)](out, total, seed, BLOCK=_NOISE_BLOCK)
+    return out
+
+
+def gumbel_topk_backward(grad: torch.Tensor, logits: torch.Tensor, k: int, tau: float, seed: int) -> torch.Tensor:
+    """grad, logits: (B, N) -> d(sum grad * gumbel_topk(logits, k, tau, seed)) / d logits, float32,
+    through the relaxation (either value of hard). One fused launch for N <= 4096; longer rows
+    use the torch backward on the same noise."""
+    batch, n = logits.shape
+    if n > _MAX_CHUNK:
+        from .._cpu import gumbel as cpu_gumbel
+
+        z = logits.float() + noise(batch, n, seed, logits.device)
+        return cpu_gumbel.relaxed_topk_backward(z, k, tau, grad.float())
+    out = empty(batch, n, dtype=torch.float32, device=logits.device)
+    if batch == 0:
+        return out
+    seg = math.isqrt(k - 1) + 1  # ceil(sqrt(k))
+    n_ckpt = -(-k // seg)
+    ckpt = torch.empty(batch, n_ckpt, n, dtype=torch.float32, device=logits.device)
+    alphas = torch.empty(batch, seg, n, dtype=torch.float32, device=logits.device)
+    chunk = max(next_pow2(n), 16)
+    _gumbel_topk_backward_kernel[(batch,)](
+        logits,
+        grad,
+        out,
+        ckpt,
+        alphas,
+        n,
+        k,
+        seg,
+        n_ckpt,
+        1.0 / tau,
+        seed,
+        logits.stride(0),
+        logits.stride(1),
+        grad.stride(0),
+        grad.stride(1),
+        CHUNK=chunk,
+        num_warps=_num_warps(chunk),
+    )
     return out

@@ -1,0 +1,42 @@
+"""gumbel_topk (forward + backward, straight-through) against the same relaxation written with
+torch ops (k successive softmaxes, autograd through all of them)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import DEVICE, HAS_CUDA
+
+import tokenkern
+
+SHAPES = [(b, n, k) for b in (8, 64) for n in (576, 2880) for k in (n // 10, n // 4)] if HAS_CUDA else [(4, 256, 26)]
+TAU = 0.5
+
+
+def torch_gumbel_topk(logits: torch.Tensor, k: int, tau: float, seed: int) -> torch.Tensor:
+    gen = torch.Generator(device=logits.device).manual_seed(seed)
+    u = torch.rand(logits.shape, generator=gen, device=logits.device).clamp_min(2.0**-126)
+    z = logits.float() - torch.log(-torch.log(u))
+    soft = torch.zeros_like(z)
+    for j in range(k):
+        alpha = torch.softmax(z / tau, dim=-1)
+        soft = soft + alpha
+        if j + 1 < k:
+            z = z + torch.log(torch.clamp_min(1 - alpha, 2.0**-126))
+    hard = torch.zeros_like(z).scatter_(1, z.detach().topk(k, dim=-1).indices, 1.0)
+    return hard + (soft - soft.detach())
+
+
+@pytest.mark.parametrize("impl", ["tokenkern", "torch"])
+@pytest.mark.parametrize(("b", "n", "k"), SHAPES)
+def test_gumbel_topk_forward_backward(run_benchmark, impl, b, n, k):
+    logits = torch.randn(b, n, device=DEVICE, requires_grad=True)
+    weight = torch.randn(b, n, device=DEVICE)
+
+    def step():
+        mask = tokenkern.gumbel_topk(logits, k, TAU, 0) if impl == "tokenkern" else torch_gumbel_topk(logits, k, TAU, 0)
+        (grad,) = torch.autograd.grad((mask * weight).sum(), logits)
+        return grad
+
+    info = {"impl": impl, "B": b, "N": n, "k": k, "tau": TAU}
+    run_benchmark(step, group=f"gumbel_topk fwd+bwd B={b} N={n} k={k}", **info)
