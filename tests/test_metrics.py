@@ -540,3 +540,49 @@ def test_compare_rejects_inconsistent_outputs():
         metrics.compare(lambda b: b, lambda b: b[:, :3], [x])
     with pytest.raises(ValueError, match=re.escape("labels has 3 rows but the batches had 2 samples")):
         metrics.compare(lambda b: b, lambda b: b, [x], labels=torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match=re.escape("labels has 2 batches but inputs had 1")):
+        metrics.compare(lambda b: b, lambda b: b, [x], labels=[torch.zeros(2, dtype=torch.long)] * 2)
+    with pytest.raises(ValueError, match=re.escape("batch 0: labels must be an integer tensor")):
+        metrics.compare(lambda b: b, lambda b: b, [x], labels=[[0, 1]])
+    with pytest.raises(ValueError, match=re.escape("batch 0: labels must be an integer tensor")):
+        metrics.compare(lambda b: b, lambda b: b, [x], labels=[torch.zeros(2)])
+    with pytest.raises(ValueError, match=re.escape("batch 0: tokens_full (B, N, D) and tokens_pruned (B, K, D)")):
+        metrics.compare(
+            lambda b: {"logits": b, "tokens": torch.randn(1, 6, 4)},
+            lambda b: {"logits": b, "tokens": torch.randn(2, 3, 4)},
+            [x],
+        )
+    with pytest.raises(ValueError, match=re.escape("batch 0: embedding_pruned must be (B=2, E)")):
+        metrics.compare(lambda b: {"logits": b, "embedding": b}, lambda b: {"logits": b, "embedding": b[:1]}, [x])
+
+
+def test_compare_masks_embeddings_tokens_and_accepts_a_none_mask(gen):
+    """Per-position embeddings count where the mask does; a sample whose tokens_mask leaves no
+    row has a NaN IPR (no spectrum), in compare and in ipr_change; a None mask means all."""
+    lf = torch.randn(2, 3, 5, generator=gen)
+    mask = torch.tensor([[True, True, False], [True, True, True]])
+    emb = torch.randn(2, 3, 4, generator=gen)
+    emb_p = emb.clone()
+    emb_p[0, 2] = -emb[0, 2]  # differs only at the masked position
+    tokens = torch.randn(2, 6, 4, generator=gen)
+    tmask = torch.ones(2, 6, dtype=torch.bool)
+    tmask[1] = False
+    report = metrics.compare(
+        lambda _: {"logits": lf, "mask": mask, "embedding": emb, "tokens": tokens, "tokens_mask": tmask},
+        lambda _: {
+            "logits": lf,
+            "mask": None,
+            "embedding": emb_p,
+            "tokens": tokens[:, :3],
+            "tokens_mask": tmask[:, :3],
+        },
+        [0],
+    )
+    assert report["embedding_cosine"] == pytest.approx(1.0, abs=1e-6)
+    assert torch.allclose(report.per_sample["embedding_cosine"], torch.ones(2, dtype=torch.float64), atol=1e-6)
+    ipr = report.per_sample["ipr_change"]
+    assert torch.isfinite(ipr[0]) and torch.isnan(ipr[1]) and math.isnan(report["ipr_change"])
+    want0 = reference.spectral_ipr(tokens[:1, :3]) - reference.spectral_ipr(tokens[:1])
+    assert ipr[0].item() == pytest.approx(want0.item(), abs=1e-6)
+    got = metrics.ipr_change(tokens, tokens[:, :3], mask_full=tmask, reduction="none")
+    assert torch.isfinite(got[0]) and torch.isnan(got[1])

@@ -540,6 +540,32 @@ def test_nothing_fits_and_memory_budget():
             plan(bad)
     with pytest.raises(ValueError, match="visual_tokens"):
         plan(1e12, visual_tokens=[0, 4])
+    with pytest.raises(ValueError, match="visual_tokens"):
+        plan(1e12, visual_tokens=[4, "16"])
+    with pytest.raises(ValueError, match="visual_tokens is empty"):
+        plan(1e12, visual_tokens=[])
+
+
+def test_budget_is_per_request_and_batch_scales_memory():
+    """A batch of identical requests needs the same FLOPs per request; only its KV cache grows."""
+    one = plan(2e12, "llava-qwen1.5-7b", visual_tokens=[1, 16, 64, 144])
+    four = plan(2e12, ["llava-qwen1.5-7b"], visual_tokens=[1, 16, 64, 144], batch=4)
+    assert one.optimum is not None and four.optimum is not None
+    assert (four.optimum.visual_tokens, four.optimum.flops) == (one.optimum.visual_tokens, one.optimum.flops)
+    spec = get_preset("llava-qwen1.5-7b")
+    c = four.optimum
+    assert c.flops == vlm_cost(spec, c.visual_tokens, 50, 0).flops
+    assert c.memory == vlm_cost(spec, c.visual_tokens, 50, 0, batch=4).memory
+    assert c.memory.kv_cache == 4 * one.optimum.memory.kv_cache
+    # ... and a memory budget sees the batch's KV cache.
+    mem = c.memory.weights + 200 * 2**20  # KV cache at V = 64: ~57 MiB per request
+    assert plan(2e12, "llava-qwen1.5-7b", visual_tokens=64, memory_budget_bytes=mem).optimum is not None
+    assert plan(2e12, "llava-qwen1.5-7b", visual_tokens=64, batch=4, memory_budget_bytes=mem).optimum is None
+
+
+def test_fit_rejects_non_finite_measurements():
+    with pytest.raises(ValueError, match="finite"):
+        fit_power_law([1e9, 2e9, 4e9], [1, 4, 16], [0.5, math.nan, 0.4])
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -131,6 +131,48 @@ def test_save_and_load(tmp_path, gen):
     assert torch.equal(model.reconstruction_error(x, idx), loaded.reconstruction_error(x, idx))
 
 
+def test_inference_ignores_dropout_and_keeps_the_mode(gen):
+    """select() and reconstruction_error() run without dropout in either mode and leave the
+    module's mode as they found it."""
+    torch.manual_seed(0)
+    model = ReconstructionSelector(D, hidden=16, num_tokens=N, decoder_layers=1, heads=2, dropout=0.5)
+    x = structured_tokens(gen, 4)
+    model.eval()
+    _, idx_eval, scores_eval = model.select(x, 5)
+    err_eval = model.reconstruction_error(x, idx_eval)
+    model.train()
+    for _ in range(2):
+        _, idx, scores = model.select(x, 5)
+        assert torch.equal(idx, idx_eval) and torch.equal(scores, scores_eval)
+        assert torch.equal(model.reconstruction_error(x, idx), err_eval)
+    assert model.training
+
+
+def test_bad_normalization_indices_and_files(tmp_path, gen):
+    model = tiny()
+    with pytest.raises(ValueError, match=re.escape(f"tokens must be a (..., {D}) tensor")):
+        model.fit_normalization(torch.randn(10, N, 1))
+    with pytest.raises(ValueError, match="at least 2 finite rows"):
+        model.fit_normalization(torch.randn(1, D))
+    with pytest.raises(ValueError, match="at least 2 finite rows"):
+        model.fit_normalization(torch.full((4, D), float("nan")))
+    x = structured_tokens(gen, 2)
+    with pytest.raises(ValueError, match=re.escape("indices must be a (B=2, k) int64 tensor")):
+        model.reconstruction_error(x, torch.zeros(3, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="indices must be a"):
+        model.reconstruction_error(x, torch.zeros(2, 4))
+    with pytest.raises(ValueError, match=re.escape(f"indices must be in [0, {N})")):
+        model.reconstruction_error(x, torch.tensor([[0, N], [1, 2]]))
+    with pytest.raises(ValueError, match="must not repeat"):
+        model.reconstruction_error(x, torch.tensor([[0, 0], [1, 2]]))
+    from safetensors.torch import save_file
+
+    path = str(tmp_path / "other.safetensors")
+    save_file({"w": torch.zeros(2)}, path)
+    with pytest.raises(ValueError, match="not a ReconstructionSelector file"):
+        ReconstructionSelector.load(path)
+
+
 def test_bad_inputs():
     model = tiny()
     with pytest.raises(ValueError, match=re.escape(f"x must be (B, {N}, {D})")):
@@ -147,6 +189,9 @@ def test_bad_inputs():
 
 def test_keep_count_and_schedule():
     assert keep_count(0.1, 256) == 26 and keep_count(0.001, 256) == 1 and keep_count(1.0, 256) == 256
+    np = pytest.importorskip("numpy")
+    assert keep_count(np.int64(4), 256) == 4 and type(keep_count(np.int64(4), 256)) is int
+    assert keep_count(np.float32(0.5), 256) == 128
     assert cosine_tau(0, 100) == 1.0 and abs(cosine_tau(99, 100) - 0.2) < 1e-12
 
 

@@ -287,8 +287,19 @@ def ipr_change(
     if full.shape[0] != pruned.shape[0] or full.shape[2] != pruned.shape[2]:
         _fail(fn, f"tokens_full (B, N, D) and tokens_pruned (B, K, D) must share B and D, got "
                   f"{tuple(full.shape)} and {tuple(pruned.shape)}")  # fmt: skip
-    delta = spectral_ipr(pruned, rank) - spectral_ipr(full, rank)
+    delta = _ipr_of_rows(pruned, mask_pruned, rank) - _ipr_of_rows(full, mask_full, rank)
     return _reduce(fn, delta, None, reduction)
+
+
+def _ipr_of_rows(x: Tensor, mask: Tensor | None, rank: int) -> Tensor:
+    """spectral_ipr of each (masked, already zeroed) token matrix; NaN for a sample whose mask
+    leaves no row (it has no spectrum, where a zero matrix's IPR would read 0)."""
+    ipr = spectral_ipr(x, rank)
+    if mask is None:
+        return ipr
+    if mask.dim() == 1:
+        mask = mask.unsqueeze(0)
+    return torch.where(mask.to(ipr.device).any(-1), ipr, float("nan"))
 
 
 # ---------------------------------------------------------------------------------- harness
@@ -393,7 +404,9 @@ def compare(
     A key must be in both runs' outputs or in neither. inputs: an iterable of batches (a list,
     a DataLoader), each passed as the single argument; a tensor or a mapping is one batch.
     labels: optional (B, ...) int64 per batch (a list), or one tensor for all batches
-    concatenated along dim 0; adds accuracies and ``flip_rate_labels``. Runs under
+    concatenated along dim 0; adds accuracies and ``flip_rate_labels``. Every label counts as
+    given (an ignore label such as -100 counts as a wrong answer): leave such positions out
+    with ``"mask"``. Per-position embeddings (B, T, E) count where the mask does. Runs under
     ``torch.no_grad()``. Means are over all counted positions of all batches (logits
     metrics), all embedding rows, all samples (IPR).
     """
@@ -408,9 +421,11 @@ def compare(
     sample_acc: dict[str, list[Tensor]] = {}
     counted = 0
     samples = 0
+    batches = 0
     label_offset = 0
     with torch.no_grad():
         for i, batch in enumerate(_batches(inputs)):
+            batches = i + 1
             full = _as_output(fn, "full", model_fn_full(batch))
             pruned = _as_output(fn, "pruned", model_fn_pruned(batch))
             if set(full) != set(pruned):
@@ -420,9 +435,10 @@ def compare(
                 _fail(fn, f"batch {i}: logits must be (B, C) or (B, T, V), got {getattr(lf, 'shape', lf)}")
             lead = lf.shape[:-1]
             mask = torch.ones(lead, dtype=torch.bool, device=lf.device)
-            if "mask" in full:
-                for out in (full, pruned):
-                    mask = mask & _check_mask(fn, out["mask"], lead, lf.device)
+            for out in (full, pruned):
+                m = _check_mask(fn, out.get("mask"), lead, lf.device)
+                if m is not None:
+                    mask = mask & m
             values = {
                 "top1_agreement": top1_agreement(lf, lp, reduction="none"),
                 "flip_rate": flip_rate(lf, lp, reduction="none"),
@@ -438,6 +454,17 @@ def compare(
                 y = label_all[label_offset : label_offset + lead[0]]
                 label_offset += lead[0]
             if y is not None:
+                if (
+                    not isinstance(y, Tensor)
+                    or y.dtype.is_floating_point
+                    or y.dtype.is_complex
+                    or y.dtype == torch.bool
+                ):
+                    _fail(
+                        fn, f"batch {i}: labels must be an integer tensor, got {getattr(y, 'dtype', type(y).__name__)}"
+                    )
+                if y.shape != lead:
+                    _fail(fn, f"batch {i}: labels must have the positions' shape {tuple(lead)}, got {tuple(y.shape)}")
                 y = y.to(lf.device)
                 values["flip_rate_labels"] = flip_rate(lf, lp, y, reduction="none")
                 bad = _no_distribution(lf) | _no_distribution(lp)
@@ -450,16 +477,30 @@ def compare(
             counted += int(mask.sum())
             samples += lead[0]
             if "embedding" in full:
-                cos = embedding_cosine(full["embedding"], pruned["embedding"], reduction="none")
-                acc.setdefault("embedding_cosine", []).append(cos.flatten())
-                sample_acc.setdefault("embedding_cosine", []).append(cos.reshape(cos.shape[0], -1).mean(1))
+                ef, ep = full["embedding"], pruned["embedding"]
+                for name, e in (("embedding_full", ef), ("embedding_pruned", ep)):
+                    if not isinstance(e, Tensor) or e.dim() < 2 or e.shape[0] != lead[0]:
+                        _fail(fn, f"batch {i}: {name} must be (B={lead[0]}, E) or (B, T, E), "
+                                  f"got {getattr(e, 'shape', type(e).__name__)}")  # fmt: skip
+                cos = embedding_cosine(ef, ep, reduction="none")
+                # Per-position embeddings (the logits' positions) count where the logits do.
+                emask = mask if cos.shape == lead else torch.ones(cos.shape, dtype=torch.bool, device=cos.device)
+                emask = emask.to(cos.device)
+                acc.setdefault("embedding_cosine", []).append(cos[emask])
+                sample_acc.setdefault("embedding_cosine", []).append(_per_sample(cos, emask))
             if "tokens" in full:
                 tf = _token_matrix(fn, "tokens_full", full["tokens"], full.get("tokens_mask"))
                 tp = _token_matrix(fn, "tokens_pruned", pruned["tokens"], pruned.get("tokens_mask"))
-                ipr_f, ipr_p = spectral_ipr(tf, rank), spectral_ipr(tp, rank)
+                if not (tf.shape[0] == tp.shape[0] == lead[0]) or tf.shape[2] != tp.shape[2]:
+                    _fail(fn, f"batch {i}: tokens_full (B, N, D) and tokens_pruned (B, K, D) must share D and the "
+                              f"logits' B={lead[0]}, got {tuple(tf.shape)} and {tuple(tp.shape)}")  # fmt: skip
+                ipr_f = _ipr_of_rows(tf, full.get("tokens_mask"), rank)
+                ipr_p = _ipr_of_rows(tp, pruned.get("tokens_mask"), rank)
                 for name, v in (("ipr_full", ipr_f), ("ipr_pruned", ipr_p), ("ipr_change", ipr_p - ipr_f)):
                     acc.setdefault(name, []).append(v)
                     sample_acc.setdefault(name, []).append(v)
+    if label_iter is not None and len(label_iter) != batches:
+        _fail(fn, f"labels has {len(label_iter)} batches but inputs had {batches}")
     if label_all is not None and label_offset != label_all.shape[0]:
         _fail(fn, f"labels has {label_all.shape[0]} rows but the batches had {label_offset} samples")
     order = [n for n in _UNITS if n in acc]

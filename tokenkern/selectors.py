@@ -23,9 +23,11 @@ selector on DINOv2 ViT-S/14 patch tokens of real photos.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
-from collections.abc import Mapping
+import numbers
+from collections.abc import Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -35,15 +37,26 @@ from . import gumbel_topk, topk_gather
 
 def keep_count(keep: float | int, n: int) -> int:
     """Tokens kept out of n: keep itself when an int, else round(keep * n) clamped to [1, n]."""
-    if isinstance(keep, bool) or not isinstance(keep, int | float):
+    if isinstance(keep, bool) or not isinstance(keep, numbers.Real):
         raise ValueError(f"keep must be an int count or a float fraction, got {keep!r}")
-    if isinstance(keep, int):
+    if isinstance(keep, numbers.Integral):
         if not 1 <= keep <= n:
             raise ValueError(f"keep must be in [1, {n}] tokens, got {keep}")
-        return keep
+        return int(keep)
     if not 0.0 < keep <= 1.0:
         raise ValueError(f"keep as a fraction must be in (0, 1], got {keep}")
-    return min(n, max(1, round(keep * n)))
+    return min(n, max(1, round(float(keep) * n)))
+
+
+@contextlib.contextmanager
+def _eval_mode(module: nn.Module) -> Iterator[None]:
+    """Inference without dropout whatever mode the module is in; the mode is restored."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
 
 
 class ReconstructionSelector(nn.Module):
@@ -126,8 +139,15 @@ class ReconstructionSelector(nn.Module):
 
     @torch.no_grad()
     def fit_normalization(self, tokens: Tensor) -> None:
-        """Set the per-feature mean and std from training tokens (..., d_model)."""
-        flat = tokens.reshape(-1, tokens.shape[-1]).double()
+        """Set the per-feature mean and std from training tokens (..., d_model), at least two."""
+        d = self.config["d_model"]
+        if not isinstance(tokens, Tensor) or tokens.dim() < 2 or tokens.shape[-1] != d:
+            raise ValueError(
+                f"tokens must be a (..., {d}) tensor, got {getattr(tokens, 'shape', type(tokens).__name__)}"
+            )
+        flat = tokens.reshape(-1, d).double()
+        if flat.shape[0] < 2 or not torch.isfinite(flat).all():
+            raise ValueError(f"tokens must hold at least 2 finite rows, got {flat.shape[0]} rows")
         self.feature_mean.copy_(flat.mean(0))
         self.feature_std.copy_(flat.std(0).clamp_min(1e-6))
 
@@ -135,7 +155,8 @@ class ReconstructionSelector(nn.Module):
         return (x.to(self.feature_mean.dtype) - self.feature_mean) / self.feature_std
 
     def scores(self, x: Tensor) -> Tensor:
-        """(B, N, D) -> (B, N) float32 logits: higher = more worth keeping."""
+        """(B, N, D) -> (B, N) float32 logits: higher = more worth keeping. Runs in the
+        module's mode (dropout in training); select() runs in eval mode."""
         self._check(x)
         h = self.score_in(self.score_norm(self.normalize(x))) + self.score_pos
         if self.score_context is not None:
@@ -195,17 +216,34 @@ class ReconstructionSelector(nn.Module):
     def select(self, x: Tensor, k: float | int) -> tuple[Tensor, Tensor, Tensor]:
         """Keep the k best tokens: one scorer forward, then tokenkern.topk_gather.
         x: (B, N, D); k: a count or a fraction of N. Returns kept (B, k, D) in x's dtype,
-        indices (B, k) int64 ascending, scores (B, N) float32."""
+        indices (B, k) int64 ascending, scores (B, N) float32. Always in eval mode (no dropout)."""
         self._check(x)
-        scores = self.scores(x)
+        with _eval_mode(self):
+            scores = self.scores(x)
         kept, indices = topk_gather(scores, x, keep_count(k, x.shape[1]))
         return kept, indices, scores
 
     @torch.no_grad()
     def reconstruction_error(self, x: Tensor, indices: Tensor) -> Tensor:
-        """(B,) normalized MSE of the tokens not in indices (B, k), reconstructed from those in it."""
-        mask = torch.zeros(x.shape[:2], device=x.device).scatter_(1, indices, 1.0)
-        return self.dropped_error(x, mask)
+        """(B,) normalized MSE of the tokens not in indices (B, k) (distinct token indices),
+        reconstructed from those in it. Always in eval mode (no dropout)."""
+        self._check(x)
+        b, n = x.shape[:2]
+        if (
+            not isinstance(indices, Tensor)
+            or indices.dim() != 2
+            or indices.shape[0] != b
+            or indices.dtype != torch.int64
+        ):
+            raise ValueError(f"indices must be a (B={b}, k) int64 tensor, got {getattr(indices, 'shape', indices)!r}")
+        indices = indices.to(x.device)
+        if indices.numel() and (indices.min() < 0 or indices.max() >= n):
+            raise ValueError(f"indices must be in [0, {n})")
+        counts = torch.zeros(b, n, device=x.device).scatter_add_(1, indices, torch.ones(indices.shape, device=x.device))
+        if (counts > 1).any():
+            raise ValueError("indices must not repeat a token within a row")
+        with _eval_mode(self):
+            return self.dropped_error(x, counts)
 
     # --------------------------------------------------------------------- persistence
 
@@ -222,7 +260,10 @@ class ReconstructionSelector(nn.Module):
         from safetensors.torch import load_file
 
         with safe_open(path, framework="pt") as f:
-            config = json.loads((f.metadata() or {})["tokenkern.selector"])
+            meta = f.metadata() or {}
+        if "tokenkern.selector" not in meta:
+            raise ValueError(f"{path} is not a ReconstructionSelector file (no 'tokenkern.selector' metadata)")
+        config = json.loads(meta["tokenkern.selector"])
         model = cls(**config)
         state = load_file(path)
         model.load_state_dict({n: t.float() for n, t in state.items()})

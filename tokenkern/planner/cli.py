@@ -82,7 +82,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--decode-tokens", type=_count(0), default=0, help="decode steps after the prefill (default: %(default)s)"
     )
-    p.add_argument("--batch", type=_count(1), default=1, help="requests per batch (default: %(default)s)")
+    p.add_argument(
+        "--batch", type=_count(1), default=1, help="requests per batch, for the KV-cache memory (default: %(default)s)"
+    )
     p.add_argument(
         "--lm-head", choices=["last", "all"], default="last", help="prefill logits positions (default: last)"
     )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 from .cost import FlopBreakdown, LMHead, MemoryBreakdown, vlm_cost
@@ -24,8 +24,8 @@ class Candidate:
         spec: the VLM.
         visual_tokens: visual tokens per image the LLM sees (after token reduction).
         n_params: LLM parameters (the ``N`` the scaling law takes).
-        flops: FLOPs of one request (times ``batch``) by stage; ``flops.total`` is budgeted.
-        memory: weights and KV-cache bytes.
+        flops: FLOPs of one request by stage; ``flops.total`` is budgeted.
+        memory: weights and KV-cache bytes of a batch of ``batch`` requests.
         error: the scaling law's predicted error.
         within_budget: ``flops.total <= budget`` (and memory within its budget, if one was given).
     """
@@ -109,9 +109,9 @@ def _as_spec(candidate: VLMSpec | LLMSpec | str | Any, image_size: int | tuple[i
 
 def plan(
     budget_flops: float,
-    candidates: Sequence[VLMSpec | LLMSpec | str | Any] = PAPER_FAMILY,
+    candidates: Sequence[VLMSpec | LLMSpec | str | Any] | VLMSpec | LLMSpec | str = PAPER_FAMILY,
     *,
-    visual_tokens: Sequence[int] = DEFAULT_VISUAL_TOKENS,
+    visual_tokens: Sequence[int] | int = DEFAULT_VISUAL_TOKENS,
     text_tokens: int = 50,
     decode_tokens: int = 0,
     law: ScalingLaw = DEFAULT_LAW,
@@ -128,11 +128,12 @@ def plan(
     inference-optimal one under ``budget_flops``.
 
     Args:
-        budget_flops: FLOPs allowed per request (``batch`` requests), counted as in
-            ``tokenkern.planner.cost`` (matmul FLOPs, multiply-add = 2).
-        candidates: models: preset names (``PRESET_NAMES``), ``VLMSpec``, ``LLMSpec`` (LLM only)
-            or ``transformers`` configs. Default: the scaling-law paper's family.
-        visual_tokens: visual token counts to try per model; counts above a model's native
+        budget_flops: FLOPs allowed per request, counted as in ``tokenkern.planner.cost``
+            (matmul FLOPs, multiply-add = 2); ``batch`` only scales the memory.
+        candidates: models (or one model): preset names (``PRESET_NAMES``), ``VLMSpec``,
+            ``LLMSpec`` (LLM only) or ``transformers`` configs. Default: the scaling-law paper's
+            family.
+        visual_tokens: visual token counts (or one count) to try per model; counts above a model's native
             token count (what its vision tower + projector produce) are skipped.
         text_tokens: prompt text tokens ``Q`` in the prefill (0: text cached or absent).
         decode_tokens: decode steps after the prefill.
@@ -142,16 +143,25 @@ def plan(
             accounting options, see ``tokenkern.planner.cost.vlm_cost``.
         image_size: crop size in pixels for every model with a vision tower (default: each
             model's own).
-        memory_budget_bytes: if given, a candidate must also fit weights + KV cache in it.
+        memory_budget_bytes: if given, a candidate must also fit weights + the KV cache of
+            ``batch`` requests in it.
 
     Returns:
         A ``PlanResult``. Deterministic: same arguments, same result.
     """
     if not (isinstance(budget_flops, int | float) and budget_flops > 0 and math.isfinite(budget_flops)):
         raise ValueError(f"plan: budget_flops must be a positive finite number, got {budget_flops!r}")
+    if isinstance(visual_tokens, int):
+        visual_tokens = [visual_tokens]
+    if not isinstance(visual_tokens, Iterable) or any(
+        not isinstance(v, int) or isinstance(v, bool) or v < 1 for v in visual_tokens
+    ):
+        raise ValueError(f"plan: visual_tokens must be an int or a sequence of ints >= 1, got {visual_tokens!r}")
     tokens = sorted(set(visual_tokens))
-    if not tokens or any(not isinstance(v, int) or isinstance(v, bool) or v < 1 for v in tokens):
-        raise ValueError(f"plan: visual_tokens must be ints >= 1, got {list(visual_tokens)!r}")
+    if not tokens:
+        raise ValueError("plan: visual_tokens is empty")
+    if isinstance(candidates, str | VLMSpec | LLMSpec) or hasattr(candidates, "model_type"):
+        candidates = [candidates]
     specs = [_as_spec(c, image_size) for c in candidates]
     if not specs:
         raise ValueError("plan: no candidates")
@@ -162,6 +172,7 @@ def plan(
         for v in tokens:
             if native is not None and v > native:
                 continue
+            # FLOPs of one request (the budget's unit); memory of the whole batch.
             cost = vlm_cost(
                 spec,
                 v,
@@ -177,10 +188,11 @@ def plan(
             error = float(law(n_params, v))
             if not math.isfinite(error):
                 raise ValueError(f"plan: the scaling law returned {error} for {spec.name}, V={v}")
-            fits = cost.flops.total <= budget_flops
+            flops = FlopBreakdown(*(getattr(cost.flops, f.name) // batch for f in fields(FlopBreakdown)))
+            fits = flops.total <= budget_flops
             if memory_budget_bytes is not None:
                 fits = fits and cost.memory.total <= memory_budget_bytes
-            evaluated.append(Candidate(spec, v, n_params, cost.flops, cost.memory, error, fits))
+            evaluated.append(Candidate(spec, v, n_params, flops, cost.memory, error, fits))
     evaluated.sort(key=_frontier_key)
     feasible = [c for c in evaluated if c.within_budget]
     optimum = min(feasible, key=_optimum_key) if feasible else None

@@ -159,6 +159,8 @@ def fit_power_law(
     e = np.asarray(errors, dtype=np.float64)
     if not (n.shape == v.shape == e.shape) or n.ndim != 1 or len(n) < 2:
         raise ValueError("fit_power_law: n_params, visual_tokens, errors must be 1-D sequences of equal length >= 2")
+    if not (np.isfinite(n).all() and np.isfinite(v).all() and np.isfinite(e).all()):
+        raise ValueError("fit_power_law: n_params, visual_tokens and errors must be finite")
     if (n <= 0).any() or (v < 1).any():
         raise ValueError("fit_power_law: n_params must be > 0 and visual_tokens >= 1")
     log_n, log_v = np.log(n), np.log(v)
