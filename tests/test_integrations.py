@@ -6,11 +6,13 @@ remove() restores the model exactly, and the attention implementation stays SDPA
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import pytest
 import torch
 import transformers
+from testing import assert_rel_close
 
 import tokenkern
 
@@ -241,6 +243,79 @@ def test_padded_batch_equals_single_samples(tiny, which, gen):
         assert torch.equal(batched[i, -5:], alone[i][0, -5:]), f"sample {i}"
 
 
+@pytest.mark.parametrize("method", ["fastv", "sparsevlm", "ficoco-l"])
+def test_batch_with_an_unpruned_sample_equals_singles(method, gen):
+    """A text-only sample keeps every position, so the pruned batch is as long as the full
+    one; the image sample's logits must still equal its own run (hidden states are gathered
+    once, at the first pruned layer, whatever their length)."""
+    tiny = build("llava")
+    img_prompt = [1, 5, 6] + [IMAGE] * 16 + [7, 8, 9, 10]
+    txt_prompt = [1, 12, 13, 14, 15, 16, 17]
+    pixels = torch.randn(1, 3, 28, 28, generator=gen)
+
+    def last_logits(prompts, row):
+        ids, mask = _left_pad(prompts)
+        with torch.no_grad():
+            return tiny.model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits[row, -1]
+
+    with tokenkern.prune(tiny.model, method, keep=0.25, layer=2):
+        batched = last_logits([txt_prompt, img_prompt], 1)
+        alone = last_logits([img_prompt], 0)
+    assert_rel_close(batched, alone, 1e-5)
+
+
+@pytest.mark.parametrize(("method", "options"), [("fastv", {}), ("sparsevlm", {}), ("ficoco-l", {"layer": 2}),
+                                                 ("lofi", {"rank": 4}), ("fastervlm", {}), ("random", {})])  # fmt: skip
+@pytest.mark.parametrize("keep", [4, 0.25])
+def test_keep_is_per_image_with_two_images(method, options, keep, gen):
+    tiny = build("llava")
+    prompt = [1, 5, 6] + [IMAGE] * 16 + [7, 8] + [IMAGE] * 16 + [9, 10]
+    ids, mask = _left_pad([prompt])
+    image = ids[0] == IMAGE
+    with tokenkern.prune(tiny.model, method, keep=keep, **options) as handle, torch.no_grad():
+        tiny.model(input_ids=ids, attention_mask=mask, pixel_values=torch.randn(2, 3, 28, 28, generator=gen))
+        kept = handle.decoder.gather.idx[0][handle.decoder.gather.valid[0]]
+    kept_image = kept[image[kept]]
+    first = kept_image < 19
+    assert int(first.sum()) == 4 and int((~first).sum()) == 4, kept_image.tolist()
+
+
+def test_random_draws_differ_per_image_and_replay_per_prune(gen):
+    tiny = build("llava")
+    prompt = [1, 5, 6] + [IMAGE] * 16 + [7, 8] + [IMAGE] * 16 + [9, 10]
+    ids, mask = _left_pad([prompt])
+    pixels = torch.randn(2, 3, 28, 28, generator=gen)
+
+    def kept_positions(handle):
+        with torch.no_grad():
+            tiny.model(input_ids=ids, attention_mask=mask, pixel_values=pixels)
+        kept = handle.decoder.gather.idx[0]
+        return kept[(ids[0] == IMAGE)[kept]].tolist()
+
+    with tokenkern.prune(tiny.model, "random", keep=4, seed=3) as handle:
+        first, second = kept_positions(handle), kept_positions(handle)
+    offsets = [[p - 3 for p in first[:4]], [p - 21 for p in first[4:]]]
+    assert offsets[0] != offsets[1], "both images kept the same patches"
+    assert first != second, "every call drew the same patches"
+    with tokenkern.prune(tiny.model, "random", keep=4, seed=3) as handle:
+        assert kept_positions(handle) == first
+
+
+def test_a_failed_forward_leaves_no_stale_state(gen):
+    tiny = build("llava")
+    inputs = tiny.inputs(PROMPTS[:1], gen)
+    text_only = torch.tensor([[1, 5, 6, 7]])
+    with torch.no_grad():
+        want = tiny.model(input_ids=text_only).logits
+    with tokenkern.prune(tiny.model, "fastv", keep=0.25, layer=2) as handle, torch.no_grad():
+        handle.decoder.selector, selector = (lambda state: 1 / 0), handle.decoder.selector
+        with pytest.raises(ZeroDivisionError):
+            tiny.model(**inputs)
+        handle.decoder.selector = selector
+        assert torch.equal(tiny.model(input_ids=text_only).logits, want)
+        assert torch.isfinite(tiny.model(**inputs).logits).all()
+
+
 def test_remove_restores_bit_identical_outputs(tiny, gen):
     inputs = tiny.inputs(PROMPTS, gen)
     before = _forward(tiny.model, inputs)
@@ -277,6 +352,10 @@ def test_bad_calls():
         tokenkern.prune(tiny.model, "fastv", layer=9)
     with pytest.raises(ValueError, match="unknown options"):
         tokenkern.prune(tiny.model, "fastv", colour="blue")
+    with pytest.raises(ValueError, match="query must be 'last' or 'text'"):
+        tokenkern.prune(tiny.model, "fastv", query="txt")
+    with pytest.raises(ValueError, match=re.escape("layer for fastervlm must be in [-3, 3)")):
+        tokenkern.prune(tiny.model, "fastervlm", layer=7)
     with pytest.raises(ValueError, match="unsupported model class"):
         tokenkern.prune(torch.nn.Linear(2, 2), "fastv")
     qwen = build("qwen2_vl")

@@ -158,8 +158,12 @@ def test_prumerge_plus(gen):
     layer, feats = vision_inputs(gen, n=81)
     cfg = M.PruMergeConfig(keep=20, neighbours=6, extra_token=True)
     red, extra = M.prumerge_plus(feats, layer, cfg)
-    attn = eager_cls_attention(layer)
-    keys = layer.k[:, :, 1:].transpose(1, 2).flatten(2).double()
+    # PruMerge's attention: one softmax of full-width (all heads side by side) q.k / sqrt(C).
+    q_full = layer.q.double().transpose(1, 2).flatten(2)  # (B, 1 + N, C)
+    k_full = layer.k.double().transpose(1, 2).flatten(2)
+    attn = torch.softmax(q_full[:, 0:1] @ k_full.mT / math.sqrt(k_full.shape[-1]), dim=-1)[:, 0, 1:]
+    assert not torch.allclose(attn, eager_cls_attention(layer).double(), atol=1e-3)  # not the head mean
+    keys = k_full[:, 1:]
     for s in range(feats.shape[0]):
         a = attn[s].numpy()
         q1, q3 = np.percentile(a, 25), np.percentile(a, 75)
@@ -248,12 +252,29 @@ def test_tome_step_matches_bipartite_rule(gen):
     assert torch.equal(out[:, 0], x[:, 0])  # [CLS] protected
 
 
+@pytest.mark.parametrize(
+    ("n", "protect", "left"), [(5, False, 3), (6, False, 3), (5, True, 3), (6, True, 4), (1, False, 1)]
+)
+def test_tome_caps_r_at_half_of_the_unprotected_tokens(n, protect, left, gen):
+    """ToMe's r = min(r, (N - protected) // 2): a large r leaves ceil((N - protected) / 2)
+    tokens plus [CLS]."""
+    x = torch.randn(2, n, 8, generator=gen)
+    out, size = M.tome_merge(
+        x, torch.randn(2, n, 4, generator=gen), torch.ones(2, n), M.ToMeConfig(r=50, protect_cls=protect)
+    )
+    assert out.shape == (2, left, 8) and torch.equal(size.sum(-1), torch.full((2,), float(n)))
+
+
 def test_baselines(gen):
     x = torch.randn(3, 100, 8, generator=gen)
     a = M.random_select(x, M.RandomConfig(keep=0.1, seed=4))
     b = M.random_select(x, M.RandomConfig(keep=0.1, seed=4))
     c = M.random_select(x, M.RandomConfig(keep=0.1, seed=5))
     assert torch.equal(a.indices, b.indices) and not torch.equal(a.indices, c.indices)
+    gen4 = torch.Generator().manual_seed(4)
+    d = M.random_select(x, M.RandomConfig(keep=0.1), generator=gen4)  # a caller's generator
+    e = M.random_select(x, M.RandomConfig(keep=0.1), generator=gen4)  # advances: a new draw
+    assert torch.equal(d.indices, a.indices) and not torch.equal(d.indices, e.indices)
     assert a.indices.shape == (3, 10) and bool((a.indices[:, 1:] > a.indices[:, :-1]).all())
     u = M.uniform_select(x, M.UniformConfig(keep=4))
     assert u.indices.tolist() == [[22, 27, 72, 77]] * 3  # a 2 x 2 lattice on the 10 x 10 grid

@@ -137,7 +137,7 @@ def _vision_reducer(parts: VLMParts, method: str, keep, options):
             fn = lambda f: M.lofi(f.float(), cfg)  # noqa: E731
         elif method == "random":
             cfg = _config(M.RandomConfig, keep, options, ("seed",))
-            fn = lambda f: M.random_select(f, cfg)  # noqa: E731
+            fn = _random_per_image(cfg)
         else:
             cfg = _config(M.UniformConfig, keep, options, ())
             fn = lambda f: M.uniform_select(f, cfg)  # noqa: E731
@@ -168,7 +168,24 @@ def _vision_reducer(parts: VLMParts, method: str, keep, options):
         cfg = _config(M.FiCoCoVConfig, keep, options, ("topk",))
         fn = lambda f, layer: M.ficoco_v(f, layer.q, layer.k, layer.scale, cfg)  # noqa: E731
         layer_idx = int(options.pop("layer", default_layer))
+    if not -n <= layer_idx < n:
+        raise ValueError(f"tokenkern.prune: layer for {method} must be in [-{n}, {n}) (the vision tower's layers), "
+                         f"got {layer_idx}")  # fmt: skip
     return ClipReducer(parts.core, layers, parts.projector, layer_idx % n, fn)
+
+
+def _random_per_image(cfg):
+    """One generator per device, seeded with cfg.seed when prune() installs the hook: every
+    image of every call gets its own draw, and the sequence of draws replays after a new prune()."""
+    generators: dict[torch.device, torch.Generator] = {}
+
+    def fn(features: Tensor):
+        gen = generators.get(features.device)
+        if gen is None:
+            gen = generators[features.device] = torch.Generator(device=features.device).manual_seed(cfg.seed)
+        return M.random_select(features, cfg, generator=gen)
+
+    return fn
 
 
 def _llm_selector(method: str, keep, options):
@@ -198,18 +215,21 @@ def _llm_selector(method: str, keep, options):
         keep_mask = torch.ones_like(state.valid)
         hidden = state.hidden.clone()
         for s in range(state.image.shape[0]):  # visual/text counts may differ per sample
-            vis = (state.image[s] >= 0).nonzero().flatten()
             txt = state.text[s].nonzero().flatten()
-            if len(vis) == 0 or len(txt) == 0:
+            if len(txt) == 0:
                 continue
             q, k = state.q[s : s + 1], state.k[s : s + 1]
             if k.shape[1] != q.shape[1]:
                 k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-            red = M.ficoco_l(hidden[s : s + 1, vis], q[:, :, vis], k[:, :, vis], q[:, :, txt], k[:, :, txt],
-                             state.scale, cfg)  # fmt: skip
-            keep_mask[s, vis] = False
-            keep_mask[s, vis[red.indices[0]]] = True
-            hidden[s, vis[red.indices[0]]] = red.tokens[0].to(hidden.dtype)
+            for img in state.image[s].unique().tolist():  # keep is per image, merges stay inside it
+                if img < 0:
+                    continue
+                vis = (state.image[s] == img).nonzero().flatten()
+                red = M.ficoco_l(hidden[s : s + 1, vis], q[:, :, vis], k[:, :, vis], q[:, :, txt], k[:, :, txt],
+                                 state.scale, cfg)  # fmt: skip
+                keep_mask[s, vis] = False
+                keep_mask[s, vis[red.indices[0]]] = True
+                hidden[s, vis[red.indices[0]]] = red.tokens[0].to(hidden.dtype)
         return keep_mask, hidden
 
     return select

@@ -76,6 +76,10 @@ class DecoderPruner:
     # ------------------------------------------------------------------ decoder module
 
     def _lm_pre(self, module, args, kwargs):
+        # A forward that raised midway never reached _lm_post: forget its prefill.
+        self.prefill = None
+        if self.capture is not None:
+            self.capture.armed = False
         embeds = kwargs.get("inputs_embeds")
         if embeds is None:
             self.pending_image = None
@@ -144,7 +148,8 @@ class DecoderPruner:
     def _layer_pre(self, layer, args, kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]
         if self.prefill is not None:
-            if self.gather is None:
+            first = self.gather is None  # the first pruned layer: hidden is still full length
+            if first:
                 state = self.prefill
                 state.q, state.k = self.capture.take()
                 state.scale = self.scale
@@ -155,7 +160,7 @@ class DecoderPruner:
                     hidden = new_hidden
                 self.gather = Gather.from_mask(keep, state.valid)
             g = self.gather
-            if hidden.shape[1] == g.length:
+            if first:  # later layers receive the pruned hidden states (of any length, even g.length)
                 hidden = g.tokens(hidden)
             out = dict(kwargs)
             out["attention_mask"] = transform_mask(kwargs.get("attention_mask"), g.idx, g.idx, g.valid, True)

@@ -18,11 +18,12 @@ class RandomConfig:
     seed: int = 0
 
 
-def random_select(x: Tensor, cfg: RandomConfig) -> Reduction:
+def random_select(x: Tensor, cfg: RandomConfig, generator: torch.Generator | None = None) -> Reduction:
     """Keep k = keep_count(keep, N) tokens drawn uniformly without replacement, independently
-    per sample, from a generator seeded with cfg.seed on x's device. x: (B, N, D)."""
+    per sample, from ``generator`` (on x's device) or else a new one seeded with cfg.seed.
+    x: (B, N, D)."""
     b, n, _ = x.shape
-    gen = torch.Generator(device=x.device).manual_seed(cfg.seed)
+    gen = generator if generator is not None else torch.Generator(device=x.device).manual_seed(cfg.seed)
     scores = torch.rand(b, n, generator=gen, device=x.device)
     kept, idx = tokenkern.topk_gather(scores, x, keep_count(cfg.keep, n))
     return Reduction(idx, kept, scores=scores)

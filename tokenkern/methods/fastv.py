@@ -27,6 +27,10 @@ class FastVConfig:
     layer: int = 2  # prune after this many decoder layers (scores from layer K - 1)
     query: str = "last"  # "last" or "text"
 
+    def __post_init__(self) -> None:
+        if self.query not in ("last", "text"):
+            raise ValueError(f"tokenkern.fastv: query must be 'last' or 'text', got {self.query!r}")
+
 
 def fastv_scores(layer: DecoderLayer, query: str = "last") -> Tensor:
     """(B, L) float32: attention received by every position from the chosen queries."""

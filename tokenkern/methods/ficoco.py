@@ -51,8 +51,9 @@ def _concat_heads(t: Tensor) -> Tensor:
 
 
 def _head_mean_logits_rows(q: Tensor, k: Tensor, scale: float) -> Tensor:
-    """(B, Nq, Nk) = mean over heads of q . k^T * scale (the small matrices FiCoCo scores with)."""
-    return (_concat_heads(q) @ _concat_heads(k).mT) * (scale / q.shape[1])
+    """(B, Nq, Nk) float32 = mean over heads of q . k^T * scale (the small matrices FiCoCo scores
+    with; float32 so that 16-bit activations do not round distinct scores into ties)."""
+    return (_concat_heads(q).float() @ _concat_heads(k).float().mT) * (scale / q.shape[1])
 
 
 def ficoco_v(features: Tensor, q: Tensor, k: Tensor, scale: float, cfg: FiCoCoVConfig) -> Reduction:

@@ -28,6 +28,16 @@ class VisionLayer:
 
         return tokenkern.attn_scores(self.q[:, :, :1], self.k, scale=self.scale, key_start=1)
 
+    def cls_attention_full_width(self) -> Tensor:
+        """(B, N) float32: PruMerge's [CLS] attention: one softmax of the full-width products
+        ``q_cls . k_j / sqrt(H d)`` (the heads' q and k concatenated, as the released code
+        reads them off q_proj / k_proj), normalized over [CLS] + patches."""
+        b, h, n1, d = self.k.shape
+        q = self.q[:, :, 0].float().reshape(b, 1, h * d)
+        k = self.k.float().transpose(1, 2).reshape(b, n1, h * d)
+        logits = (q @ k.mT)[:, 0] * (h * d) ** -0.5
+        return torch.softmax(logits, dim=-1)[:, 1:]
+
     def mean_keys(self) -> Tensor:
         """(B, N, d) the patch keys averaged over heads (ToMe / VisionZip's similarity metric)."""
         return self.k[:, :, 1:].mean(dim=1)

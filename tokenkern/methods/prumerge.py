@@ -1,7 +1,9 @@
 """LLaVA-PruMerge+ in the vision tower before the projector, batched and without host sync.
 
 Rule: the [CLS] attention of the scoring layer (PruMerge: the last CLIP layer, whose q/k it
-hooks) ranks the patches. Outliers by the interquartile rule (attention > Q3 + 1.5 IQR, per
+hooks) ranks the patches; as in the released code it is a single softmax of the full-width
+products q_cls . k_j / sqrt(C), C = heads x head dim, not a mean of per-head softmaxes.
+Outliers by the interquartile rule (attention > Q3 + 1.5 IQR, per
 sample, linear-interpolated quartiles) are kept first, then spatially uniform patches
 (PruMerge+'s extra samples), then the next best by attention, up to the keep count. Each kept
 patch then adds its `neighbours` most key-similar other patches (cosine of the layer's
@@ -59,7 +61,7 @@ def prumerge_plus(features: Tensor, layer: VisionLayer, cfg: PruMergeConfig) -> 
     merged tokens, extra token (B, 1, D) or None)."""
     b, n, _ = features.shape
     k = keep_count(cfg.keep, n)
-    attn = layer.cls_attention()  # (B, N)
+    attn = layer.cls_attention_full_width()  # (B, N)
     uniform = torch.zeros(b, n, dtype=torch.bool, device=features.device)
     uniform[:, uniform_positions(n, k, features.device)] = True
     # Priority tiers: outliers (2), uniform samples (1), the rest (0); attention breaks ties.

@@ -9,6 +9,11 @@ recycle=True merges every dropped image token into its most similar kept image t
 same sample (cosine of hidden states, size-weighted mean: tokenkern.merge_tokens) instead of
 SparseVLM's DPC-kNN clustering of the recycled tokens into extra tokens — a documented
 simplification that keeps the token count equal to the keep count.
+
+Also simpler than the paper: ``tokenkern.prune`` offers every valid text token of the prompt
+(system prompt and chat markers included) as a rater candidate, where SparseVLM takes the
+question's tokens, and prunes once at layer K, where SparseVLM prunes progressively over several
+layers.
 """
 
 from __future__ import annotations

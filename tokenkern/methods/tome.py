@@ -24,7 +24,7 @@ def tome_merge(x: Tensor, keys_mean: Tensor, size: Tensor, cfg: ToMeConfig) -> t
     """x: (B, N, C) block output, keys_mean: (B, N, d) the block's keys averaged over heads,
     size: (B, N) -> (x, size) with min(r, mergeable) fewer tokens, [CLS] first when protected."""
     n = x.shape[1]
-    mergeable = (n + 1) // 2 - (1 if cfg.protect_cls else 0) if n > 1 else 0
+    mergeable = (n - (1 if cfg.protect_cls else 0)) // 2  # ToMe's cap: at most half of the rest
     r = max(0, min(cfg.r, mergeable))
     if r == 0:
         return x, size
