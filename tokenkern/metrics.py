@@ -245,7 +245,8 @@ def embedding_cosine(
     return _reduce(fn, torch.where(finite.to(cos.device), cos, float("nan")), m, reduction)
 
 
-def _token_matrix(fn: str, name: str, x: object, mask: object) -> Tensor:
+def _token_matrix(fn: str, name: str, x: object, mask: object) -> tuple[Tensor, Tensor | None]:
+    """-> (x as (B, N, D) float with masked-out rows zeroed, (B,) bool "has a row" or None)."""
     x = _float_tensor(fn, name, x, min_dim=2)
     if x.dim() == 2:
         x = x.unsqueeze(0)
@@ -259,8 +260,9 @@ def _token_matrix(fn: str, name: str, x: object, mask: object) -> Tensor:
         mname = name.replace("tokens", "mask")
         if not isinstance(mask, Tensor) or mask.dtype != torch.bool or mask.shape != x.shape[:2]:
             _fail(fn, f"{mname} must be a bool tensor of shape {tuple(x.shape[:2])} (B, N)")
-        x = torch.where(mask.to(x.device)[..., None], x, 0.0)
-    return x
+        mask = mask.to(x.device)
+        return torch.where(mask[..., None], x, 0.0), mask.any(-1)
+    return x, None
 
 
 def ipr_change(
@@ -282,24 +284,20 @@ def ipr_change(
     Returns a 0-dim float32 tensor ("mean") or (B,) ("none"); (unitless, IPR is in [1/r, 1]).
     """
     fn = "ipr_change"
-    full = _token_matrix(fn, "tokens_full", tokens_full, mask_full)
-    pruned = _token_matrix(fn, "tokens_pruned", tokens_pruned, mask_pruned)
+    full, has_full = _token_matrix(fn, "tokens_full", tokens_full, mask_full)
+    pruned, has_pruned = _token_matrix(fn, "tokens_pruned", tokens_pruned, mask_pruned)
     if full.shape[0] != pruned.shape[0] or full.shape[2] != pruned.shape[2]:
         _fail(fn, f"tokens_full (B, N, D) and tokens_pruned (B, K, D) must share B and D, got "
                   f"{tuple(full.shape)} and {tuple(pruned.shape)}")  # fmt: skip
-    delta = _ipr_of_rows(pruned, mask_pruned, rank) - _ipr_of_rows(full, mask_full, rank)
+    delta = _ipr_of_rows(pruned, has_pruned, rank) - _ipr_of_rows(full, has_full, rank)
     return _reduce(fn, delta, None, reduction)
 
 
-def _ipr_of_rows(x: Tensor, mask: Tensor | None, rank: int) -> Tensor:
+def _ipr_of_rows(x: Tensor, has_rows: Tensor | None, rank: int) -> Tensor:
     """spectral_ipr of each (masked, already zeroed) token matrix; NaN for a sample whose mask
     leaves no row (it has no spectrum, where a zero matrix's IPR would read 0)."""
     ipr = spectral_ipr(x, rank)
-    if mask is None:
-        return ipr
-    if mask.dim() == 1:
-        mask = mask.unsqueeze(0)
-    return torch.where(mask.to(ipr.device).any(-1), ipr, float("nan"))
+    return ipr if has_rows is None else torch.where(has_rows, ipr, float("nan"))
 
 
 # ---------------------------------------------------------------------------------- harness
@@ -489,13 +487,12 @@ def compare(
                 acc.setdefault("embedding_cosine", []).append(cos[emask])
                 sample_acc.setdefault("embedding_cosine", []).append(_per_sample(cos, emask))
             if "tokens" in full:
-                tf = _token_matrix(fn, "tokens_full", full["tokens"], full.get("tokens_mask"))
-                tp = _token_matrix(fn, "tokens_pruned", pruned["tokens"], pruned.get("tokens_mask"))
+                tf, has_f = _token_matrix(fn, "tokens_full", full["tokens"], full.get("tokens_mask"))
+                tp, has_p = _token_matrix(fn, "tokens_pruned", pruned["tokens"], pruned.get("tokens_mask"))
                 if not (tf.shape[0] == tp.shape[0] == lead[0]) or tf.shape[2] != tp.shape[2]:
                     _fail(fn, f"batch {i}: tokens_full (B, N, D) and tokens_pruned (B, K, D) must share D and the "
                               f"logits' B={lead[0]}, got {tuple(tf.shape)} and {tuple(tp.shape)}")  # fmt: skip
-                ipr_f = _ipr_of_rows(tf, full.get("tokens_mask"), rank)
-                ipr_p = _ipr_of_rows(tp, pruned.get("tokens_mask"), rank)
+                ipr_f, ipr_p = _ipr_of_rows(tf, has_f, rank), _ipr_of_rows(tp, has_p, rank)
                 for name, v in (("ipr_full", ipr_f), ("ipr_pruned", ipr_p), ("ipr_change", ipr_p - ipr_f)):
                     acc.setdefault(name, []).append(v)
                     sample_acc.setdefault(name, []).append(v)
