@@ -163,7 +163,7 @@ class DecoderPruner:
             if first:  # later layers receive the pruned hidden states (of any length, even g.length)
                 hidden = g.tokens(hidden)
             out = dict(kwargs)
-            out["attention_mask"] = transform_mask(kwargs.get("attention_mask"), g.idx, g.idx, g.valid, True)
+            out["attention_mask"] = transform_mask(kwargs.get("attention_mask"), g.idx, g.idx, g.valid, g.padded, True)
             pe = kwargs.get("position_embeddings")
             if pe is not None:
                 out["position_embeddings"] = tuple(g.tokens(t, dim=t.dim() - 2) for t in pe)
@@ -182,7 +182,7 @@ class DecoderPruner:
             extra = total - g.length
             out = dict(kwargs)
             out["attention_mask"] = transform_mask(
-                mask, None, g.columns(extra, hidden.device), g.column_valid(extra), False
+                mask, None, g.columns(extra, hidden.device), g.column_valid(extra), g.padded, False
             )
             return self._with_hidden(args, out, hidden)
         return None

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..methods.base import mask_to_indices
+
 
 def image_ids(input_ids: Tensor, image_token_id: int) -> Tensor:
     """(B, L) int64: the index (0, 1, ... per sample) of the image each placeholder token belongs
@@ -28,39 +30,39 @@ def text_after_first_image(image: Tensor, valid: Tensor) -> Tensor:
 @dataclass
 class Gather:
     """Positions kept in a pruned prefill: idx (B, L') into the original length L, left-padded
-    where a sample keeps fewer than L' positions; valid (B, L') False at that padding."""
+    where a sample keeps fewer than L' positions; valid (B, L') False at that padding.
+    padded: whether valid has a False (known on the host, so that the pruned layers' masks
+    need no further sync)."""
 
     idx: Tensor
     valid: Tensor
     length: int
+    padded: bool
 
     @property
     def kept_length(self) -> int:
         return self.idx.shape[1]
 
-    @property
-    def padded(self) -> bool:
-        return not bool(self.valid.all())
-
     @staticmethod
     def from_mask(keep: Tensor, valid: Tensor) -> Gather:
         """keep, valid: (B, L) bool (positions to keep; the original padding). One host sync
-        sizes the result."""
+        sizes the result and tells whether it is padded."""
         counts = keep.sum(dim=1)
-        kept = int(counts.max().item())
+        # Padded: a sample keeps fewer than the most, or keeps a position that was padding.
+        max_count = counts.max()
+        padded_any = (counts < max_count).any() | (keep & ~valid).any()
+        kept, padded = torch.stack([max_count, padded_any.long()]).tolist()
         b, length = keep.shape
-        pos = torch.arange(length, device=keep.device).expand(b, length)
         # Kept positions first in order, then the others; rotate each row so that the padding
         # (taken from the unkept positions) comes first: left padding.
-        key = torch.where(keep, pos, length + pos)
-        order = key.sort(dim=1).values % length
+        order = mask_to_indices(keep, length)
         shift = kept - counts  # padding slots at the front of each row
         slot = torch.arange(kept, device=keep.device).expand(b, kept)
         src = torch.where(slot >= shift[:, None], slot - shift[:, None], counts[:, None] + slot)
         src = src.clamp(max=length - 1)
         idx = order.gather(1, src)
         real = slot >= shift[:, None]
-        return Gather(idx, real & valid.gather(1, idx), length)
+        return Gather(idx, real & valid.gather(1, idx), length, bool(padded))
 
     def tokens(self, x: Tensor, dim: int = 1) -> Tensor:
         """Gather along `dim` (the sequence dimension) of x; a batch dimension of 1 (e.g. rotary
@@ -91,16 +93,19 @@ class Gather:
         return torch.cat([self.valid, torch.ones(b, extra, dtype=torch.bool, device=self.valid.device)], dim=1)
 
 
-def transform_mask(mask: Tensor | None, rows: Tensor | None, cols: Tensor, col_valid: Tensor, causal_rows: bool):
+def transform_mask(
+    mask: Tensor | None, rows: Tensor | None, cols: Tensor, col_valid: Tensor, padded: bool, causal_rows: bool
+):
     """Carry a layer's attention mask over to the pruned sequence.
 
     mask: None (causal SDPA without padding), a 4-D mask (B or 1, 1, Q, K) (bool = attend, or
     additive float), or a 2-D key-padding mask (B, K). rows: (B, Q') query positions kept
     (prefill) or None (decode); cols: (B, K') key positions kept; col_valid: (B, K') False at
-    added padding. causal_rows: whether a new mask must be causal (prefill)."""
+    added padding; padded: whether col_valid has a False (Gather.padded: no sync here).
+    causal_rows: whether a new mask must be causal (prefill)."""
     b, kk = cols.shape
     if mask is None:
-        if bool(col_valid.all()):
+        if not padded:
             return None
         q = rows.shape[1] if rows is not None else 1
         allowed = col_valid[:, None, None, :].expand(b, 1, q, kk)
