@@ -19,8 +19,6 @@ query is valid when query_mask allows it and at least one key is visible to it.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
@@ -28,7 +26,6 @@ import triton.language as tl
 from .utils import empty, interpreted, next_pow2
 
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 
 
 @triton.jit
@@ -270,7 +267,3 @@ def attention_scores(
         BLOCK=block, CHUNK=1024,
     )  # fmt: skip
     return scores
-
-
-def default_scale(d: int) -> float:
-    return 1.0 / math.sqrt(d)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -226,7 +225,3 @@ def load_dinov2_saliency(device: str | torch.device = "cpu", dtype: torch.dtype 
     model = Dinov2Saliency(cfg)
     model.load_state_dict(sd, strict=True)
     return model.eval().to(device=device, dtype=dtype)
-
-
-def patch_count(pixels: Tensor, patch: int = 14) -> int:
-    return math.prod(s // patch for s in pixels.shape[-2:])

@@ -7,8 +7,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .photos import to_model_input  # noqa: F401  (same crop as the model input)
-
 
 def _square_crop(rgb: np.ndarray, size: int = 224) -> np.ndarray:
     h, w = rgb.shape[:2]

@@ -35,7 +35,7 @@ from torch import Tensor
 
 import tokenkern
 
-from .base import Reduction, gather_tokens, keep_count
+from .base import Reduction, keep_count
 
 
 @dataclass
@@ -94,9 +94,9 @@ def ficoco_l(
     a_tv = _head_mean_logits_rows(q_text, k, scale)  # (B, T, V)
     redundancy = (0.6 * a_vv.sum(dim=-1) - 0.4 * a_vt.mean(dim=-1)).float()
     # Discard the most redundant (highest score): keep the lowest.
-    _, keep_idx = tokenkern.topk_gather(-redundancy, visual, keep)
+    kept, keep_idx = tokenkern.topk_gather(-redundancy, visual, keep)
     if keep == v:
-        return Reduction(keep_idx, gather_tokens(visual, keep_idx), scores=redundancy)
+        return Reduction(keep_idx, kept, scores=redundancy)
     p_vt = torch.softmax(a_vt.float(), dim=-1)  # visual -> text, over the text keys
     p_tv = torch.softmax(a_tv.float(), dim=-1)  # text -> visual, over the visual keys
     # C = 0.6 A_vv + 0.4 P_vt P_tv as one dot product: [0.6 q scale/H, 0.4 P_vt] . [k, P_tv^T].

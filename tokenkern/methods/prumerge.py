@@ -26,7 +26,7 @@ from torch import Tensor
 
 import tokenkern
 
-from .base import Reduction, keep_count
+from .base import Reduction, gather_tokens, keep_count
 from .baselines import uniform_positions
 from .inputs import VisionLayer
 
@@ -65,7 +65,8 @@ def prumerge_plus(features: Tensor, layer: VisionLayer, cfg: PruMergeConfig) -> 
     uniform = torch.zeros(b, n, dtype=torch.bool, device=features.device)
     uniform[:, uniform_positions(n, k, features.device)] = True
     # Priority tiers: outliers (2), uniform samples (1), the rest (0); attention breaks ties.
-    tier = 2 * iqr_outliers(attn).long() + (uniform & ~iqr_outliers(attn)).long()
+    outlier = iqr_outliers(attn)
+    tier = 2 * outlier.long() + (uniform & ~outlier).long()
     by_attn = torch.sort(attn, dim=1, descending=True, stable=True).indices
     by_tier = torch.sort(tier.gather(1, by_attn), dim=1, descending=True, stable=True).indices
     keep_idx = by_attn.gather(1, by_tier)[:, :k].sort(dim=1).values
@@ -76,7 +77,7 @@ def prumerge_plus(features: Tensor, layer: VisionLayer, cfg: PruMergeConfig) -> 
             combine="sum", assign="kept", validate=False,
         )  # fmt: skip
     else:
-        merged = features.gather(1, keep_idx[..., None].expand(-1, -1, features.shape[-1]))
+        merged = gather_tokens(features, keep_idx)
     extra = None
     if cfg.extra_token:
         pruned = torch.ones(b, n, device=features.device).scatter_(1, keep_idx, 0.0)

@@ -41,9 +41,9 @@ def visionzip(features: Tensor, layer: VisionLayer, cfg: VisionZipConfig) -> Red
     b, n, _ = features.shape
     dominant, contextual = split_counts(keep_count(cfg.keep, n), cfg.contextual_fraction)
     scores = layer.cls_attention()
-    _, dom_idx = tokenkern.topk_gather(scores, features, dominant)
+    dom_tokens, dom_idx = tokenkern.topk_gather(scores, features, dominant)
     if contextual == 0:
-        return Reduction(dom_idx, gather_tokens(features, dom_idx), scores=scores)
+        return Reduction(dom_idx, dom_tokens, scores=scores)
     is_dom = torch.zeros(b, n, dtype=torch.bool, device=features.device).scatter_(1, dom_idx, True)
     rest = n - dominant
     rest_idx = mask_to_indices(~is_dom, rest)  # (B, R) remaining positions, ascending
@@ -57,6 +57,6 @@ def visionzip(features: Tensor, layer: VisionLayer, cfg: VisionZipConfig) -> Red
         validate=False,
     )
     idx = torch.cat([dom_idx, rest_idx[:, targets]], dim=1)
-    tokens = torch.cat([gather_tokens(features, dom_idx), merged], dim=1)
+    tokens = torch.cat([dom_tokens, merged], dim=1)
     order = idx.argsort(dim=1)
     return Reduction(idx.gather(1, order), gather_tokens(tokens, order), scores=scores)
