@@ -57,8 +57,11 @@ def test_training_decreases_the_loss(gen):
 
 def test_scorer_learns_which_tokens_cannot_be_reconstructed(gen):
     """Tokens 0-3 are random, the other 12 are a fixed pattern plus small noise: only the
-    first four carry information, so a trained selector keeping 4 should keep them (random
-    subsets hold one of them on average) and reconstruct far better than random subsets."""
+    first four carry information, so a trained selector keeping 4 should keep them and
+    reconstruct far better than random subsets. A random 4-subset holds 1 of them on average
+    (standard error over 64 samples ~0.1). The model starts flat (no spread prior, which
+    alone would keep 2 of them here): over 60 fresh draws the untrained scorer kept 0.9-1.4,
+    the trained one 2.5-3.6 with error ratios to random 0.14-0.45."""
     pattern = torch.randn(N, D, generator=torch.Generator().manual_seed(2))
 
     def data(batch):
@@ -66,20 +69,27 @@ def test_scorer_learns_which_tokens_cannot_be_reconstructed(gen):
         x[:, :4] = 2 * torch.randn(batch, 4, D, generator=gen)
         return x
 
-    model = tiny()
+    def informative_kept(model, x) -> float:
+        _, idx, _ = model.select(x, 4)
+        return (idx < 4).sum(-1).double().mean().item()
+
+    torch.manual_seed(0)
+    model = ReconstructionSelector(
+        D, hidden=16, num_tokens=N, decoder_layers=1, heads=2, scorer_layers=0, spread_prior=0.0
+    )
     x = data(64)
     model.fit_normalization(x)
+    test = data(64)
+    untrained = informative_kept(model, test)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     for step in range(80):
         train_step(model, opt, x, 4, 0.5, seed=step, random_rows=16, noise_scale=max(0.1, 1 - step / 60))
-    model.eval()
-    test = data(64)
+    hits = informative_kept(model, test)
     _, idx, _ = model.select(test, 4)
-    hits = (idx < 4).sum(-1).double().mean().item()
     random_idx = torch.stack([torch.randperm(N, generator=gen)[:4].sort().values for _ in range(64)])
     err_sel = model.reconstruction_error(test, idx).mean().item()
     err_random = model.reconstruction_error(test, random_idx).mean().item()
-    assert hits >= 2.5, hits
+    assert hits >= 2.0 and hits >= untrained + 1.0, (untrained, hits)
     assert err_sel < 0.6 * err_random, (err_sel, err_random)
 
 
