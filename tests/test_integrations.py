@@ -15,6 +15,8 @@ import transformers
 from testing import assert_rel_close
 
 import tokenkern
+import tokenkern.methods as M
+from tokenkern.integrations.adapters import clip_layers, parts_of
 
 IMAGE = 127  # placeholder token id of the tiny LLaVA models
 VOCAB = 128
@@ -342,6 +344,29 @@ def test_llava_all_methods_run_and_prune(gen):
         assert tokens.shape[1] == full + 3, method
 
 
+def test_layer_defaults_come_from_the_method_configs(gen):
+    """prune()'s default layer is the config's: K for the LLM-side methods; for the CLIP
+    methods the layer feeding the projector (vision_feature_layer=-2 here) or prumerge+'s last."""
+    tiny = build("llava")
+    clip = clip_layers(parts_of(tiny.model).clip_tower)
+    expected = {"fastervlm": len(clip) - 2, "visionzip": len(clip) - 2, "ficoco-v": len(clip) - 2,
+                "prumerge+": len(clip) - 1}  # fmt: skip
+    for method, idx in expected.items():
+        with tokenkern.prune(tiny.model, method, keep=0.5) as handle:
+            assert handle.parts[0].capture.attn is clip[idx].self_attn, method
+        with tokenkern.prune(tiny.model, method, keep=0.5, layer=0) as handle:
+            assert handle.parts[0].capture.attn is clip[0].self_attn, method
+    inputs = tiny.inputs(PROMPTS[:1], gen)
+    length = inputs["input_ids"].shape[1]
+    for method, cfg in (("fastv", M.FastVConfig), ("sparsevlm", M.SparseVLMConfig)):
+        seen, hooks = _layer_lengths(tiny.model)
+        with tokenkern.prune(tiny.model, method, keep=0.25):
+            _forward(tiny.model, inputs)
+        for h in hooks:
+            h.remove()
+        assert seen[: cfg.layer] == [length] * cfg.layer and seen[cfg.layer] < length, (method, seen)
+
+
 def test_bad_calls():
     tiny = build("llava")
     with pytest.raises(ValueError, match="unknown method"):
@@ -363,6 +388,16 @@ def test_bad_calls():
         tokenkern.prune(qwen.model, "visionzip")
     # A failed call leaves nothing installed.
     assert not tiny.model.model.language_model._forward_pre_hooks
+    # One method at a time: a second prune() is refused until the first handle is removed.
+    handle = tokenkern.prune(tiny.model, "visionzip", keep=0.5)
+    with pytest.raises(ValueError, match="already prunes with 'visionzip'"):
+        tokenkern.prune(tiny.model, "fastv")
+    handle.remove()
+    handle.remove()  # idempotent
+    with tokenkern.prune(tiny.model, "fastv", keep=0.5):
+        pass
+    assert not tiny.model.model.language_model._forward_pre_hooks
+    assert "_tokenkern_prune_handle" not in vars(tiny.model)
 
 
 def _rotary_seen(model, layer_idx):

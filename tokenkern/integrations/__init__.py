@@ -9,6 +9,10 @@ Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration (transformer
 | lofi, random, uniform | vision | each image's features after the projector | all |
 | fastervlm, visionzip, prumerge+, ficoco-v | vision | projector input, scored by a CLIP layer | LLaVA-1.5 |
 
+Option `layer` (the methods' config field) picks the layer: K for the LLM-side methods (defaults
+fastv 2, sparsevlm 2, ficoco-l 4), the CLIP layer otherwise (default: the layer that feeds the
+projector, the model's vision_feature_layer; prumerge+: the last).
+
 The model keeps its attention implementation (SDPA, FlashAttention 2 or eager): scores come
 from tokenkern's ops on the q/k that the layer computed anyway, captured by hooks. Pruning
 happens at prefill; generate() works (the KV cache of the pruned layers holds only kept tokens;
@@ -35,6 +39,7 @@ POST_PROJECTOR_METHODS = ("lofi", "random", "uniform")
 CLIP_METHODS = ("fastervlm", "visionzip", "prumerge+", "ficoco-v")
 METHODS = LLM_METHODS + POST_PROJECTOR_METHODS + CLIP_METHODS
 ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3")
+_INSTALLED = "_tokenkern_prune_handle"  # the model attribute naming the handle installed on it
 
 
 @dataclass
@@ -55,6 +60,8 @@ class PruneHandle:
         for part in reversed(self.parts):
             part.remove()
         self.parts = []
+        if getattr(self.model, _INSTALLED, None) is self:
+            delattr(self.model, _INSTALLED)
 
     def __enter__(self) -> PruneHandle:
         return self
@@ -82,16 +89,19 @@ def prune(model: nn.Module, method: str = "fastv", keep: float | int = 0.25, **o
         raise ValueError(f"tokenkern.prune: unknown method {method!r}; choose from {', '.join(METHODS)}")
     M.keep_count(keep, 1)  # validates keep
     parts = parts_of(model)
+    installed = getattr(model, _INSTALLED, None)
+    if installed is not None:
+        raise ValueError(f"tokenkern.prune: the model already prunes with {installed.method!r}; call remove() on "
+                         "that handle (or leave its with-block) before installing another method")  # fmt: skip
     impl = getattr(model.config, "_attn_implementation", None)
     if impl not in ATTENTION_IMPLEMENTATIONS:
         raise ValueError(f"tokenkern.prune: attention implementation {impl!r} is not supported; use one of "
                          f"{ATTENTION_IMPLEMENTATIONS}")  # fmt: skip
     handle = PruneHandle(model, method, keep)
     if method in LLM_METHODS:
-        layer = int(options.pop("layer", {"fastv": 2, "sparsevlm": 2, "ficoco-l": 4}[method]))
+        selector, layer = _llm_selector(method, keep, options)
         if not 1 <= layer < len(parts.layers):
             raise ValueError(f"tokenkern.prune: layer must be in [1, {len(parts.layers) - 1}], got {layer}")
-        selector = _llm_selector(method, keep, options)
         decoder = DecoderPruner(parts.language_model, parts.layers, layer, selector, parts.rotary(layer - 1))
     else:
         reducer = _vision_reducer(parts, method, keep, options)
@@ -107,6 +117,7 @@ def prune(model: nn.Module, method: str = "fastv", keep: float | int = 0.25, **o
         raise ValueError(f"tokenkern.prune: unknown options for {method}: {sorted(options)}")
     handle.parts.append(decoder)
     handle.parts.append(_Hook(parts.core.register_forward_pre_hook(_image_finder(parts, decoder), with_kwargs=True)))
+    object.__setattr__(model, _INSTALLED, handle)  # a plain attribute: not a submodule, not in state_dict
     return handle
 
 
@@ -153,21 +164,18 @@ def _vision_reducer(parts: VLMParts, method: str, keep, options):
     feature_layer = parts.vision_feature_layer if parts.vision_feature_layer is not None else -2
     default_layer = (n + feature_layer) % n if feature_layer < 0 else feature_layer - 1
     if method == "fastervlm":
-        cfg = _config(M.FasterVLMConfig, keep, options, ())
+        cfg = _config(M.FasterVLMConfig, keep, options, ("layer",))
         fn = lambda f, layer: M.fastervlm(f, layer, cfg)  # noqa: E731
-        layer_idx = int(options.pop("layer", default_layer))
     elif method == "visionzip":
-        cfg = _config(M.VisionZipConfig, keep, options, ("contextual_fraction",))
+        cfg = _config(M.VisionZipConfig, keep, options, ("contextual_fraction", "layer"))
         fn = lambda f, layer: M.visionzip(f, layer, cfg)  # noqa: E731
-        layer_idx = int(options.pop("layer", default_layer))
     elif method == "prumerge+":
-        cfg = _config(M.PruMergeConfig, keep, options, ("neighbours",))
+        cfg = _config(M.PruMergeConfig, keep, options, ("neighbours", "layer"))
         fn = lambda f, layer: M.prumerge_plus(f, layer, cfg)[0]  # noqa: E731
-        layer_idx = int(options.pop("layer", n - 1))
     else:
-        cfg = _config(M.FiCoCoVConfig, keep, options, ("topk",))
+        cfg = _config(M.FiCoCoVConfig, keep, options, ("topk", "layer"))
         fn = lambda f, layer: M.ficoco_v(f, layer.q, layer.k, layer.scale, cfg)  # noqa: E731
-        layer_idx = int(options.pop("layer", default_layer))
+    layer_idx = int(default_layer if cfg.layer is None else cfg.layer)
     if not -n <= layer_idx < n:
         raise ValueError(f"tokenkern.prune: layer for {method} must be in [-{n}, {n}) (the vision tower's layers), "
                          f"got {layer_idx}")  # fmt: skip
@@ -189,16 +197,17 @@ def _random_per_image(cfg):
 
 
 def _llm_selector(method: str, keep, options):
+    """-> (select(state) -> (keep mask, merged hidden or None), the decoder layer K)."""
     if method == "fastv":
-        cfg = _config(M.FastVConfig, keep, options, ("query",))
+        cfg = _config(M.FastVConfig, keep, options, ("query", "layer"))
 
         def select(state: PrefillState):
             layer = M.DecoderLayer(state.q, state.k, state.scale, state.valid, state.image, state.text)
             return M.fastv(layer, cfg)[0], None
 
-        return select
+        return select, int(cfg.layer)
     if method == "sparsevlm":
-        cfg = _config(M.SparseVLMConfig, keep, options, ("recycle",))
+        cfg = _config(M.SparseVLMConfig, keep, options, ("recycle", "layer"))
 
         def select(state: PrefillState):
             layer = M.DecoderLayer(state.q, state.k, state.scale, state.valid, state.image, state.text)
@@ -208,8 +217,8 @@ def _llm_selector(method: str, keep, options):
             hidden = _recycle(state.hidden, state.image, keep_mask) if cfg.recycle else None
             return keep_mask, hidden
 
-        return select
-    cfg = _config(M.FiCoCoLConfig, keep, options, ("topk",))
+        return select, int(cfg.layer)
+    cfg = _config(M.FiCoCoLConfig, keep, options, ("topk", "layer"))
 
     def select(state: PrefillState):
         keep_mask = torch.ones_like(state.valid)
@@ -232,7 +241,7 @@ def _llm_selector(method: str, keep, options):
                 hidden[s, vis[red.indices[0]]] = red.tokens[0].to(hidden.dtype)
         return keep_mask, hidden
 
-    return select
+    return select, int(cfg.layer)
 
 
 def _recycle(hidden: Tensor, image: Tensor, keep_mask: Tensor) -> Tensor:

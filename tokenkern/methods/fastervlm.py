@@ -17,7 +17,7 @@ from .inputs import VisionLayer
 @dataclass
 class FasterVLMConfig:
     keep: float | int = 0.25
-    layer: int = -2  # the vision layer whose [CLS] attention scores the patches
+    layer: int | None = None  # CLIP layer whose q/k score the patches; None: the one feeding the projector
 
 
 def fastervlm(features: Tensor, layer: VisionLayer, cfg: FasterVLMConfig) -> Reduction:

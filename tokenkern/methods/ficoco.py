@@ -42,7 +42,7 @@ from .base import Reduction, keep_count
 class FiCoCoVConfig:
     keep: float | int = 0.25
     topk: int = 2
-    layer: int = 11
+    layer: int | None = None  # CLIP layer whose q/k score the patches; None: the one feeding the projector
 
 
 def _concat_heads(t: Tensor) -> Tensor:
@@ -78,7 +78,7 @@ def ficoco_v(features: Tensor, q: Tensor, k: Tensor, scale: float, cfg: FiCoCoVC
 class FiCoCoLConfig:
     keep: float | int = 0.25
     topk: int = 2
-    layer: int = 4
+    layer: int = 4  # prune after this many decoder layers (scores from layer K - 1)
 
 
 def ficoco_l(

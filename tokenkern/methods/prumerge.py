@@ -35,7 +35,7 @@ from .inputs import VisionLayer
 class PruMergeConfig:
     keep: float | int = 0.25
     neighbours: int = 32
-    layer: int = -1
+    layer: int = -1  # CLIP layer whose q/k score the patches (the paper: the last)
     extra_token: bool = False
 
 

@@ -32,7 +32,7 @@ from .inputs import DecoderLayer
 @dataclass
 class SparseVLMConfig:
     keep: float | int = 0.25
-    layer: int = 2
+    layer: int = 2  # prune after this many decoder layers (scores from layer K - 1)
     recycle: bool = False
 
 

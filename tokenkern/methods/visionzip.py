@@ -28,7 +28,7 @@ from .inputs import VisionLayer
 class VisionZipConfig:
     keep: float | int = 64 / 576  # dominant + contextual (VisionZip's 64-token setting)
     contextual_fraction: float = 10 / 64  # 54 dominant + 10 contextual of 64
-    layer: int = -2
+    layer: int | None = None  # CLIP layer whose q/k score the patches; None: the one feeding the projector
 
 
 def split_counts(total: int, contextual_fraction: float) -> tuple[int, int]:
