@@ -226,6 +226,25 @@ def test_generate_after_pruning(tiny, which, gen):
 
 
 @pytest.mark.parametrize("which", [0, 1])
+def test_hand_written_decoding_loop_matches_generate(tiny, which, gen):
+    """A loop that feeds one token and the cache per step, with no attention mask and no
+    position ids, computes the logits generate() does: each step keeps its place in the full
+    sequence although the pruned cache is shorter (Qwen2-VL derives it from the cache length)."""
+    method = _methods(tiny)[which]
+    inputs = tiny.inputs(PROMPTS[:1], gen)
+    with tokenkern.prune(tiny.model, method, keep=0.25, **_options(tiny, method)), torch.no_grad():
+        ref = tiny.model.generate(**inputs, max_new_tokens=4, do_sample=False, min_new_tokens=4,
+                                  output_logits=True, return_dict_in_generate=True)  # fmt: skip
+        out = tiny.model(**inputs, use_cache=True)
+        logits = [out.logits[:, -1]]
+        for _ in range(3):
+            step = logits[-1].argmax(-1, keepdim=True)
+            out = tiny.model(input_ids=step, past_key_values=out.past_key_values, use_cache=True)
+            logits.append(out.logits[:, -1])
+    assert_rel_close(torch.stack(logits, 1), torch.stack(ref.logits, 1), 1e-5)
+
+
+@pytest.mark.parametrize("which", [0, 1])
 def test_padded_batch_equals_single_samples(tiny, which, gen):
     method = _methods(tiny)[which]
     batch = tiny.inputs(PROMPTS, gen)
