@@ -84,7 +84,7 @@ def prune(model: nn.Module, method: str = "fastv", keep: float | int = 0.25, **o
     keep: a fraction in (0, 1] or an absolute token count, per image. options: the method's
     config fields (e.g. layer=2 and query="last" for fastv; rank for lofi; seed for random;
     contextual_fraction for visionzip; neighbours for prumerge+; topk for ficoco-v/l;
-    recycle for sparsevlm)."""
+    recycle for sparsevlm). One method per model: remove() the handle before installing another."""
     if method not in METHODS:
         raise ValueError(f"tokenkern.prune: unknown method {method!r}; choose from {', '.join(METHODS)}")
     M.keep_count(keep, 1)  # validates keep
