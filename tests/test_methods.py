@@ -230,6 +230,12 @@ def test_ficoco_l(gen):
             top = row.argsort(descending=True, stable=True)[:3]
             out[top] += (row[top] / row[top].sum())[:, None] * visual[s, i].double()
         assert_rel_close(red.tokens[s], out, 1e-5)
+    # GQA: keys with H/2 heads read as each key head repeated for its two query heads.
+    k2, kt2 = k[:, ::2], kt[:, ::2]
+    gqa = M.ficoco_l(visual, q, k2, qt, kt2, scale, M.FiCoCoLConfig(keep=25, topk=3))
+    mha = M.ficoco_l(visual, q, k2.repeat_interleave(2, 1), qt, kt2.repeat_interleave(2, 1), scale,
+                     M.FiCoCoLConfig(keep=25, topk=3))  # fmt: skip
+    assert torch.equal(gqa.indices, mha.indices) and torch.equal(gqa.tokens, mha.tokens)
 
 
 def test_lofi_keeps_the_exact_leverage_top_k(gen):

@@ -31,10 +31,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .topk_gather import selection_key, topk_threshold
+from .topk_gather import MAX_CHUNK, selection_key, topk_threshold
 from .utils import empty, next_pow2
 
-_MAX_CHUNK = 4096
 _NOISE_BLOCK = 1024
 
 
@@ -246,7 +245,7 @@ def gumbel_topk(
     noise_out = empty(batch, n, dtype=torch.float32, device=logits.device) if return_noise else None
     if batch == 0:
         return out, noise_out
-    chunk = min(max(next_pow2(n), 16), _MAX_CHUNK)
+    chunk = min(max(next_pow2(n), 16), MAX_CHUNK)
     single = n <= chunk
     z = out if hard or single else empty(batch, n, dtype=torch.float32, device=logits.device)
     _gumbel_topk_kernel[(batch,)](
@@ -283,7 +282,7 @@ def gumbel_topk_backward(grad: torch.Tensor, logits: torch.Tensor, k: int, tau: 
     through the relaxation (either value of hard). One fused launch for N <= 4096; longer rows
     use the torch backward on the same noise."""
     batch, n = logits.shape
-    if n > _MAX_CHUNK:
+    if n > MAX_CHUNK:
         from .._cpu import gumbel as cpu_gumbel
 
         z = logits.float() + noise(batch, n, seed, logits.device)

@@ -18,7 +18,7 @@ import triton.language as tl
 
 from .utils import empty, interpreted, next_pow2
 
-_MAX_CHUNK = 4096
+MAX_CHUNK = 4096  # the most elements of a row one program loads at a time
 
 
 @triton.jit
@@ -141,7 +141,7 @@ def topk_gather(
     indices = empty(batch, k, dtype=torch.int64, device=x.device)
     if batch == 0:
         return kept, indices
-    chunk = min(max(next_pow2(n), 16), _MAX_CHUNK)
+    chunk = min(max(next_pow2(n), 16), MAX_CHUNK)
     # The interpreter runs programs one after another: fewer, larger ones there.
     if block_rows is None:
         block_rows = 1024 if interpreted() else 32

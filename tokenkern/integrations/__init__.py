@@ -252,8 +252,6 @@ def _llm_selector(method: str, keep, options):
             if len(txt) == 0:
                 continue
             q, k = state.q[s : s + 1], state.k[s : s + 1]
-            if k.shape[1] != q.shape[1]:
-                k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
             for img in state.image[s].unique().tolist():  # keep is per image, merges stay inside it
                 if img < 0:
                     continue

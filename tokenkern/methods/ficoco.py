@@ -86,7 +86,11 @@ def ficoco_l(
 ) -> Reduction:
     """visual: (B, V, D) decoder hidden states of the visual tokens; q, k: (B, H, V, d) their
     queries and keys at the layer; q_text, k_text: (B, H, T, d) those of the text tokens (the
-    instruction). Reduces the V visual tokens to keep_count(keep, V)."""
+    instruction); keys may have fewer heads (GQA: query head h reads key head h // (H / Hkv)).
+    Reduces the V visual tokens to keep_count(keep, V)."""
+    if k.shape[1] != q.shape[1]:
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        k_text = k_text.repeat_interleave(q.shape[1] // k_text.shape[1], dim=1)
     v = visual.shape[1]
     keep = keep_count(cfg.keep, v)
     a_vv = _head_mean_logits_rows(q, k, scale)  # (B, V, V)

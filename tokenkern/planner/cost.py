@@ -64,7 +64,12 @@ def llm_linear_flops_per_token(llm: LLMSpec) -> int:
 
 def llm_attention_flops(llm: LLMSpec, queries: int, keys: int) -> int:
     """``QK^T`` plus ``PV`` over all layers for a ``queries x keys`` score rectangle."""
-    return llm.layers * 2 * (2 * llm.heads * queries * keys * llm.dh)
+    return _score_pair_flops(llm, queries * keys)
+
+
+def _score_pair_flops(llm: LLMSpec, pairs: int) -> int:
+    """``QK^T`` plus ``PV`` over all layers for ``pairs`` (query, key) scores."""
+    return llm.layers * 2 * (2 * llm.heads * pairs * llm.dh)
 
 
 def lm_head_flops(llm: LLMSpec, positions: int) -> int:
@@ -92,7 +97,7 @@ def llm_forward_flops(
     keys = past_tokens + new_tokens
     if causal_skip:
         # sum over query rows of the keys each one sees; exact integer arithmetic
-        attn = llm.layers * 4 * llm.heads * llm.dh * (new_tokens * past_tokens + new_tokens * (new_tokens + 1) // 2)
+        attn = _score_pair_flops(llm, new_tokens * past_tokens + new_tokens * (new_tokens + 1) // 2)
     else:
         attn = llm_attention_flops(llm, new_tokens, keys)
     return linear + attn + lm_head_flops(llm, _lm_head_positions(lm_head, new_tokens))
@@ -117,7 +122,7 @@ def llm_decode_flops(llm: LLMSpec, prompt_tokens: int, decode_tokens: int) -> in
     per_step = llm_linear_flops_per_token(llm) + lm_head_flops(llm, 1)
     # step i sees prompt + i + 1 keys: sum_i (prompt + 1 + i) = n (prompt + 1) + n (n - 1) / 2
     keys_total = n * (prompt_tokens + 1) + n * (n - 1) // 2
-    return n * per_step + llm.layers * 4 * llm.heads * llm.dh * keys_total
+    return n * per_step + _score_pair_flops(llm, keys_total)
 
 
 def vision_flops(vision: VisionSpec) -> int:
