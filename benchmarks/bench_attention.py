@@ -16,7 +16,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEVICE, HAS_CUDA
+from conftest import DEVICE, HAS_CUDA, torch_topk_gather
 
 import tokenkern
 from tokenkern import reference
@@ -30,8 +30,7 @@ def eager_attn_topk(q, k, x, n_keep, key_start, key_end, causal):
         keep = torch.ones(nq, nk, dtype=torch.bool, device=q.device).tril(nk - nq)
         s = s.masked_fill(~keep, float("-inf"))
     scores = torch.softmax(s, dim=-1).mean(dim=(1, 2))[:, key_start:key_end]
-    idx = scores.topk(n_keep, dim=-1).indices.sort(dim=-1).values
-    return x.gather(1, idx[..., None].expand(-1, -1, x.shape[-1])), idx, scores
+    return *torch_topk_gather(scores, x, n_keep), scores
 
 
 _compiled = torch.compile(eager_attn_topk, dynamic=False)
@@ -42,8 +41,7 @@ def colreduce_attn_topk(q, k, x, n_keep, key_start, key_end, causal):
 
     scores = flash_colreduce(q, k, "sum", is_causal=causal).float().sum(dim=1) / (q.shape[1] * q.shape[2])
     scores = scores[:, key_start:key_end]
-    idx = scores.topk(n_keep, dim=-1).indices.sort(dim=-1).values
-    return x.gather(1, idx[..., None].expand(-1, -1, x.shape[-1])), idx, scores
+    return *torch_topk_gather(scores, x, n_keep), scores
 
 
 # name: (B, Hq, Hkv, Nq, Nk, d, key_start, key_end, D of x, causal)

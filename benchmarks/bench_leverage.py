@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DEVICE, HAS_CUDA, copy_bandwidth
+from conftest import DEVICE, HAS_CUDA, copy_bandwidth, torch_topk_gather
 
 import tokenkern
 
@@ -27,16 +27,14 @@ else:  # smoke mode on CPU
 def exact_topk(x: torch.Tensor, k: int):
     u = torch.linalg.svd(x.float(), full_matrices=False).U[..., :RANK]
     scores = (u * u).sum(-1)
-    idx = scores.topk(k, dim=-1).indices.sort(dim=-1).values
-    return x.gather(1, idx[..., None].expand(-1, -1, x.shape[-1])), idx, scores
+    return *torch_topk_gather(scores, x, k), scores
 
 
 def lowrank_topk(x: torch.Tensor, k: int):
     u, _, _ = torch.svd_lowrank(x.float(), q=RANK + OVERSAMPLE, niter=POWER_ITERS)
     u = u[..., :RANK]
     scores = (u * u).sum(-1)
-    idx = scores.topk(k, dim=-1).indices.sort(dim=-1).values
-    return x.gather(1, idx[..., None].expand(-1, -1, x.shape[-1])), idx, scores
+    return *torch_topk_gather(scores, x, k), scores
 
 
 IMPLS = {

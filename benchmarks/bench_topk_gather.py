@@ -4,16 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DEVICE, HAS_CUDA
+from conftest import DEVICE, HAS_CUDA, torch_topk_gather
 
 import tokenkern
 
 SHAPES = [(b, n, d) for b in (1, 8) for n in (576, 2880) for d in (1024, 4096)] if HAS_CUDA else [(2, 576, 256)]
-
-
-def torch_topk_gather(scores, x, k):
-    idx = scores.topk(k, dim=-1).indices.sort(dim=-1).values
-    return x.gather(1, idx[..., None].expand(-1, -1, x.shape[-1])), idx
 
 
 IMPLS = {"tokenkern": tokenkern.topk_gather, "torch": torch_topk_gather}

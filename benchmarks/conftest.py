@@ -54,6 +54,13 @@ def pytest_benchmark_update_machine_info(config, machine_info):
         machine_info["copy_bandwidth_GBps"] = round(copy_bandwidth() / 1e9, 1)
 
 
+def torch_topk_gather(scores: torch.Tensor, x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The baseline every suite compares the fused select+gather with: torch.topk, sort,
+    gather. scores: (B, N); x: (B, N, D) -> kept (B, k, D), indices (B, k) ascending."""
+    idx = scores.topk(k, dim=-1).indices.sort(dim=-1).values
+    return x.gather(1, idx[..., None].expand(-1, -1, x.shape[-1])), idx
+
+
 def synchronize() -> None:
     if HAS_CUDA:
         torch.cuda.synchronize()

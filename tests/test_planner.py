@@ -622,3 +622,8 @@ def test_cli_parse_flops():
 
     assert parse_flops("2e12") == 2e12 and parse_flops("2T") == 2e12 and parse_flops("800 GFLOPs") == 8e11
     assert parse_flops("1.5p") == 1.5e15
+    import argparse
+
+    for bad in ("", "T", "1.2.3T", "2X", "-1T", "0"):
+        with pytest.raises(argparse.ArgumentTypeError, match=r"FLOPs count|must be > 0"):
+            parse_flops(bad)

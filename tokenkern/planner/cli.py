@@ -17,9 +17,12 @@ _SUFFIX = {"": 1.0, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15, "E": 1e1
 def parse_flops(text: str) -> float:
     """``'2e12'``, ``'2T'``, ``'2.5 TFLOPs'``, ``'800G'`` -> FLOPs."""
     m = re.fullmatch(r"\s*([0-9.]+(?:[eE][+-]?[0-9]+)?)\s*([KMGTPE]?)(?:FLOPS?|F)?\s*", text, flags=re.IGNORECASE)
-    if not m:
+    try:
+        value = float(m.group(1)) * _SUFFIX[m.group(2).upper()] if m else None
+    except ValueError:  # e.g. "1.2.3T"
+        value = None
+    if value is None:
         raise argparse.ArgumentTypeError(f"not a FLOPs count: {text!r} (examples: 2e12, 2T, 800G)")
-    value = float(m.group(1)) * _SUFFIX[m.group(2).upper()]
     if value <= 0:
         raise argparse.ArgumentTypeError(f"the budget must be > 0, got {text!r}")
     return value
