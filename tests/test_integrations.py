@@ -386,6 +386,26 @@ def test_layer_defaults_come_from_the_method_configs(gen):
         assert seen[: cfg.layer] == [length] * cfg.layer and seen[cfg.layer] < length, (method, seen)
 
 
+def test_cls_methods_refuse_a_tower_without_cls():
+    """A SigLIP tower has no [CLS]: the [CLS]-attention methods refuse it when installed, naming
+    the tower; the other methods still prune."""
+    torch.manual_seed(0)
+    vision = transformers.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                             num_attention_heads=4, image_size=28, patch_size=7)  # fmt: skip
+    cfg = transformers.LlavaConfig(vision_config=vision, text_config=_llama(), image_token_index=IMAGE,
+                                   vision_feature_layer=-2, vision_feature_select_strategy="full")  # fmt: skip
+    model = transformers.LlavaForConditionalGeneration(cfg).eval()
+    for method in ("fastervlm", "visionzip", "prumerge+", "ficoco-v"):
+        with pytest.raises(ValueError, match=f"{re.escape(method)} reads a CLIP tower.*SiglipVisionModel tower"):
+            tokenkern.prune(model, method)
+    ids = torch.tensor([[1] + [IMAGE] * 16 + [5, 6, 7]])
+    with tokenkern.prune(model, "lofi", keep=0.25, rank=4), torch.no_grad():
+        logits = model(
+            input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=torch.randn(1, 3, 28, 28)
+        ).logits
+    assert logits.shape[1] == ids.shape[1] - 12
+
+
 def test_bad_calls():
     tiny = build("llava")
     with pytest.raises(ValueError, match="unknown method"):

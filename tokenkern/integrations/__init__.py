@@ -178,10 +178,11 @@ def _vision_reducer(parts: VLMParts, method: str, keep, options):
             fn = lambda f: M.uniform_select(f, cfg)  # noqa: E731
         return PostProjectorReducer(parts.core, fn)
     if parts.clip_tower is None or parts.projector is None:
+        tower = type(getattr(parts.core, "vision_tower", getattr(parts.core, "visual", None))).__name__
         raise ValueError(
             f"tokenkern.prune: {method} reads a CLIP tower's [CLS] attention and is supported on "
-            f"LlavaForConditionalGeneration with a CLIP tower; for {parts.name} use one of "
-            f"{', '.join(POST_PROJECTOR_METHODS + LLM_METHODS)}"
+            f"LlavaForConditionalGeneration with a CLIPVisionModel tower; this {parts.name} has a {tower} "
+            f"tower; use one of {', '.join(POST_PROJECTOR_METHODS + LLM_METHODS)}"
         )
     layers = clip_layers(parts.clip_tower)
     n = len(layers)

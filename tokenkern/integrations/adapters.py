@@ -16,7 +16,7 @@ class VLMParts:
     language_model: nn.Module  # the decoder stack (receives inputs_embeds)
     layers: nn.ModuleList  # its decoder layers
     image_token_id: int
-    clip_tower: nn.Module | None  # CLIP-style tower with a [CLS] token (LLaVA-1.5 only)
+    clip_tower: nn.Module | None  # a CLIPVisionModel tower ([CLS] first) feeding the projector (LLaVA-1.5)
     projector: nn.Module | None  # the module that maps tower features to the LLM (LLaVA)
     vision_feature_layer: int | None
 
@@ -49,7 +49,7 @@ def parts_of(model: nn.Module) -> VLMParts:
         image_token_id = cfg.image_token_index
     if name == "LlavaForConditionalGeneration":
         tower = core.vision_tower
-        clip = tower if type(tower).__name__ in ("CLIPVisionModel", "SiglipVisionModel") else None
+        clip = tower if type(tower).__name__ == "CLIPVisionModel" else None  # SigLIP has no [CLS]
         feature_layer = cfg.vision_feature_layer if isinstance(cfg.vision_feature_layer, int) else None
         return VLMParts(name, core, lm, lm.layers, int(image_token_id), clip, core.multi_modal_projector, feature_layer)
     return VLMParts(name, core, lm, lm.layers, int(image_token_id), None, None, None)
