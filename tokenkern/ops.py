@@ -73,6 +73,12 @@ def leverage_scores_triton(x, rank=32, oversample=8, power_iters=2, seed=0):
     return leverage.leverage_scores(x, r, l, power_iters, seed)
 
 
+def _leverage_topk_sizes(x, k, rank, oversample, power_iters, seed):
+    x, r, l = _leverage_sizes("leverage_topk", x, rank, oversample, power_iters, seed)
+    checks.int_range("leverage_topk", "k", k, 1, x.shape[1], " (1 <= k <= N)")
+    return x, r, l
+
+
 @custom_op(
     "tokenkern::leverage_topk",
     mutates_args=(),
@@ -81,8 +87,7 @@ def leverage_scores_triton(x, rank=32, oversample=8, power_iters=2, seed=0):
 def leverage_topk(
     x: Tensor, k: int, rank: int = 32, oversample: int = 8, power_iters: int = 2, seed: int = 0
 ) -> tuple[Tensor, Tensor, Tensor]:
-    x, r, l = _leverage_sizes("leverage_topk", x, rank, oversample, power_iters, seed)
-    checks.int_range("leverage_topk", "k", k, 1, x.shape[1], " (1 <= k <= N)")
+    x, r, l = _leverage_topk_sizes(x, k, rank, oversample, power_iters, seed)
     scores = cpu_leverage.leverage_scores(x, r, l, power_iters, seed)
     kept, indices = torch.ops.tokenkern.topk_gather(scores, x, k)
     return kept, indices, scores
@@ -90,8 +95,7 @@ def leverage_topk(
 
 @leverage_topk.register_fake
 def _leverage_topk_fake(x, k, rank=32, oversample=8, power_iters=2, seed=0):
-    _leverage_sizes("leverage_topk", x, rank, oversample, power_iters, seed)
-    checks.int_range("leverage_topk", "k", k, 1, x.shape[1], " (1 <= k <= N)")
+    _leverage_topk_sizes(x, k, rank, oversample, power_iters, seed)
     batch, n, d = x.shape
     return (
         x.new_empty(batch, k, d),
@@ -102,8 +106,7 @@ def _leverage_topk_fake(x, k, rank=32, oversample=8, power_iters=2, seed=0):
 
 @leverage_topk.register_kernel("cuda")
 def leverage_topk_triton(x, k, rank=32, oversample=8, power_iters=2, seed=0):
-    x, r, l = _leverage_sizes("leverage_topk", x, rank, oversample, power_iters, seed)
-    checks.int_range("leverage_topk", "k", k, 1, x.shape[1], " (1 <= k <= N)")
+    x, r, l = _leverage_topk_sizes(x, k, rank, oversample, power_iters, seed)
     from ._triton import leverage
     from ._triton.topk_gather import topk_gather
 
