@@ -132,32 +132,13 @@ def _image_finder(parts: VLMParts, decoder: DecoderPruner):
             decoder.pending_image = image_ids(input_ids, parts.image_token_id)
         elif has_pixels:
             raise ValueError("tokenkern.prune: pass input_ids (not only inputs_embeds) with the images")
-        elif decoder.start == 0 and getattr(module, "rope_deltas", None) is not None:
-            return _mrope_decode_positions(module.rope_deltas, decoder, args, kwargs)
+        elif getattr(module, "rope_deltas", None) is not None:
+            tokens = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
+            out = decoder.mrope_decode_positions(module.rope_deltas, tokens, kwargs)
+            return None if out is None else (args, out)
         return None
 
     return hook
-
-
-def _mrope_decode_positions(rope_deltas: Tensor, decoder: DecoderPruner, args, kwargs):
-    """Qwen2-VL and Qwen2.5-VL derive a decoding step's position ids from the cache length
-    when the call passes neither position ids nor an attention mask (a hand-written decoding
-    loop; generate() passes the mask). A pruned cache is shorter than the sequence, so give
-    them the positions the unpruned cache would imply: the step's place in the full sequence
-    plus the model's M-RoPE offset, on all three axes, as the model itself does."""
-    g, cache = decoder.gather, kwargs.get("past_key_values")
-    if g is None or cache is None or kwargs.get("position_ids") is not None or kwargs.get("attention_mask") is not None:
-        return None
-    past = cache.get_seq_length()
-    tokens = kwargs.get("input_ids", args[0] if args else None)
-    tokens = kwargs.get("inputs_embeds") if tokens is None else tokens
-    if past == 0 or tokens is None:
-        return None
-    b, q_len = tokens.shape[:2]
-    start = past - g.kept_length + g.length  # the tokens before this step, pruned ones included
-    pos = torch.arange(start, start + q_len, device=rope_deltas.device).view(1, 1, -1).expand(3, b, -1)
-    delta = rope_deltas.repeat_interleave(b // rope_deltas.shape[0], dim=0)
-    return args, {**kwargs, "position_ids": pos + delta}
 
 
 def _config(cls, keep, options, names):

@@ -129,6 +129,33 @@ class DecoderPruner:
         out["position_ids"] = g.positions(pos)
         return out
 
+    def _full_past(self, past: int) -> int:
+        """The tokens before a decoding step in the unpruned sequence, for a whole-cache
+        pruning (start 0) whose cache holds `past` tokens."""
+        return past - self.gather.kept_length + self.gather.length
+
+    def mrope_decode_positions(self, rope_deltas: Tensor, tokens: Tensor | None, kwargs: dict) -> dict | None:
+        """Qwen2-VL and Qwen2.5-VL derive a decoding step's position ids from the cache length
+        when the call passes neither position ids nor an attention mask (a hand-written decoding
+        loop; generate() passes the mask). A whole-cache pruning makes the cache shorter than
+        the sequence: the VLM core's pre-hook passes these kwargs instead, with the positions
+        the unpruned cache would imply (the step's place in the full sequence plus the model's
+        M-RoPE offset, on all three axes, as the model itself computes them); None to leave
+        the call as it is. tokens: the step's input_ids (B, q) or inputs_embeds (B, q, H)."""
+        cache = kwargs.get("past_key_values")
+        if self.start != 0 or self.gather is None or cache is None or tokens is None:
+            return None
+        if kwargs.get("position_ids") is not None or kwargs.get("attention_mask") is not None:
+            return None
+        past = cache.get_seq_length()
+        if past == 0:
+            return None
+        b, q_len = tokens.shape[:2]
+        start = self._full_past(past)
+        pos = torch.arange(start, start + q_len, device=rope_deltas.device).view(1, 1, -1).expand(3, b, -1)
+        delta = rope_deltas.repeat_interleave(b // rope_deltas.shape[0], dim=0)
+        return {**kwargs, "position_ids": pos + delta}
+
     def _translate_decode_inputs(self, kwargs: dict, past: int, q_len: int) -> dict:
         g = self.gather
         out = dict(kwargs)
@@ -139,7 +166,7 @@ class DecoderPruner:
                 :, -(g.kept_length + extra) :
             ]
         if kwargs.get("position_ids") is None:
-            start = g.length + extra - q_len
+            start = self._full_past(past)
             out["position_ids"] = torch.arange(start, start + q_len, device=g.idx.device)[None]
         return out
 
