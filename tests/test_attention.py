@@ -1,11 +1,12 @@
 """attn_scores / attn_topk: the CPU kernel (torch, chunked) and the Triton kernels (on CPU via
 the interpreter) against the materialized float64 softmax of reference.py."""
 
+import functools
 import re
 
 import pytest
 import torch
-from testing import BACKENDS, HAS_CUDA, TRITON_DEVICE, assert_rel_close, assert_valid_indices
+from testing import BACKENDS, HAS_CUDA, TRITON_DEVICE, assert_rel_close, assert_valid_indices, on_backend
 
 import tokenkern
 from tokenkern import ops, reference
@@ -14,13 +15,7 @@ from tokenkern._triton import attention as triton_attention
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 
-def scores_of(backend, q, k, **kw):
-    if backend == "cpu":
-        return torch.ops.tokenkern.attn_scores(q, k, **kw)
-    if HAS_CUDA:
-        kw = {n: (v.cuda() if isinstance(v, torch.Tensor) else v) for n, v in kw.items()}
-        return torch.ops.tokenkern.attn_scores(q.cuda(), k.cuda(), **kw).cpu()
-    return ops.attn_scores_triton(q, k, **kw)
+scores_of = functools.partial(on_backend, "attn_scores")
 
 
 def make_qk(gen, b, hq, hkv, nq, nk, d, dtype=torch.float32):

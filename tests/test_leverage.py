@@ -1,6 +1,7 @@
 """leverage_scores / leverage_topk: CPU kernel (torch) and CUDA kernel (Triton; on CPU via
 the interpreter) against the exact float64 SVD of reference.py."""
 
+import functools
 import re
 
 import pytest
@@ -12,6 +13,7 @@ from testing import (
     assert_rel_close,
     assert_valid_indices,
     gapped_matrix,
+    on_backend,
     same_sets,
     separated_k,
 )
@@ -23,12 +25,7 @@ from tokenkern._triton import leverage as triton_leverage
 SCORE_TOL = 1e-3  # the issue's bound for float32 input on a gapped spectrum
 
 
-def scores_of(backend, x, **kw):
-    if backend == "cpu":
-        return torch.ops.tokenkern.leverage_scores(x, **kw)
-    if HAS_CUDA:
-        return torch.ops.tokenkern.leverage_scores(x.cuda(), **kw).cpu()
-    return ops.leverage_scores_triton(x, **kw)
+scores_of = functools.partial(on_backend, "leverage_scores")
 
 
 def topk_of(backend, x, k, **kw):

@@ -94,3 +94,18 @@ def separated_k(scores: torch.Tensor, gap: float, near: int) -> int | None:
     if len(ok) == 0:
         return None
     return int(ok[(ok - near).abs().argmin()])
+
+
+def on_backend(op: str, backend: str, *args, **kwargs):
+    """Runs torch.ops.tokenkern.<op> on a backend: "cpu" (the CPU kernel) or "triton" (the CUDA
+    kernel: on the GPU when there is one, else its Triton launcher on CPU tensors through the
+    interpreter). Tensor arguments move to the GPU and outputs come back to the CPU."""
+    if backend == "cpu":
+        return getattr(torch.ops.tokenkern, op)(*args, **kwargs)
+    if HAS_CUDA:
+        move = lambda v: v.cuda() if isinstance(v, torch.Tensor) else v  # noqa: E731
+        out = getattr(torch.ops.tokenkern, op)(*map(move, args), **{n: move(v) for n, v in kwargs.items()})
+        return tuple(o.cpu() for o in out) if isinstance(out, tuple) else out.cpu()
+    from tokenkern import ops
+
+    return getattr(ops, f"{op}_triton")(*args, **kwargs)
