@@ -1,7 +1,9 @@
 // Argument checks of merge_tokens and bipartite_merge, shared by the CPU and CUDA glue.
 // Static checks (shapes, dtypes, ranges of scalar arguments) run everywhere; value checks of
-// index/weight tensors run on the CPU only (on CUDA they would need a host sync; the CUDA
-// kernels instead write NaN to the outputs of a sample whose keep_idx or weights are invalid).
+// index/weight tensors (keep_idx ascending and in range, weights finite and >= 0, masses within
+// float32) run on the CPU only (on CUDA they would need a host sync; the CUDA kernels instead
+// write NaN to the outputs of a sample whose keep_idx or weights are invalid). The messages
+// mirror tokenkern/_checks.py.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -24,6 +26,17 @@ struct MergeArgs {
 
 inline bool is_merge_dtype(at::ScalarType t) {
   return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
+}
+
+// 0 (uniform weights) or a positive normal float32 (the kernels' temperature is a float:
+// never a silent 0 or inf); mirrors _checks.temperature_arg.
+inline void check_temperature(double temperature) {
+  TOKENKERN_CHECK("merge_tokens", std::isfinite(temperature) && std::fabs(temperature) <= 3.4028234663852886e+38,
+                  "temperature must be a finite number with |temperature| <= 3.4028235e+38 (float32), got ",
+                  temperature);
+  TOKENKERN_CHECK("merge_tokens", temperature == 0.0 || temperature >= 1.1754943508222875e-38,
+                  "temperature must be finite and >= 0: 0 or in [1.1754944e-38, 3.4028235e+38] (float32), got ",
+                  temperature);
 }
 
 inline MergeArgs check_merge_tokens(const at::Tensor& x, const at::Tensor& keep_idx,
@@ -91,8 +104,7 @@ inline MergeArgs check_merge_tokens(const at::Tensor& x, const at::Tensor& keep_
   const int64_t candidates = a.kept_mode ? a.n - 1 : a.k;
   TOKENKERN_CHECK("merge_tokens", topm >= 1 && topm <= candidates, "topm must be in [1, ", candidates, "] (",
                   a.kept_mode ? "1 <= topm <= N - 1 with assign='kept'" : "1 <= topm <= K", "), got ", topm);
-  TOKENKERN_CHECK("merge_tokens", std::isfinite(temperature) && temperature >= 0.0,
-                  "temperature must be finite and >= 0, got ", temperature);
+  check_temperature(temperature);
   return a;
 }
 

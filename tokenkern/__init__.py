@@ -4,6 +4,14 @@ Every function here is a thin wrapper over an op of ``torch.ops.tokenkern`` (see
 ``tokenkern.ops``); the ops themselves take batched inputs, the wrappers also accept a
 single sample where noted. Selection ops return int64 indices sorted ascending, break score
 ties by the lower index, and return float32 scores whatever the input dtype.
+
+Arguments: counts, seeds and positions are Python ints (not bools, floats or tensors, 0-d
+ones included) within int64 and their documented ranges; scale, temperature and tau are
+finite Python numbers within float32's range; flags are bools. These functions check every
+argument before dispatching, with the message ``tokenkern.<op>: <argument> must be ...``
+(a wrong type raises an error that is both a TypeError and a ValueError). An empty batch
+(B = 0) gives empty outputs; empty token, feature or head dimensions are refused unless an
+op documents otherwise.
 """
 
 from __future__ import annotations
@@ -11,7 +19,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import ops  # noqa: F401  (registers every op)
+from . import _checks as _c
+from . import ops  # registers every op
 
 __version__ = "0.1.0"
 __all__ = [
@@ -46,8 +55,15 @@ def leverage_scores(x: Tensor, rank: int = 32, oversample: int = 8, power_iters:
     ``r = min(rank, N, D)`` left singular vectors of x[b] (each row sums to r), estimated by
     a randomized SVD: Gaussian sketch of width ``r + oversample`` drawn from ``seed``,
     ``power_iters`` power iterations. A sample containing NaN or Inf gets NaN scores.
+    Not differentiable: with grad mode on, an x that requires grad raises a ValueError (pass
+    x.detach(): scores rank tokens and carry no gradient).
+
+    Ranges: 1 <= rank <= 65536, 0 <= oversample <= 65536, 0 <= power_iters <= 32,
+    0 <= seed < 2**63. On CUDA the sketch ``min(rank + oversample, N, D)`` must be <= 256 (the
+    Jacobi solver's on-chip limit): with min(N, D) > 256 and oversample=8, rank <= 248.
     """
     xb, single = _batched(x, "x", "leverage_scores")
+    ops._leverage_sizes("leverage_scores", xb, rank, oversample, power_iters, seed, cuda=xb.is_cuda)
     scores = torch.ops.tokenkern.leverage_scores(xb, rank, oversample, power_iters, seed)
     return scores[0] if single else scores
 
@@ -68,8 +84,11 @@ def spectral_ipr(x: Tensor, rank: int = -1) -> Tensor:
     underestimate the eigenvalues (README: accuracy); exact up to rounding when the sketch
     covers min(N, D), e.g. min(N, D) <= 128. With min(N, D) > 128 the CUDA op takes
     rank <= 112 (ValueError otherwise). On CPU the top eigenvalues are exact (eigvalsh).
+    Not differentiable: with grad mode on, an x that requires grad raises a ValueError (pass
+    x.detach()).
     """
     xb, single = _batched(x, "x", "spectral_ipr")
+    _c.spectral_ipr(xb, rank, cuda=xb.is_cuda)
     out = torch.ops.tokenkern.spectral_ipr(xb, rank)
     return out[0] if single else out
 
@@ -83,8 +102,11 @@ def leverage_topk(
     indices (B, k) int64 ascending, scores (B, N) float32 (batch dimension dropped for a 2-D
     x). See :func:`leverage_scores` for the score and :func:`topk_gather` for the selection
     rule.
+    Gradients: kept back-propagates to x (into the selected rows; the selection is a
+    constant); indices and scores are not differentiable.
     """
     xb, single = _batched(x, "x", "leverage_topk")
+    ops._leverage_topk_sizes(xb, k, rank, oversample, power_iters, seed, cuda=xb.is_cuda)
     kept, indices, scores = torch.ops.tokenkern.leverage_topk(xb, k, rank, oversample, power_iters, seed)
     return (kept[0], indices[0], scores[0]) if single else (kept, indices, scores)
 
@@ -95,9 +117,12 @@ def topk_gather(scores: Tensor, x: Tensor, k: int) -> tuple[Tensor, Tensor]:
     scores: (B, N) (any floating dtype; ranked in float32), x: (B, N, D).
     Returns kept (B, k, D) in x's dtype and indices (B, k) int64 ascending. Ties go to the
     lower index; NaN ranks as -inf; ``kept[b, j] = x[b, indices[b, j]]``.
+    Gradients: kept back-propagates to x (into the selected rows); scores only rank and get
+    no gradient; indices are not differentiable.
     """
     if isinstance(scores, Tensor) and scores.is_floating_point() and scores.dtype != torch.float32:
         scores = scores.float()
+    _c.topk_gather(scores, x, k)
     return torch.ops.tokenkern.topk_gather(scores, x, k)
 
 
@@ -111,13 +136,25 @@ def gumbel_topk(logits: Tensor, k: int, tau: float = 1.0, seed: int = 0, hard: b
     kernels use different generators), and is the same on every call with the same seed.
     ``hard=True``: the value is the hard mask, exactly k ones per row at the k largest z (ties
     to the lower index, NaN as -inf), and the gradient is that of the soft relaxation
-    (straight-through). ``hard=False``: the value is the relaxation itself,
-    ``soft = sum_{j=1..k} softmax(z_j / tau)`` with ``z_1 = z`` and
-    ``z_{j+1} = z_j + log(max(1 - softmax(z_j / tau), 2^-126))``: each row sums to k and tends to
-    the hard mask as tau -> 0. The gradient w.r.t. logits comes back in logits' dtype.
+    (straight-through). ``hard=False``: the value is the threshold relaxation
+    ``soft_i = sigmoid((z_i - lambda) / tau)`` with lambda (per row) such that
+    ``sum_i soft_i = k``: in [0, 1] and summing to k by construction, tending to the hard mask
+    as tau -> 0 when the z are distinct. lambda is found without a host sync by a fixed number
+    of bisection steps over the floating-point bit patterns (32 for float32), in the shifted
+    form ``(z - a) / tau`` around the k-th largest z (never z / tau alone, so huge |z| / tau
+    loses nothing). +inf entries get 1 and -inf/NaN entries 0; a row without a finite lambda
+    (at least k entries +inf, or at most k above -inf, e.g. k = N) gets the hard mask and
+    gradient 0 (``reference.relaxed_topk``). tau must be finite and >= 2^-126 (the kernels
+    scale by 1/tau in float32). The gradient w.r.t. logits is the exact one of the
+    relaxation, by the implicit function theorem: for an incoming gradient ``w`` and
+    ``s' = soft (1 - soft)``, ``grad_z = (s' / tau) * (w - sum(w s') / sum(s'))``; it comes
+    back in logits' dtype.
     """
     single = isinstance(logits, Tensor) and logits.dim() == 1
-    out = torch.ops.tokenkern.gumbel_topk(logits.unsqueeze(0) if single else logits, k, tau, seed, hard)
+    batched = logits.unsqueeze(0) if single else logits
+    _c.gumbel_topk(batched, k, tau, seed)
+    _c.flag("gumbel_topk", "hard", hard)
+    out = torch.ops.tokenkern.gumbel_topk(batched, k, tau, seed, hard)
     return out[0] if single else out
 
 
@@ -145,12 +182,23 @@ def attn_scores(
     ``sum_h sum_{valid i} P[b, h, i, j]`` for j in [key_start, key_end) (key_end=-1: Nk),
     divided by Hq x (number of valid queries of b) when reduce="mean". The softmax is
     normalized over the full key row; the slice only picks the columns returned.
+    NaN follows the float64 softmax: a NaN in q or in a visible key's k makes the rows of the
+    valid queries it reaches NaN, so every key they see scores NaN (with lse, a NaN in k[j]
+    reaches key j only), and a NaN in a masked key or an invalid query is ignored.
+    The logits ``scale * q.k`` (and q.k) are formed in float32 and must stay below 1e37 in
+    magnitude; without lse, any such logits give the exact softmax (e.g. one-hot rows at
+    scale=1e10), while a caller's lse brings its float32 rounding (|lse| x 6e-8) into the
+    exponent.
 
     lse: optional (B, Hq, Nq) float32 natural-log log-sum-exp of ``scale * q.k`` over the
     visible keys, as returned by the attention that already ran. With it, the op makes a
     single pass over K. Rows whose lse is not finite contribute nothing. See the README for
     obtaining it from FlashAttention, FlexAttention and SDPA (and the base-2 pitfall).
+
+    Not differentiable: with grad mode on, a q, k or lse that requires grad raises a
+    ValueError (pass .detach(): scores rank tokens and carry no gradient).
     """
+    ops._attn_checked("attn_scores", q, k, lse, scale, key_start, key_end, query_mask, key_mask, causal, reduce)
     return torch.ops.tokenkern.attn_scores(q, k, lse, scale, key_start, key_end, query_mask, key_mask, causal, reduce)
 
 
@@ -172,7 +220,10 @@ def attn_topk(
     n_keep best. x: (B, key_end - key_start, D), the tokens of that key range (e.g. the image
     tokens). Returns kept (B, n_keep, D), indices (B, n_keep) int64 ascending and relative to
     key_start (add key_start for sequence positions), scores (B, key_end - key_start) float32.
+    Gradients: kept back-propagates to x; q, k and lse only rank and get no gradient; indices
+    and scores are not differentiable.
     """
+    ops._attn_topk_checked(q, k, x, n_keep, lse, scale, key_start, key_end, query_mask, key_mask, causal, reduce)
     return torch.ops.tokenkern.attn_topk(
         q, k, x, n_keep, lse, scale, key_start, key_end, query_mask, key_mask, causal, reduce
     )
@@ -210,18 +261,30 @@ def merge_tokens(
       assign="kept": each kept token j pulls its topm most similar other tokens (kept or
         dropped) instead (PruMerge's k-nearest-neighbour merge).
 
-    validate: on CUDA, check keep_idx and weight values first (a host sync). Without it the
-    op itself never syncs and writes NaN for a sample whose keep_idx or weight is invalid;
-    the CPU op always raises.
-    """
-    if validate and isinstance(x, Tensor) and x.is_cuda and isinstance(keep_idx, Tensor):
-        from . import _checks
+    Gradients: merged back-propagates to x exactly, with the assignment and its weights held
+    constant (a stop-gradient: metric, query_metric and weight, or x itself when metric is
+    None, carry no gradient through them); mass is not differentiable.
 
-        n = x.shape[1] if x.dim() == 3 else 0
-        _checks.merge_values("merge_tokens", keep_idx, n, {"weight": weight})
-    return torch.ops.tokenkern.merge_tokens(
+    weight must be finite, and every mass must fit float32 (<= 3.4e38): a larger total is
+    refused (rescale weight). The kernels scale each contribution by 1 / mass (1 / csum for
+    add_mean) before the sum, so no intermediate overflows where the result fits.
+
+    validate: on CUDA, check keep_idx and weight values first and the masses after (host
+    syncs). Without it the op itself never syncs and writes NaN for a sample whose keep_idx
+    or weight is invalid (an overflowing mass comes back inf); the CPU op always raises.
+    Empty dims: B = 0 gives empty outputs; D = 0 (with a metric) gives (B, K, 0) and the masses.
+    """
+    _c.merge_tokens(x, keep_idx, metric, weight, topm, temperature, combine, query_metric, assign)
+    _c.flag("merge_tokens", "validate", validate)
+    check_values = validate and x.is_cuda
+    if check_values:
+        _c.merge_values("merge_tokens", keep_idx, x.shape[1], {"weight": weight})
+    merged, mass = torch.ops.tokenkern.merge_tokens(
         x, keep_idx, metric, weight, topm, temperature, combine, query_metric, assign
     )
+    if check_values:
+        _c.merge_mass("merge_tokens", "weight", mass)
+    return merged, mass
 
 
 def bipartite_merge(
@@ -238,23 +301,34 @@ def bipartite_merge(
     (B, N) token sizes (default 1). Tokens alternate into set A (even positions) and B (odd);
     each A token's match is its most cosine-similar B token; the r A tokens with the best
     matches merge into them by size-weighted average and the sizes add. protect_first keeps
-    token 0 ([CLS]) unmerged. Ties go to the lower index.
+    token 0 ([CLS]) unmerged. Ties go to the lower index. Gradients: merged back-propagates to
+    x with the matching and the sizes held constant (metric and size get no gradient); the
+    size output is not differentiable.
 
     Returns merged (B, N - r, D) in x's dtype and size (B, N - r) float32, in this order:
     the N_A - r unmerged A tokens by ascending position, then all B tokens by position (ToMe's
     ``[unmerged A, B]`` order; ToMe itself sorts the unmerged A tokens only when it protects
-    the class token). validate: on CUDA, check that size is non-negative first (a host sync).
+    the class token). size must be finite and non-negative, and the merged sizes must fit
+    float32 (<= 3.4e38; a larger total is refused). B = 0 or N = 0 (r = 0) give empty outputs.
+
+    validate: on CUDA, check that size is finite and non-negative first, and the merged sizes
+    after (host syncs); without it a sample with an invalid size comes back NaN.
     """
-    if validate and isinstance(x, Tensor) and x.is_cuda:
-        from . import _checks
+    _c.bipartite_merge(x, metric, r, size, protect_first)
+    _c.flag("bipartite_merge", "validate", validate)
+    check_values = validate and x.is_cuda
+    if check_values:
+        _c.merge_values("bipartite_merge", None, 0, {"size": size})
+    merged, out_size = torch.ops.tokenkern.bipartite_merge(x, metric, r, size, protect_first)
+    if check_values:
+        _c.merge_mass("bipartite_merge", "size", out_size)
+    return merged, out_size
 
-        _checks.merge_values("bipartite_merge", None, 0, {"size": size})
-    return torch.ops.tokenkern.bipartite_merge(x, metric, r, size, protect_first)
 
-
-def prune(model, method: str = "fastv", keep: float | int = 0.25, **options):
+def prune(model, method: str = "fastv", keep: float | int | None = None, **options):
     """Make a transformers VLM prune its visual tokens; returns a handle whose remove()
-    restores the model. See :mod:`tokenkern.integrations` for methods, options and models."""
+    restores the model. keep None: 0.25, or prumerge+'s released adaptive count. See
+    :mod:`tokenkern.integrations` for methods, options and models."""
     from .integrations import prune as _prune
 
     return _prune(model, method, keep, **options)

@@ -295,8 +295,9 @@ def ipr_change(
 
 def _ipr_of_rows(x: Tensor, has_rows: Tensor | None, rank: int) -> Tensor:
     """spectral_ipr of each (masked, already zeroed) token matrix; NaN for a sample whose mask
-    leaves no row (it has no spectrum, where a zero matrix's IPR would read 0)."""
-    ipr = spectral_ipr(x, rank)
+    leaves no row (it has no spectrum, where a zero matrix's IPR would read 0). A diagnostic:
+    it carries no gradient (tokens of a model being trained are read detached)."""
+    ipr = spectral_ipr(x.detach(), rank)
     return ipr if has_rows is None else torch.where(has_rows, ipr, float("nan"))
 
 

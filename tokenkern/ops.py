@@ -47,34 +47,38 @@ register_kernel("tokenkern::topk_gather", "cuda", topk_gather_triton)
 _LEVERAGE_ARGS = "int rank=32, int oversample=8, int power_iters=2, int seed=0"
 
 
-def _leverage_sizes(op: str, x: object, rank: int, oversample: int, power_iters: int, seed: int):
+def _leverage_sizes(op: str, x: object, rank: int, oversample: int, power_iters: int, seed: int, cuda: bool):
     x = checks.tokens(op, "x", x)
-    r, l = checks.svd_sketch(op, x.shape[1], x.shape[2], rank, oversample, power_iters, seed)
+    r, l = checks.svd_sketch(op, x.shape[1], x.shape[2], rank, oversample, power_iters, seed, cuda)
     return x, r, l
+
+
+def _is_cuda(x: object) -> bool:
+    return isinstance(x, Tensor) and x.device.type == "cuda"
 
 
 @custom_op("tokenkern::leverage_scores", mutates_args=(), schema=f"(Tensor x, {_LEVERAGE_ARGS}) -> Tensor")
 def leverage_scores(x: Tensor, rank: int = 32, oversample: int = 8, power_iters: int = 2, seed: int = 0) -> Tensor:
-    x, r, l = _leverage_sizes("leverage_scores", x, rank, oversample, power_iters, seed)
+    x, r, l = _leverage_sizes("leverage_scores", x, rank, oversample, power_iters, seed, cuda=False)
     return cpu_leverage.leverage_scores(x, r, l, power_iters, seed)
 
 
 @leverage_scores.register_fake
 def _leverage_scores_fake(x, rank=32, oversample=8, power_iters=2, seed=0):
-    _leverage_sizes("leverage_scores", x, rank, oversample, power_iters, seed)
+    _leverage_sizes("leverage_scores", x, rank, oversample, power_iters, seed, cuda=_is_cuda(x))
     return x.new_empty(x.shape[0], x.shape[1], dtype=torch.float32)
 
 
 @leverage_scores.register_kernel("cuda")
 def leverage_scores_triton(x, rank=32, oversample=8, power_iters=2, seed=0):
-    x, r, l = _leverage_sizes("leverage_scores", x, rank, oversample, power_iters, seed)
+    x, r, l = _leverage_sizes("leverage_scores", x, rank, oversample, power_iters, seed, cuda=True)
     from ._triton import leverage
 
     return leverage.leverage_scores(x, r, l, power_iters, seed)
 
 
-def _leverage_topk_sizes(x, k, rank, oversample, power_iters, seed):
-    x, r, l = _leverage_sizes("leverage_topk", x, rank, oversample, power_iters, seed)
+def _leverage_topk_sizes(x, k, rank, oversample, power_iters, seed, cuda: bool):
+    x, r, l = _leverage_sizes("leverage_topk", x, rank, oversample, power_iters, seed, cuda)
     checks.int_range("leverage_topk", "k", k, 1, x.shape[1], " (1 <= k <= N)")
     return x, r, l
 
@@ -87,7 +91,7 @@ def _leverage_topk_sizes(x, k, rank, oversample, power_iters, seed):
 def leverage_topk(
     x: Tensor, k: int, rank: int = 32, oversample: int = 8, power_iters: int = 2, seed: int = 0
 ) -> tuple[Tensor, Tensor, Tensor]:
-    x, r, l = _leverage_topk_sizes(x, k, rank, oversample, power_iters, seed)
+    x, r, l = _leverage_topk_sizes(x, k, rank, oversample, power_iters, seed, cuda=False)
     scores = cpu_leverage.leverage_scores(x, r, l, power_iters, seed)
     kept, indices = torch.ops.tokenkern.topk_gather(scores, x, k)
     return kept, indices, scores
@@ -95,7 +99,7 @@ def leverage_topk(
 
 @leverage_topk.register_fake
 def _leverage_topk_fake(x, k, rank=32, oversample=8, power_iters=2, seed=0):
-    _leverage_topk_sizes(x, k, rank, oversample, power_iters, seed)
+    _leverage_topk_sizes(x, k, rank, oversample, power_iters, seed, cuda=_is_cuda(x))
     batch, n, d = x.shape
     return (
         x.new_empty(batch, k, d),
@@ -106,7 +110,7 @@ def _leverage_topk_fake(x, k, rank=32, oversample=8, power_iters=2, seed=0):
 
 @leverage_topk.register_kernel("cuda")
 def leverage_topk_triton(x, k, rank=32, oversample=8, power_iters=2, seed=0):
-    x, r, l = _leverage_topk_sizes(x, k, rank, oversample, power_iters, seed)
+    x, r, l = _leverage_topk_sizes(x, k, rank, oversample, power_iters, seed, cuda=True)
     from ._triton import leverage
     from ._triton.topk_gather import topk_gather
 
@@ -126,7 +130,7 @@ def spectral_ipr(x: Tensor, rank: int = -1) -> Tensor:
 
 @spectral_ipr.register_fake
 def _spectral_ipr_fake(x, rank=-1):
-    checks.spectral_ipr(x, rank, cuda=isinstance(x, Tensor) and x.device.type == "cuda")
+    checks.spectral_ipr(x, rank, cuda=_is_cuda(x))
     return x.new_empty(x.shape[0], dtype=torch.float32)
 
 
@@ -342,3 +346,5 @@ def _merge_tokens_fake(x, keep_idx, metric=None, weight=None, topm=1, temperatur
 def _bipartite_merge_fake(x, metric, r, size=None, protect_first=False):
     n = checks.bipartite_merge(x, metric, r, size, protect_first)
     return x.new_empty(x.shape[0], n - r, x.shape[2]), x.new_empty(x.shape[0], n - r, dtype=torch.float32)
+
+from . import _autograd  # noqa: E402, F401  (autograd of every other op)

@@ -54,21 +54,45 @@ TOKENKERN_HD void assignment_weights(const float* sims, int64_t m, float tempera
   for (int64_t s = 0; s < m; ++s) out[s] /= total;
 }
 
-// One element of merged_j from its parts: x_j (self), the receiver's weight w_j, and the
-// contributions acc = sum_s c_s x_s with c_s = a_s w_s, csum = sum_s c_s:
-//   mean:     (w_j x_j + acc) / (w_j + csum); x_j exactly when nothing was merged in or the
-//             mass is 0
-//   sum:      x_j + acc
-//   add_mean: x_j + acc / csum, or x_j when nothing was merged in (VisionZip's contextual tokens)
+// The merge rules, per receiving kept token j with self value x_j, weight w_j and the
+// contributions c_s x_s (c_s = a_s w_s, csum = sum_s c_s):
+//   mean:     (w_j x_j + sum c x) / (w_j + csum); x_j exactly when nothing was merged in or
+//             the mass is 0
+//   sum:      x_j + sum c x
+//   add_mean: x_j + sum c x / csum, or x_j when nothing was merged in (VisionZip's contextual
+//             tokens)
+// They are evaluated in normalized form, free of intermediate overflow: every coefficient is
+// divided by merge_denominator first (acc = sum_s (c_s / denominator) x_s), so that for mean
+// and add_mean every partial sum stays within max |x| (a convex combination) even when the
+// weights are huge. A mass past float32's range (which the CPU op refuses) makes the element
+// NaN instead of a silent wrong value.
+constexpr float kFloatMax = 3.40282347e+38f;
+
+TOKENKERN_HD float merge_denominator(Combine combine, float w_self, float csum) {
+  switch (combine) {
+    case Combine::kSum:
+      return 1.0f;
+    case Combine::kAddMean:
+      return csum > 0.0f ? csum : 1.0f;
+    default: {
+      const float mass = w_self + csum;
+      return (csum > 0.0f && mass > 0.0f) ? mass : 1.0f;
+    }
+  }
+}
+
+// One element of merged_j from x_j, w_j, the normalized sum acc and csum (see above).
 TOKENKERN_HD float finalize_merge(Combine combine, float self, float w_self, float acc, float csum) {
   switch (combine) {
     case Combine::kSum:
       return self + acc;
     case Combine::kAddMean:
-      return csum > 0.0f ? self + acc / csum : self;
+      if (!(csum > 0.0f)) return self;
+      return csum <= kFloatMax ? self + acc : NAN;
     default: {
       const float mass = w_self + csum;
-      return (csum > 0.0f && mass > 0.0f) ? (w_self * self + acc) / mass : self;
+      if (!(csum > 0.0f && mass > 0.0f)) return self;
+      return mass <= kFloatMax ? (w_self / mass) * self + acc : NAN;
     }
   }
 }

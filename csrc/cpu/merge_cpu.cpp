@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <tuple>
 #include <vector>
 
@@ -35,11 +36,26 @@ void check_keep_values(const at::Tensor& keep, int64_t n) {
   }
 }
 
-void check_non_negative(const at::Tensor& w, const char* op, const char* name) {
+// w: (B, N) float32, every value finite and >= 0 (same message as _checks.merge_values).
+void check_weights(const at::Tensor& w, const char* op, const char* name) {
   const float* p = w.data_ptr<float>();
+  const int64_t n = w.size(1);
   for (int64_t i = 0; i < w.numel(); ++i) {
-    TORCH_CHECK_VALUE(p[i] >= 0.0f, "tokenkern.", op, ": ", name, " must be non-negative (and not NaN), got ",
-                      p[i]);
+    TORCH_CHECK_VALUE(std::isfinite(p[i]) && p[i] >= 0.0f, "tokenkern.", op, ": ", name,
+                      " must be non-negative and finite, got ", p[i], " at [", i / n, ", ", i % n, "]");
+  }
+}
+
+// mass: (B, K) float32; with finite weights a mass is infinite only when the weights merged
+// into one token sum past float32's range (same message as _checks.merge_mass).
+void check_mass(const at::Tensor& mass, const char* op, const char* name) {
+  const float* p = mass.data_ptr<float>();
+  const int64_t k = mass.size(1);
+  for (int64_t i = 0; i < mass.numel(); ++i) {
+    TORCH_CHECK_VALUE(!std::isinf(p[i]), "tokenkern.", op, ": ", name,
+                      " must keep every output mass (the sum of the weights merged into a token) within float32 "
+                      "(<= 3.4028235e+38), got an overflowing mass at [",
+                      i / k, ", ", i % k, "]; rescale ", name);
   }
 }
 
@@ -55,6 +71,12 @@ std::vector<float> inverse_norms(const float* m, int64_t rows, int64_t c) {
   return inv;
 }
 
+// Contributions to the kept tokens, in ascending source order per receiver.
+struct Contribution {
+  int64_t receiver, source;
+  float c;  // a * w[source]
+};
+
 // One sample of merge_tokens. x: (N, D), metric/query: (N, C) float32, w: (N), keep: (K).
 // Writes merged (K, D) float32 and mass (K).
 void merge_one(const float* x, const float* metric, const float* query, const float* w, const int64_t* keep,
@@ -66,7 +88,10 @@ void merge_one(const float* x, const float* metric, const float* query, const fl
   if (a.cosine) inv = inverse_norms(metric, n, c);
   const float* chooser_rows = a.cosine ? metric : query;
 
-  // Contributions, summed per receiving kept token in ascending source order.
+  // Contributions, summed per receiving kept token in ascending source order: first their
+  // coefficients (csum), then the rows scaled by the normalized coefficients (see
+  // merge_denominator).
+  std::vector<Contribution> contributions;
   std::vector<float> acc(static_cast<size_t>(k * d), 0.0f), csum(static_cast<size_t>(k), 0.0f);
   const int64_t n_candidates = a.kept_mode ? n - 1 : k;
   std::vector<double> sims(static_cast<size_t>(n_candidates));
@@ -79,9 +104,7 @@ void merge_one(const float* x, const float* metric, const float* query, const fl
     return a.cosine ? s * inv[chooser] * inv[target] : s;
   };
   auto add = [&](int64_t receiver, int64_t source, float cs) {
-    float* r = acc.data() + receiver * d;
-    const float* xs = x + source * d;
-    for (int64_t e = 0; e < d; ++e) r[e] += cs * xs[e];
+    contributions.push_back({receiver, source, cs});
     csum[receiver] += cs;
   };
 
@@ -110,6 +133,14 @@ void merge_one(const float* x, const float* metric, const float* query, const fl
       for (int64_t s = 0; s < topm; ++s) add(j, cand[chosen[s]], coef[s] * w[cand[chosen[s]]]);
     }
   }
+  std::vector<float> denom(static_cast<size_t>(k));
+  for (int64_t j = 0; j < k; ++j) denom[j] = merge_denominator(a.combine, w[keep[j]], csum[j]);
+  for (const Contribution& t : contributions) {
+    float* r = acc.data() + t.receiver * d;
+    const float* xs = x + t.source * d;
+    const float cs = t.c / denom[t.receiver];
+    for (int64_t e = 0; e < d; ++e) r[e] += cs * xs[e];
+  }
   for (int64_t j = 0; j < k; ++j) {
     const int64_t self = keep[j];
     const float ws = w[self];
@@ -135,7 +166,7 @@ std::tuple<at::Tensor, at::Tensor> merge_tokens_cpu(const at::Tensor& x, const a
   const at::Tensor qf = query_metric.has_value() ? query_metric->to(at::kFloat).contiguous() : mf;
   const at::Tensor wf =
       weight.has_value() ? weight->to(at::kFloat).contiguous() : at::ones({a.batch, a.n}, xf.options());
-  check_non_negative(wf, "merge_tokens", "weight");
+  check_weights(wf, "merge_tokens", "weight");
   at::Tensor merged = at::empty({a.batch, a.k, a.d}, xf.options());
   at::Tensor mass = at::empty({a.batch, a.k}, xf.options());
   const float temp = static_cast<float>(temperature);
@@ -147,6 +178,7 @@ std::tuple<at::Tensor, at::Tensor> merge_tokens_cpu(const at::Tensor& x, const a
                 mass.data_ptr<float>() + b * a.k);
     }
   });
+  check_mass(mass, "merge_tokens", "weight");
   return {merged.to(x.scalar_type()), mass};
 }
 
@@ -188,15 +220,18 @@ void bipartite_one(const float* x, const float* metric, const float* size, const
   }
   std::vector<float> acc(static_cast<size_t>(d));
   for (int64_t j = 0; j < nb; ++j) {
+    const int64_t self = 2 * j + 1;
     std::fill(acc.begin(), acc.end(), 0.0f);
     float csum = 0.0f;
     for (int64_t i = 0; i < na; ++i) {
-      if (!merged_a[i] || match[i] != j) continue;
-      const float cs = size[2 * i];
-      for (int64_t e = 0; e < d; ++e) acc[e] += cs * x[2 * i * d + e];
-      csum += cs;
+      if (merged_a[i] && match[i] == j) csum += size[2 * i];
     }
-    const int64_t self = 2 * j + 1;
+    const float denom = merge_denominator(Combine::kMean, size[self], csum);
+    for (int64_t i = 0; i < na; ++i) {
+      if (!merged_a[i] || match[i] != j) continue;
+      const float cs = size[2 * i] / denom;
+      for (int64_t e = 0; e < d; ++e) acc[e] += cs * x[2 * i * d + e];
+    }
     for (int64_t e = 0; e < d; ++e) {
       out[row * d + e] = finalize_merge(Combine::kMean, x[self * d + e], size[self], acc[e], csum);
     }
@@ -211,7 +246,7 @@ std::tuple<at::Tensor, at::Tensor> bipartite_merge_cpu(const at::Tensor& x, cons
   const at::Tensor mf = metric.to(at::kFloat).contiguous();
   const at::Tensor sf =
       size.has_value() ? size->to(at::kFloat).contiguous() : at::ones({a.batch, a.n}, xf.options());
-  check_non_negative(sf, "bipartite_merge", "size");
+  check_weights(sf, "bipartite_merge", "size");
   at::Tensor out = at::empty({a.batch, a.n - r, a.d}, xf.options());
   at::Tensor out_size = at::empty({a.batch, a.n - r}, xf.options());
   at::parallel_for(0, a.batch, 1, [&](int64_t begin, int64_t end) {
@@ -221,6 +256,7 @@ std::tuple<at::Tensor, at::Tensor> bipartite_merge_cpu(const at::Tensor& x, cons
                     out.data_ptr<float>() + b * (a.n - r) * a.d, out_size.data_ptr<float>() + b * (a.n - r));
     }
   });
+  check_mass(out_size, "bipartite_merge", "size");
   return {out.to(x.scalar_type()), out_size};
 }
 

@@ -1,7 +1,7 @@
 // Torch glue of the CUDA merge ops: checks, dtype dispatch, buffers from the caching
 // allocator, the current stream, launch error checks. No host sync: value
 // errors in keep_idx / weight / size (which the CPU ops raise) turn the outputs of the
-// affected sample into NaN here.
+// affected sample into NaN here, and a mass that overflows float32 comes back inf.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -61,6 +61,8 @@ std::tuple<at::Tensor, at::Tensor> merge_tokens_cuda(const at::Tensor& x, const 
                                                      c10::string_view assign) {
   const MergeArgs a =
       check_merge_tokens(x, keep_idx, metric, weight, topm, temperature, combine, query_metric, assign);
+  TOKENKERN_CHECK("merge_tokens", a.n <= cuda::kMaxTokens, "x must have N <= ", cuda::kMaxTokens,
+                  " tokens on CUDA (the kernels' grid limit), got N=", a.n);
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor xc = x.contiguous();
   const at::Tensor keep = keep_idx.contiguous();
@@ -104,6 +106,8 @@ std::tuple<at::Tensor, at::Tensor> merge_tokens_cuda(const at::Tensor& x, const 
 std::tuple<at::Tensor, at::Tensor> bipartite_merge_cuda(const at::Tensor& x, const at::Tensor& metric, int64_t r,
                                                         const std::optional<at::Tensor>& size, bool protect_first) {
   const BipartiteArgs a = check_bipartite_merge(x, metric, r, size, protect_first);
+  TOKENKERN_CHECK("bipartite_merge", a.n <= cuda::kMaxTokens, "x must have N <= ", cuda::kMaxTokens,
+                  " tokens on CUDA (the kernels' grid limit), got N=", a.n);
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor xc = x.contiguous();
   const at::Tensor mc = metric.contiguous();

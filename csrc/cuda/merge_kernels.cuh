@@ -101,11 +101,11 @@ __global__ void keep_scatter_kernel(const int64_t* keep, int64_t k, int64_t n, i
   kept_pos[b * n + v] = static_cast<int32_t>(t);
 }
 
-// invalid[b] |= any(w[b] < 0 or NaN).
+// invalid[b] |= any(w[b] < 0, NaN or Inf).
 __global__ void negative_weight_kernel(const float* w, int64_t n, int32_t* invalid) {
   const int64_t b = blockIdx.y;
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i < n && !(w[b * n + i] >= 0.0f)) atomicOr(invalid + b, 1);
+  if (i < n && !(w[b * n + i] >= 0.0f && w[b * n + i] <= kFloatMax)) atomicOr(invalid + b, 1);
 }
 
 // dropped[b, p] = p-th token (ascending) that keep[b] does not contain.
@@ -369,16 +369,62 @@ __global__ void select_targets_kernel(const float* sims, int64_t rows_c, int64_t
 
 // --------------------------------------------------------------------------- reductions
 
-// Accumulates, in order, the contributions listed in shared memory into the receiver's tile.
+// Accumulates, in order, the contributions listed in shared memory into the receiver's tile,
+// each coefficient divided by denom first (see merge_denominator).
 template <typename TX>
 __device__ __forceinline__ void accumulate(const TX* x, int64_t b, int64_t n, int64_t d, int64_t d0, int64_t width,
-                                           const int32_t* src, const float* cs, int count, float* acc,
-                                           float* csum) {
+                                           const int32_t* src, const float* cs, int count, float denom,
+                                           float* acc) {
   for (int e = 0; e < count; ++e) {
     const TX* row = x + (b * n + src[e]) * d + d0;
-    const float c = cs[e];
+    const float c = cs[e] / denom;
     for (int64_t t = threadIdx.x; t < width; t += blockDim.x) acc[t] += c * to_float(row[t]);
-    *csum += c;
+  }
+}
+
+// Sum of the coefficients listed in shared memory, in order (every thread gets it).
+__device__ __forceinline__ float coefficient_sum(const float* cs, int count, float csum) {
+  for (int e = 0; e < count; ++e) csum += cs[e];
+  return csum;
+}
+
+// Lists the contributions to kept token j (ascending source order) chunk by chunk in shared
+// src / cs and calls f(count) on each chunk. All threads of the block must call it.
+template <typename F>
+__device__ __forceinline__ void for_each_contribution(int64_t b, int64_t j, const int32_t* chooser_tok,
+                                                      const int32_t* targets, const float* coef, int64_t rows_c,
+                                                      int64_t topm, bool kept_mode, int32_t* src, float* cs,
+                                                      int* scratch, F&& f) {
+  if (kept_mode) {
+    const int32_t* my_t = targets + (b * rows_c + j) * topm;
+    const float* my_c = coef + (b * rows_c + j) * topm;
+    for (int64_t e0 = 0; e0 < topm; e0 += kThreads) {
+      const int64_t e = e0 + threadIdx.x;
+      if (e < topm) {
+        src[threadIdx.x] = my_t[e];
+        cs[threadIdx.x] = my_c[e];
+      }
+      __syncthreads();
+      f(static_cast<int>(topm - e0 < kThreads ? topm - e0 : kThreads));
+      __syncthreads();
+    }
+    return;
+  }
+  const int64_t entries = rows_c * topm;
+  const int32_t* all_t = targets + b * entries;
+  const float* all_c = coef + b * entries;
+  for (int64_t e0 = 0; e0 < entries; e0 += kThreads) {
+    const int64_t e = e0 + threadIdx.x;
+    const int match = (e < entries && all_t[e] == j) ? 1 : 0;
+    int count;
+    const int pos = block_exclusive_scan(match, scratch, &count);
+    if (match) {
+      src[pos] = chooser_tok[b * rows_c + e / topm];
+      cs[pos] = all_c[e];
+    }
+    __syncthreads();
+    f(count);
+    __syncthreads();
   }
 }
 
@@ -402,44 +448,15 @@ __global__ void merge_reduce_kernel(const TX* x, const int64_t* keep, const floa
   const int64_t self = keep[b * k + j];
   const float w_self = weight[b * n + self];
   float csum = 0.0f;
-  // At least one pass, so that csum (hence mass) is computed even when d == 0.
-  for (int64_t d0 = 0; d0 < (d > 0 ? d : 1); d0 += kAccTile) {
+  for_each_contribution(b, j, chooser_tok, targets, coef, rows_c, topm, kept_mode, src, cs, scratch,
+                        [&](int count) { csum = coefficient_sum(cs, count, csum); });
+  const float denom = merge_denominator(combine, w_self, csum);
+  for (int64_t d0 = 0; d0 < d; d0 += kAccTile) {
     const int64_t width = d - d0 < kAccTile ? d - d0 : kAccTile;
     for (int64_t t = threadIdx.x; t < width; t += blockDim.x) acc[t] = 0.0f;
-    csum = 0.0f;
     __syncthreads();
-    if (kept_mode) {
-      const int32_t* my_t = targets + (b * rows_c + j) * topm;
-      const float* my_c = coef + (b * rows_c + j) * topm;
-      for (int64_t e0 = 0; e0 < topm; e0 += kThreads) {
-        const int64_t e = e0 + threadIdx.x;
-        if (e < topm) {
-          src[threadIdx.x] = my_t[e];
-          cs[threadIdx.x] = my_c[e];
-        }
-        __syncthreads();
-        const int count = static_cast<int>(topm - e0 < kThreads ? topm - e0 : kThreads);
-        accumulate(x, b, n, d, d0, width, src, cs, count, acc, &csum);
-        __syncthreads();
-      }
-    } else {
-      const int64_t entries = rows_c * topm;
-      const int32_t* all_t = targets + b * entries;
-      const float* all_c = coef + b * entries;
-      for (int64_t e0 = 0; e0 < entries; e0 += kThreads) {
-        const int64_t e = e0 + threadIdx.x;
-        const int match = (e < entries && all_t[e] == j) ? 1 : 0;
-        int count;
-        const int pos = block_exclusive_scan(match, scratch, &count);
-        if (match) {
-          src[pos] = chooser_tok[b * rows_c + e / topm];
-          cs[pos] = all_c[e];
-        }
-        __syncthreads();
-        accumulate(x, b, n, d, d0, width, src, cs, count, acc, &csum);
-        __syncthreads();
-      }
-    }
+    for_each_contribution(b, j, chooser_tok, targets, coef, rows_c, topm, kept_mode, src, cs, scratch,
+                          [&](int count) { accumulate(x, b, n, d, d0, width, src, cs, count, denom, acc); });
     const TX* xs = x + (b * n + self) * d + d0;
     for (int64_t t = threadIdx.x; t < width; t += blockDim.x) {
       out[d0 + t] = from_float<TX>(finalize_merge(combine, to_float(xs[t]), w_self, acc[t], csum));
@@ -560,12 +577,8 @@ __global__ void bipartite_output_kernel(const TX* x, const float* size, const ui
   const int64_t j = row - n_unm;
   const int64_t self = 2 * j + 1;
   const float s_self = size[b * n + self];
-  float csum = 0.0f;
-  for (int64_t d0 = 0; d0 < (d > 0 ? d : 1); d0 += kAccTile) {
-    const int64_t width = d - d0 < kAccTile ? d - d0 : kAccTile;
-    for (int64_t t = threadIdx.x; t < width; t += blockDim.x) acc[t] = 0.0f;
-    csum = 0.0f;
-    __syncthreads();
+  // The A tokens merged into B token j, ascending, chunk by chunk in shared src / cs.
+  auto for_each_source = [&](auto&& f) {
     for (int64_t i0 = 0; i0 < n_a; i0 += kThreads) {
       const int64_t i = i0 + threadIdx.x;
       const int match = (i < n_a && merged[b * n_a + i] && node_idx[b * n_a + i] == j) ? 1 : 0;
@@ -576,9 +589,18 @@ __global__ void bipartite_output_kernel(const TX* x, const float* size, const ui
         cs[pos] = size[b * n + 2 * i];
       }
       __syncthreads();
-      accumulate(x, b, n, d, d0, width, src, cs, count, acc, &csum);
+      f(count);
       __syncthreads();
     }
+  };
+  float csum = 0.0f;
+  for_each_source([&](int count) { csum = coefficient_sum(cs, count, csum); });
+  const float denom = merge_denominator(Combine::kMean, s_self, csum);
+  for (int64_t d0 = 0; d0 < d; d0 += kAccTile) {
+    const int64_t width = d - d0 < kAccTile ? d - d0 : kAccTile;
+    for (int64_t t = threadIdx.x; t < width; t += blockDim.x) acc[t] = 0.0f;
+    __syncthreads();
+    for_each_source([&](int count) { accumulate(x, b, n, d, d0, width, src, cs, count, denom, acc); });
     const TX* xs = x + (b * n + self) * d + d0;
     for (int64_t t = threadIdx.x; t < width; t += blockDim.x) {
       o[d0 + t] = from_float<TX>(finalize_merge(Combine::kMean, to_float(xs[t]), s_self, acc[t], csum));
@@ -591,6 +613,20 @@ __global__ void bipartite_output_kernel(const TX* x, const float* size, const ui
 // ----------------------------------------------------------------------------- launchers
 
 inline int64_t blocks_for(int64_t items, int64_t per_block) { return (items + per_block - 1) / per_block; }
+
+// Grid limits: axis x 2^31 - 1 blocks, axes y and z 65535.
+constexpr int64_t kMaxGridX = 2147483647;
+constexpr int64_t kMaxGridYZ = 65535;
+// Largest token count N: the similarity tiles of one sample span grid axis y (up to N rows of
+// kTileM). The launchers return cudaErrorInvalidValue above it (the torch glue raises first).
+constexpr int64_t kMaxTokens = kMaxGridYZ * kTileM;
+
+// Samples per launch: the batch sits on grid axis y or z, and inverse_norm_kernel puts one
+// warp per token of the chunk on axis x. Larger batches run in chunks.
+inline int64_t batch_per_launch(int64_t n) {
+  const int64_t by_x = kMaxGridX / blocks_for((n > 0 ? n : 1) * kWarp, kThreads);
+  return by_x < kMaxGridYZ ? (by_x > 0 ? by_x : 1) : kMaxGridYZ;
+}
 
 template <typename TM>
 void launch_similarity(const TM* q, RowMap qmap, const TM* m, RowMap kmap, int64_t batch, int64_t n, int64_t c,
@@ -663,17 +699,16 @@ void merge_tokens_chunk(const MergeTokensProblem& p, const TX* x, const int64_t*
                                                        mass);
 }
 
-// Grids put the batch on y or z, whose limit is 65535: larger batches run in chunks.
-constexpr int64_t kMaxBatchPerLaunch = 65535;
-
 template <typename TX, typename TM>
 cudaError_t merge_tokens(const MergeTokensProblem& p, const TX* x, const int64_t* keep, const TM* metric,
                          const TM* query, const float* weight, TX* merged, float* mass, const MergeTokensScratch& s,
                          cudaStream_t stream) {
+  if (p.n > kMaxTokens) return cudaErrorInvalidValue;
   const int64_t rows_c = p.chooser_rows(), cols_c = p.candidates();
-  for (int64_t b0 = 0; b0 < p.batch; b0 += kMaxBatchPerLaunch) {
+  const int64_t chunk = batch_per_launch(p.n);
+  for (int64_t b0 = 0; b0 < p.batch; b0 += chunk) {
     MergeTokensProblem q = p;
-    q.batch = p.batch - b0 < kMaxBatchPerLaunch ? p.batch - b0 : kMaxBatchPerLaunch;
+    q.batch = p.batch - b0 < chunk ? p.batch - b0 : chunk;
     const MergeTokensScratch sc{s.invalid + b0,
                                 s.kept_pos + b0 * p.n,
                                 s.dropped + b0 * (p.n - p.k),
@@ -732,9 +767,11 @@ cudaError_t bipartite_merge(int64_t batch, int64_t n, int64_t d, int64_t c, int6
                             const TX* x, const TM* metric, const float* size, TX* out, float* out_size,
                             const BipartiteScratch& s, cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
+  if (n > kMaxTokens) return cudaErrorInvalidValue;
   const int64_t n_a = (n + 1) / 2, n_b = n / 2;
-  for (int64_t b0 = 0; b0 < batch; b0 += kMaxBatchPerLaunch) {
-    const int64_t nb = batch - b0 < kMaxBatchPerLaunch ? batch - b0 : kMaxBatchPerLaunch;
+  const int64_t chunk = batch_per_launch(n);
+  for (int64_t b0 = 0; b0 < batch; b0 += chunk) {
+    const int64_t nb = batch - b0 < chunk ? batch - b0 : chunk;
     const BipartiteScratch sc{s.invalid + b0,       s.inv + b0 * n,      s.sims + b0 * n_a * n_b,
                               s.node_key + b0 * n_a, s.node_idx + b0 * n_a, s.merged + b0 * n_a,
                               s.unmerged + b0 * (n_a - r)};

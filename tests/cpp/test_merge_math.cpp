@@ -53,13 +53,29 @@ int main() {
   tokenkern::assignment_weights(in_place, 4, 0.5f, in_place);
   for (int i = 0; i < 4; ++i) expect(in_place[i] == ws[i], "in place gives the same weights");
 
-  // finalize_merge.
-  expect(close(tokenkern::finalize_merge(Combine::kMean, 2.0f, 3.0f, 4.0f, 1.0f), (3.0 * 2.0 + 4.0) / 4.0), "mean");
-  expect(tokenkern::finalize_merge(Combine::kMean, 2.0f, 3.0f, 0.0f, 0.0f) == 2.0f, "mean, nothing merged: x exactly");
-  expect(tokenkern::finalize_merge(Combine::kMean, 2.0f, 0.0f, 0.0f, 0.0f) == 2.0f, "mean, zero mass: x");
-  expect(tokenkern::finalize_merge(Combine::kSum, 2.0f, 3.0f, 4.0f, 1.0f) == 6.0f, "sum");
-  expect(close(tokenkern::finalize_merge(Combine::kAddMean, 2.0f, 3.0f, 4.0f, 2.0f), 4.0), "add_mean");
-  expect(tokenkern::finalize_merge(Combine::kAddMean, 2.0f, 3.0f, 0.0f, 0.0f) == 2.0f, "add_mean, nothing merged");
+  // merge_denominator + finalize_merge: the rules in normalized form (acc = sum (c / denominator) x).
+  auto merged = [](Combine combine, float self, float w_self, float raw_acc, float csum) {
+    return tokenkern::finalize_merge(combine, self, w_self,
+                                     raw_acc / tokenkern::merge_denominator(combine, w_self, csum), csum);
+  };
+  expect(tokenkern::merge_denominator(Combine::kMean, 3.0f, 1.0f) == 4.0f, "mean divides by the mass");
+  expect(tokenkern::merge_denominator(Combine::kAddMean, 3.0f, 2.0f) == 2.0f, "add_mean divides by csum");
+  expect(tokenkern::merge_denominator(Combine::kSum, 3.0f, 2.0f) == 1.0f, "sum does not divide");
+  expect(tokenkern::merge_denominator(Combine::kMean, 0.0f, 0.0f) == 1.0f, "zero mass: no division by 0");
+  expect(close(merged(Combine::kMean, 2.0f, 3.0f, 4.0f, 1.0f), (3.0 * 2.0 + 4.0) / 4.0), "mean");
+  expect(merged(Combine::kMean, 2.0f, 3.0f, 0.0f, 0.0f) == 2.0f, "mean, nothing merged: x exactly");
+  expect(merged(Combine::kMean, 2.0f, 0.0f, 0.0f, 0.0f) == 2.0f, "mean, zero mass: x");
+  expect(merged(Combine::kSum, 2.0f, 3.0f, 4.0f, 1.0f) == 6.0f, "sum");
+  expect(close(merged(Combine::kAddMean, 2.0f, 3.0f, 4.0f, 2.0f), 4.0), "add_mean");
+  expect(merged(Combine::kAddMean, 2.0f, 3.0f, 0.0f, 0.0f) == 2.0f, "add_mean, nothing merged");
+  // Huge weights: w x would overflow float32, the normalized form does not.
+  const float big = 1e38f;
+  const float acc_n = big / tokenkern::merge_denominator(Combine::kMean, big, big) * 100.0f;
+  expect(close(tokenkern::finalize_merge(Combine::kMean, 300.0f, big, acc_n, big), 200.0, 1e-5),
+         "mean of huge weights stays finite");
+  expect(std::isnan(tokenkern::finalize_merge(Combine::kMean, 1.0f, 3e38f, 0.5f, 3e38f)),
+         "an overflowing mass gives NaN, not a silent value");
+  expect(std::isnan(tokenkern::finalize_merge(Combine::kAddMean, 1.0f, 1.0f, 0.5f, inf)), "overflowing csum: NaN");
 
   // inverse_norm: a zero row stays finite.
   expect(close(tokenkern::inverse_norm(4.0), 0.5), "1 / sqrt(4)");

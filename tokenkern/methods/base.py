@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .._checks import fail_type
+
 
 @dataclass
 class Reduction:
@@ -28,17 +30,32 @@ class Reduction:
 
 
 def keep_count(keep: float | int, n: int) -> int:
-    """Tokens kept out of n: a float in (0, 1] is a fraction (rounded half up), an int an
-    absolute count; clamped to [1, n]."""
+    """Tokens kept out of n >= 1: a float in (0, 1] is a fraction (rounded half up), an int an
+    absolute count; clamped to [1, n]. n = 0 (no tokens to keep from) is refused."""
     if isinstance(keep, bool) or not isinstance(keep, int | float):
-        raise ValueError(f"tokenkern: keep must be a fraction in (0, 1] or a positive count, got {keep!r}")
+        raise ValueError(f"tokenkern.keep_count: keep must be a fraction in (0, 1] or a positive count, got {keep!r}")
+    if isinstance(n, bool) or not isinstance(n, int | torch.SymInt) or n < 1:
+        raise ValueError(f"tokenkern.keep_count: n must be a token count >= 1, got {n!r}")
     if isinstance(keep, float):
         if not 0.0 < keep <= 1.0:
-            raise ValueError(f"tokenkern: keep as a fraction must be in (0, 1], got {keep}")
+            raise ValueError(f"tokenkern.keep_count: keep as a fraction must be in (0, 1], got {keep}")
         return max(1, min(n, int(keep * n + 0.5)))
     if keep < 1:
-        raise ValueError(f"tokenkern: keep as a count must be >= 1, got {keep}")
+        raise ValueError(f"tokenkern.keep_count: keep as a count must be >= 1, got {keep}")
     return min(keep, n)
+
+
+def token_matrix(method: str, x: object) -> tuple[int, int, int]:
+    """Checks a method's token input x: (B, N, D) tensor with N >= 1 (B = 0, an empty batch,
+    is allowed); returns (B, N, D)."""
+    if not isinstance(x, Tensor):
+        fail_type(method, f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 3:
+        raise ValueError(f"tokenkern.{method}: x must be (B, N, D), got shape {tuple(x.shape)}")
+    if x.shape[1] < 1:
+        raise ValueError(f"tokenkern.{method}: x must have N >= 1 tokens, got shape {tuple(x.shape)}")
+    b, n, d = x.shape
+    return b, n, d
 
 
 def keep_counts(keep: float | int, n: Tensor) -> Tensor:

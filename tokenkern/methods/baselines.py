@@ -9,20 +9,28 @@ from torch import Tensor
 
 import tokenkern
 
-from .base import Reduction, gather_tokens, keep_count
+from .. import _checks
+from . import fields
+from .base import Reduction, gather_tokens, keep_count, token_matrix
 
 
 @dataclass
 class RandomConfig:
+    """seed in [0, 2**63 - 1]."""
+
     keep: float | int = 0.25
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        fields.keep("random", self.keep)
+        fields.integer("random", "seed", self.seed, 0, _checks.INT64_MAX)
 
 
 def random_select(x: Tensor, cfg: RandomConfig, generator: torch.Generator | None = None) -> Reduction:
     """Keep k = keep_count(keep, N) tokens drawn uniformly without replacement, independently
     per sample, from ``generator`` (on x's device) or else a new one seeded with cfg.seed.
-    x: (B, N, D)."""
-    b, n, _ = x.shape
+    x: (B, N, D), N >= 1 (B = 0 gives an empty Reduction)."""
+    b, n, _ = token_matrix("random", x)
     gen = generator if generator is not None else torch.Generator(device=x.device).manual_seed(cfg.seed)
     scores = torch.rand(b, n, generator=gen, device=x.device)
     kept, idx = tokenkern.topk_gather(scores, x, keep_count(cfg.keep, n))
@@ -32,6 +40,9 @@ def random_select(x: Tensor, cfg: RandomConfig, generator: torch.Generator | Non
 @dataclass
 class UniformConfig:
     keep: float | int = 0.25
+
+    def __post_init__(self) -> None:
+        fields.keep("uniform", self.keep)
 
 
 def _spread(n: int, k: int, device) -> Tensor:
@@ -43,7 +54,10 @@ def _spread(n: int, k: int, device) -> Tensor:
 def uniform_positions(n: int, k: int, device: torch.device | str = "cpu") -> Tensor:
     """k spatially uniform positions of n tokens, ascending and unique. When n is a square
     (a patch grid) they lie on an a x b lattice of evenly spaced rows and columns
-    (a = round(sqrt(k)), a b >= k, thinned evenly to k); otherwise evenly spaced in order."""
+    (a = round(sqrt(k)), a b >= k, thinned evenly to k); otherwise evenly spaced in order.
+    Needs 1 <= k <= n."""
+    _checks.int_range("uniform_positions", "n", n, 1)
+    _checks.int_range("uniform_positions", "k", k, 1, n, " (1 <= k <= n)")
     side = round(n**0.5)
     if side * side != n or k >= n:
         return _spread(n, k, device)
@@ -59,7 +73,8 @@ def uniform_positions(n: int, k: int, device: torch.device | str = "cpu") -> Ten
 
 
 def uniform_select(x: Tensor, cfg: UniformConfig) -> Reduction:
-    """Keep k spatially uniform tokens (uniform_positions). x: (B, N, D)."""
-    b, n, _ = x.shape
+    """Keep k spatially uniform tokens (uniform_positions). x: (B, N, D), N >= 1 (B = 0 gives
+    an empty Reduction)."""
+    b, n, _ = token_matrix("uniform", x)
     idx = uniform_positions(n, keep_count(cfg.keep, n), x.device).expand(b, -1).contiguous()
     return Reduction(idx, gather_tokens(x, idx))
