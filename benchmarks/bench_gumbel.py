@@ -1,5 +1,6 @@
 """gumbel_topk (forward + backward, straight-through) against the same relaxation written with
-torch ops (k successive softmaxes, autograd through all of them)."""
+torch ops (the threshold lambda by bisection without grad, then one Newton step that carries the
+implicit-function gradient through autograd)."""
 
 from __future__ import annotations
 
@@ -13,16 +14,22 @@ SHAPES = [(b, n, k) for b in (8, 64) for n in (576, 2880) for k in (n // 10, n /
 TAU = 0.5
 
 
-def torch_gumbel_topk(logits: torch.Tensor, k: int, tau: float, seed: int) -> torch.Tensor:
+def torch_gumbel_topk(logits: torch.Tensor, k: int, tau: float, seed: int, steps: int = 40) -> torch.Tensor:
     gen = torch.Generator(device=logits.device).manual_seed(seed)
     u = torch.rand(logits.shape, generator=gen, device=logits.device).clamp_min(2.0**-126)
     z = logits.float() - torch.log(-torch.log(u))
-    soft = torch.zeros_like(z)
-    for j in range(k):
-        alpha = torch.softmax(z / tau, dim=-1)
-        soft = soft + alpha
-        if j + 1 < k:
-            z = z + torch.log(torch.clamp_min(1 - alpha, 2.0**-126))
+    with torch.no_grad():  # soft = sigmoid((z - lam) / tau) sums to k: bisection on lam
+        lo = z.amin(-1, keepdim=True) - tau * 20
+        hi = z.amax(-1, keepdim=True) + tau * 20
+        for _ in range(steps):
+            mid = (lo + hi) / 2
+            above = torch.sigmoid((z - mid) / tau).sum(-1, keepdim=True) > k
+            lo, hi = torch.where(above, mid, lo), torch.where(above, hi, mid)
+        lam = (lo + hi) / 2
+    s = torch.sigmoid((z - lam) / tau)
+    ds = s * (1 - s) / tau
+    lam = lam + (s.sum(-1, keepdim=True) - k) / ds.sum(-1, keepdim=True).clamp_min(1e-30)  # Newton: exact grad
+    soft = torch.sigmoid((z - lam) / tau)
     hard = torch.zeros_like(z).scatter_(1, z.detach().topk(k, dim=-1).indices, 1.0)
     return hard + (soft - soft.detach())
 

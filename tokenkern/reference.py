@@ -3,6 +3,8 @@ float64 by the tests (their oracle). Nothing here is fast."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -56,7 +58,9 @@ def attn_scores(
     q: (B, Hq, Nq, d), k: (B, Hkv, Nk, d), query head h reads key head h // (Hq / Hkv).
     Key j is visible to query i when key_mask[b, j] and, if causal, j <= Nk - Nq + i (the
     queries are the last Nq positions). ``P[b, h, i] = softmax(scale * q[b, h, i] . k^T)`` over
-    the visible keys (``exp(scale * q.k - lse)`` when lse is given). A query is valid when
+    the visible keys (``exp(scale * q.k - lse)`` when lse is given; a row whose given lse is
+    not finite is all zero). A NaN logit of a visible pair makes its softmax row NaN, so it
+    poisons every key that row sees (only that key's entry with an lse). A query is valid when
     query_mask[b, i] and it sees at least one key; invalid queries contribute nothing.
     ``scores[b, j - key_start] = sum_h sum_{valid i} P[b, h, i, j]``, divided by
     Hq * (number of valid queries of b) for reduce="mean" (0 when there are none).
@@ -81,7 +85,8 @@ def attn_scores(
     if lse is None:
         p = torch.softmax(logits, dim=-1)
     else:
-        p = torch.exp(logits - lse.double().cpu()[..., None])
+        lse64 = lse.double().cpu()[..., None]
+        p = torch.where(torch.isfinite(lse64), torch.exp(logits - lse64), 0.0)
     p = torch.where(vis & valid[..., None], p, 0.0)
     scores = p.sum(dim=(1, 2))
     if reduce == "mean":
@@ -258,8 +263,13 @@ def spectral_ipr(x: Tensor, rank: int = -1) -> Tensor:
 
 # ------------------------------------------------------------------------------ gumbel_topk
 
-# float32's smallest normal number: the floor of the uniform draw and of 1 - alpha.
+# float32's smallest normal number: the floor of the uniform draw.
 GUMBEL_TINY = 2.0**-126
+
+# The smallest temperature the kernels accept: they scale score differences by 1/tau in
+# float32, so tau must be a normal float32 (GPUs flush subnormals) whose reciprocal is finite;
+# 2^-126 is the smallest such number (its reciprocal, 2^126, is below float32's 2^128 limit).
+GUMBEL_MIN_TAU = 2.0**-126
 
 
 def gumbel_from_uniform(u: Tensor) -> Tensor:
@@ -273,24 +283,95 @@ def perturbed_scores(logits: Tensor, noise: Tensor) -> Tensor:
     return logits.float() + noise.float()
 
 
+def float_key(x: Tensor) -> Tensor:
+    """float64 (no NaN) -> int64 whose signed order is the order of the values (-0.0 as +0.0)."""
+    bits = (x + 0.0).view(torch.int64)
+    return torch.where(bits < 0, bits ^ 0x7FFFFFFFFFFFFFFF, bits)
+
+
+def key_float(key: Tensor) -> Tensor:
+    """The inverse of ``float_key``."""
+    return torch.where(key < 0, key ^ 0x7FFFFFFFFFFFFFFF, key).view(torch.float64)
+
+
+def relaxed_topk_degenerate(z: Tensor, k: int) -> Tensor:
+    """(B, 1) bool: the rows of z (B, N) (NaN as -inf) where no finite threshold lambda gives
+    sum_i sigmoid((z_i - lambda) / tau) = k: at least k entries are +inf, or at most k are
+    above -inf (k = N among them)."""
+    pinf = (z == float("inf")).sum(-1, keepdim=True)
+    alive = (z > float("-inf")).sum(-1, keepdim=True)
+    return (pinf >= k) | (alive <= k)
+
+
+def relaxed_topk_excess(x: Tensor, top: Tensor) -> Tensor:
+    """sum_i sigmoid(x_i) - k for x: (B, N) and top (B, N) bool, k ones per row (the hard
+    mask), as sum_{i not top} sigmoid(x_i) - sum_{i top} sigmoid(-x_i): no term is near 1, so
+    nothing cancels when the relaxation is nearly hard (the plain sum rounds to k over a wide
+    range of thresholds, and the root found would be anywhere in it)."""
+    return torch.where(top, -torch.sigmoid(-x), torch.sigmoid(x)).sum(-1, keepdim=True)
+
+
+def relaxed_topk_shift(d: Tensor, top: Tensor) -> Tensor:
+    """d: (B, N) float64 scaled scores (z - anchor) / tau with d = 0 at the k-th largest z,
+    top: (B, N) bool, the hard top-k mask. Returns u (B, 1) with sum_i sigmoid(d_i - u) = k,
+    found by 64 bisection steps over the float64 bit patterns (every float64 between the
+    bracket ends, in order: 64 halvings reach two neighbouring floats), then the end with the
+    smaller |excess| (``relaxed_topk_excess``). Bracket: at u = min(finite d) - log N every
+    finite entry has sigmoid >= N / (N + 1), so the sum exceeds k when more than k entries
+    are above -inf; at u = log N the entries from the k-th down (d <= 0) have sigmoid <=
+    1 / (N + 1), so the sum is below k."""
+    n = d.shape[-1]
+    big = torch.finfo(torch.float64).max
+    hi_u = torch.full((*d.shape[:-1], 1), math.log(n), dtype=torch.float64, device=d.device)
+    dmin = torch.where(torch.isfinite(d), d, float("inf")).amin(-1, keepdim=True)
+    lo_u = torch.minimum((dmin - math.log(n)).clamp(-big, big), hi_u)
+    lo, hi = float_key(lo_u), float_key(hi_u)
+    e_lo = torch.full_like(hi_u, float("inf"))
+    e_hi = torch.full_like(hi_u, float("-inf"))
+    for _ in range(64):
+        mid = (lo >> 1) + (hi >> 1) + (lo & hi & 1)  # floor((lo + hi) / 2) without overflow
+        e = relaxed_topk_excess(d - key_float(mid), top)
+        take = e >= 0
+        lo, e_lo = torch.where(take, mid, lo), torch.where(take, e, e_lo)
+        hi, e_hi = torch.where(take, hi, mid), torch.where(take, e_hi, e)
+    return key_float(torch.where(e_lo <= -e_hi, lo, hi))
+
+
 def relaxed_topk(z: Tensor, k: int, tau: float) -> Tensor:
-    """Successive-softmax relaxation of the top-k subset of the scores z (B, N), in z's dtype
-    (the tests run it in float64). NaN scores count as -inf.
+    """Threshold relaxation of the top-k mask of the scores z (B, N), in float64 (the tests
+    run it on z of float32 values), differentiable in z. NaN scores count as -inf.
 
-        z_1 = z,  alpha_j = softmax(z_j / tau),  z_{j+1} = z_j + log(max(1 - alpha_j, tiny)),
-        soft = sum_{j=1..k} alpha_j
+        soft_i = sigmoid((z_i - lambda) / tau),  lambda such that sum_i soft_i = k.
 
-    Each alpha_j is a softmax over the row, so soft sums to k. As tau -> 0, alpha_j becomes
-    the one-hot of the j-th largest score and soft the hard top-k mask. A row whose scores
-    are all -inf (or contain +inf) gives NaN, as softmax does."""
+    soft is in [0, 1] and sums to k by construction; with distinct scores it tends to the hard
+    top-k mask as tau -> 0 (lambda lies between the k-th and (k+1)-th largest z); the gradient
+    is that of the implicit lambda(z): with s'_i = soft_i (1 - soft_i),
+    ``d soft_i / d z_m = (s'_i / tau) (delta_im - s'_m / sum_n s'_n)``.
+
+    Computed in the shifted form: with the anchor a = the k-th largest z (finite whenever a
+    finite lambda exists) and d = (z - a) / tau, u = (lambda - a) / tau solves
+    sum_i sigmoid(d_i - u) = k (``relaxed_topk_shift``); z / tau alone is never formed, so huge
+    |z| / tau loses nothing near lambda. One Newton step u + excess / sum s' (s' detached)
+    leaves the value at the root and gives autograd the implicit gradient. +inf entries get 1
+    and -inf entries 0. Rows without a finite lambda (``relaxed_topk_degenerate``: at least k
+    entries are +inf, or at most k are above -inf, e.g. k = N) get the hard mask, the limit of
+    the relaxation there, with gradient 0."""
     z = torch.where(torch.isnan(z), float("-inf"), z)
-    soft = torch.zeros_like(z)
-    for j in range(k):
-        alpha = torch.softmax(z / tau, dim=-1)
-        soft = soft + alpha
-        if j + 1 < k:
-            z = z + torch.log(torch.clamp_min(1 - alpha, GUMBEL_TINY))
-    return soft
+    degenerate = relaxed_topk_degenerate(z, k)
+    top = hard_topk_mask(z.detach(), k) > 0
+    with torch.no_grad():
+        anchor = torch.where(degenerate, 0.0, z.topk(k, dim=-1).values[:, k - 1 :])
+    d = (z - anchor) / tau
+    u = relaxed_topk_shift(d.detach(), top)
+    x = (d - u).detach()
+    sp = torch.sigmoid(x) * torch.sigmoid(-x)
+    total = sp.sum(-1, keepdim=True)
+    excess = relaxed_topk_excess(d - u, top)
+    u = u + torch.where(total > 0, excess / torch.where(total > 0, total, 1.0), 0.0)
+    x = d - u
+    # 1 - sigmoid(-x) above 0: the same value, and autograd's s (1 - s) from the small side.
+    soft = torch.where(x > 0, 1 - torch.sigmoid(-x), torch.sigmoid(x))
+    return torch.where(degenerate, top.double(), soft)
 
 
 def hard_topk_mask(z: Tensor, k: int) -> Tensor:

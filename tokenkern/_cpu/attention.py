@@ -46,8 +46,13 @@ def attention_scores(
         vis5 = vis[:, None, None]
         s = (qf[:, :, :, rows] @ kt) * scale
         s = s.masked_fill(~vis5, float("-inf"))
-        lse_c = torch.logsumexp(s, dim=-1) if lse_g is None else lse_g[..., rows]
-        keep = vis5 & q_ok[:, None, None, :, None] & torch.isfinite(lse_c)[..., None]
+        keep = vis5 & q_ok[:, None, None, :, None]
+        if lse_g is None:
+            # NaN logits make the row's lse NaN and so poison the row, as the softmax does.
+            lse_c = torch.logsumexp(s, dim=-1)
+        else:
+            lse_c = lse_g[..., rows]
+            keep = keep & torch.isfinite(lse_c)[..., None]
         p = torch.where(keep, torch.exp(s - lse_c[..., None]), 0.0)
         total += p.sum(dim=(1, 2, 3))
     if mean:

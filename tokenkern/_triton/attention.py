@@ -3,8 +3,9 @@
 Three kernels, each output element owned by one program (deterministic, no atomics):
 
 1. ``_lse_kernel`` (only when the caller has no lse): one program per (query block, query
-   head, batch) streams the key blocks with an online max/sum and writes the natural-log
-   log-sum-exp of the scaled logits over the visible keys, (B, Hq, Nq).
+   head, batch) streams the key blocks with an online max/sum and writes the log-sum-exp of
+   the scaled logits over the visible keys, (B, Hq, Nq), in base 2 (no natural-log round
+   trip, which would shift logits of 1e10 by whole units).
 2. ``_colsum_kernel``: one program per (key block of the requested slice, query head, batch)
    loads its key tile once and streams the query blocks, adding exp(s - lse) over visible
    (query, key) pairs into (B, Hq, n_cols) partial sums. Causal programs skip the query blocks
@@ -15,6 +16,10 @@ Three kernels, each output element owned by one program (deterministic, no atomi
 Scores are computed in base 2: ``exp(scale * q.k - lse) = exp2(scale * log2(e) * q.k - log2(e) * lse)``.
 A key is visible to query i when key_mask allows it and, if causal, ``j <= Nk - Nq + i``. A
 query is valid when query_mask allows it and at least one key is visible to it.
+
+NaN follows the float64 softmax: a NaN logit of a visible (query, key) pair makes the
+kernel's lse of that row NaN, hence every visible entry of the row; masked keys and invalid
+queries never reach the sums. All grids are flat (axis 0), so any batch size launches.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import empty, interpreted, next_pow2
+from .utils import empty, flat_grid, interpreted, next_pow2, unflatten2, unflatten3
 
 LOG2E = 1.4426950408889634
 
@@ -31,17 +36,16 @@ LOG2E = 1.4426950408889634
 @triton.jit
 def _lse_kernel(
     q_ptr, k_ptr, km_ptr, lse_ptr,
-    Nq, Nk, G, D, qk_scale,
+    Nq, Nk, G, D, qk_scale, n_blocks, Hq,
     q_sb, q_sh, q_sn, q_sd,
     k_sb, k_sh, k_sn, k_sd,
     km_sb, km_sn,
     l_sb, l_sh, l_sn,
-    HAS_KMASK: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_KMASK: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr, BASE2: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    pid_m = tl.program_id(0)
-    h = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
+    pid_m, h, b = unflatten3(tl.program_id(0), n_blocks, Hq)
+    b = b.to(tl.int64)
     hk = h // G
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rd = tl.arange(0, BLOCK_D)
@@ -74,25 +78,28 @@ def _lse_kernel(
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), axis=1)
         m_i = m_new
-    lse2 = tl.where(l_i > 0, m_i + tl.log2(l_i), float("-inf"))
-    tl.store(lse_ptr + b * l_sb + h * l_sh + rm * l_sn, lse2 * 0.6931471805599453, mask=rm < Nq)
+    # A NaN logit of a visible key makes l_i (or m_i) NaN, and so the lse: the row is poisoned.
+    lse2 = tl.where(l_i == 0, float("-inf"), m_i + tl.log2(l_i))
+    if not BASE2:
+        lse2 = lse2 * 0.6931471805599453
+    tl.store(lse_ptr + b * l_sb + h * l_sh + rm * l_sn, lse2, mask=rm < Nq)
 
 
 @triton.jit
 def _colsum_kernel(
     q_ptr, k_ptr, lse_ptr, qm_ptr, km_ptr, part_ptr,
-    Nq, Nk, G, D, key_start, n_cols, qk_scale,
+    Nq, Nk, G, D, key_start, n_cols, qk_scale, n_blocks, Hq,
     q_sb, q_sh, q_sn, q_sd,
     k_sb, k_sh, k_sn, k_sd,
     l_sb, l_sh, l_sn,
     qm_sb, qm_sn, km_sb, km_sn,
     p_sb, p_sh,
     HAS_QMASK: tl.constexpr, HAS_KMASK: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+    LSE_GIVEN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    pid_n = tl.program_id(0)
-    h = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
+    pid_n, h, b = unflatten3(tl.program_id(0), n_blocks, Hq)
+    b = b.to(tl.int64)
     hk = h // G
     col0 = pid_n * BLOCK_N
     cols = col0 + tl.arange(0, BLOCK_N)
@@ -121,15 +128,23 @@ def _colsum_kernel(
             mask=q_ok[:, None] & (rd < D)[None, :],
             other=0.0,
         )
-        lse2 = tl.load(lse_ptr + b * l_sb + h * l_sh + rm * l_sn, mask=q_ok, other=0.0) * 1.4426950408889634
-        q_ok &= (lse2 == lse2) & (tl.abs(lse2) < float("inf"))
+        lse2 = tl.load(lse_ptr + b * l_sb + h * l_sh + rm * l_sn, mask=q_ok, other=0.0)
+        if LSE_GIVEN:
+            # The caller's natural-log lse; its rows that are not finite contribute nothing.
+            lse2 = lse2 * 1.4426950408889634
+            q_ok &= (lse2 == lse2) & (tl.abs(lse2) < float("inf"))
         if HAS_QMASK:
             q_ok &= tl.load(qm_ptr + b * qm_sb + rm * qm_sn, mask=rm < Nq, other=0) != 0
         s = tl.dot(qt, tl.trans(kt), input_precision=PRECISION) * qk_scale
         vis = q_ok[:, None] & kvis[None, :]
         if CAUSAL:
             vis &= rn[None, :] <= offset + rm[:, None]
-        p = tl.where(vis, tl.exp2(s - lse2[:, None]), 0.0)
+        t = s - lse2[:, None]
+        if not LSE_GIVEN:
+            # The kernel's own base-2 lse bounds every logit of its row (t <= 0 up to rounding,
+            # which at large logits could overflow exp2); NaN (a poisoned row) passes through.
+            t = tl.where(t > 0, 0.0, t)
+        p = tl.where(vis, tl.exp2(t), 0.0)
         acc += tl.sum(p, axis=0)
     tl.store(part_ptr + b * p_sb + h * p_sh + cols, acc, mask=col_ok)
 
@@ -137,13 +152,13 @@ def _colsum_kernel(
 @triton.jit
 def _reduce_kernel(
     part_ptr, qm_ptr, km_ptr, out_ptr,
-    Hq, Nq, Nk, n_cols,
+    Hq, Nq, Nk, n_cols, n_blocks,
     p_sb, p_sh, qm_sb, qm_sn, km_sb, km_sn, o_sb,
     MEAN: tl.constexpr, HAS_QMASK: tl.constexpr, HAS_KMASK: tl.constexpr, CAUSAL: tl.constexpr,
     BLOCK: tl.constexpr, CHUNK: tl.constexpr,
 ):  # fmt: skip
-    pid = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
+    pid, b = unflatten2(tl.program_id(0), n_blocks)
+    b = b.to(tl.int64)
     cols = pid * BLOCK + tl.arange(0, BLOCK)
     acc = tl.zeros((BLOCK,), tl.float32)
     for h in range(Hq):
@@ -200,21 +215,24 @@ def attention_lse(
     key_mask: torch.Tensor | None,
     causal: bool,
     blocks: tuple[int, int, int] | None = None,
+    base2: bool = False,
 ) -> torch.Tensor:
-    """(B, Hq, Nq) float32 natural-log log-sum-exp of ``scale * q.k`` over the visible keys
-    (-inf for a query that sees none)."""
+    """(B, Hq, Nq) float32 log-sum-exp of ``scale * q.k`` over the visible keys (-inf for a
+    query that sees none, NaN for one with a NaN logit), in natural log, or in base 2
+    (``log2 sum 2^(scale * log2(e) * q.k)``) when base2."""
     b, hq, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
     block_m, block_n, block_d = blocks or _blocks(d)
     lse = empty(b, hq, nq, dtype=torch.float32, device=q.device)
     km, km_sb, km_sn = _mask_strides(key_mask)
-    _lse_kernel[(triton.cdiv(nq, block_m), hq, b)](
+    n_blocks = triton.cdiv(nq, block_m)
+    _lse_kernel[flat_grid("attn_scores", n_blocks, hq, b)](
         q, k, km if km is not None else q, lse,
-        nq, nk, hq // hkv, d, scale * LOG2E,
+        nq, nk, hq // hkv, d, scale * LOG2E, n_blocks, hq,
         *q.stride(), *k.stride(),
         km_sb, km_sn,
         *lse.stride(),
-        HAS_KMASK=km is not None, CAUSAL=causal, PRECISION=_precision(q),
+        HAS_KMASK=km is not None, CAUSAL=causal, PRECISION=_precision(q), BASE2=base2,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
     )  # fmt: skip
     return lse
@@ -243,25 +261,30 @@ def attention_scores(
     hkv, nk = k.shape[1], k.shape[2]
     n_cols = key_end - key_start
     block_m, block_n, block_d = blocks or _blocks(d)
+    lse_given = lse is not None
     if lse is None:
-        lse = attention_lse(q, k, scale, key_mask, causal, (block_m, block_n, block_d))
+        # Kept in base 2: a natural-log round trip would shift large logits by whole units.
+        lse = attention_lse(q, k, scale, key_mask, causal, (block_m, block_n, block_d), base2=True)
     qm, qm_sb, qm_sn = _mask_strides(query_mask)
     km, km_sb, km_sn = _mask_strides(key_mask)
     partial = empty(b, hq, n_cols, dtype=torch.float32, device=q.device)
-    _colsum_kernel[(triton.cdiv(n_cols, block_n), hq, b)](
+    n_blocks = triton.cdiv(n_cols, block_n)
+    _colsum_kernel[flat_grid("attn_scores", n_blocks, hq, b)](
         q, k, lse, qm if qm is not None else q, km if km is not None else q, partial,
-        nq, nk, hq // hkv, d, key_start, n_cols, scale * LOG2E,
+        nq, nk, hq // hkv, d, key_start, n_cols, scale * LOG2E, n_blocks, hq,
         *q.stride(), *k.stride(), *lse.stride(),
         qm_sb, qm_sn, km_sb, km_sn,
         partial.stride(0), partial.stride(1),
         HAS_QMASK=qm is not None, HAS_KMASK=km is not None, CAUSAL=causal, PRECISION=_precision(q),
+        LSE_GIVEN=lse_given,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
     )  # fmt: skip
     scores = empty(b, n_cols, dtype=torch.float32, device=q.device)
     block = min(1024, max(16, next_pow2(n_cols)))
-    _reduce_kernel[(triton.cdiv(n_cols, block), b)](
+    n_blocks = triton.cdiv(n_cols, block)
+    _reduce_kernel[flat_grid("attn_scores", n_blocks, b)](
         partial, qm if qm is not None else q, km if km is not None else q, scores,
-        hq, nq, nk, n_cols,
+        hq, nq, nk, n_cols, n_blocks,
         partial.stride(0), partial.stride(1), qm_sb, qm_sn, km_sb, km_sn, scores.stride(0),
         MEAN=mean, HAS_QMASK=qm is not None, HAS_KMASK=km is not None, CAUSAL=causal,
         BLOCK=block, CHUNK=1024,

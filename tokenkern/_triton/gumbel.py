@@ -6,21 +6,28 @@ One program owns one row of logits. It draws the Gumbel noise of every element f
 
 - HARD: selects the k largest z (the topk_gather rule: ties to the lower index, NaN as
   -inf) with the same threshold search as topk_gather and writes the 0/1 mask, or
-- SOFT: runs the k steps of the successive-softmax relaxation (``reference.relaxed_topk``)
-  and writes ``soft = sum_j alpha_j``.
+- SOFT: writes the threshold relaxation ``soft_i = sigmoid((z_i - lambda) / tau)``,
+  ``sum_i soft_i = k`` (``reference.relaxed_topk``), in the shifted form around the anchor
+  a = the k-th largest z (found by the topk_gather threshold search): d = (z - a) / tau and
+  u = (lambda - a) / tau, found by 32 bisection steps over the float32 bit patterns between
+  ``min(finite d) - log N`` and ``log N`` (32 halvings reach two neighbouring floats from any
+  float32 bracket). Each step evaluates the excess ``sum sigmoid(d - u) - k`` as small terms
+  (``-sigmoid(u - d)`` on the top-k, ``sigmoid(d - u)`` off it; a tie group at the anchor
+  split by the top-k contributes ``sigmoid(d - u) - ties / m`` each), so that it does not
+  round to 0 over a wide range of u when soft is nearly hard. Rows without a finite lambda
+  (at least k entries +inf, or at most k above -inf) get the hard mask. All float32, fp32
+  sums.
 
-When the row fits one chunk (N <= 4096) everything stays in registers: one read of the
-logits and one write of the output. Longer rows keep z in a scratch row (the output row
-itself for HARD) and make two passes per relaxation step (online max and sum, then the
-update). The hard forward of ``gumbel_topk(hard=True)`` needs no relaxation: its gradient
-is computed in the backward from the same noise, redrawn bit for bit.
+When the row fits one chunk (N <= 4096) it stays in registers: one read of the logits and
+one write of the output (the output row holds z for the threshold search). Longer rows keep z
+in the output row and loop over chunks in every pass. The hard forward of
+``gumbel_topk(hard=True)`` needs no relaxation: its gradient is computed in the backward from
+the same noise, redrawn bit for bit.
 
 The backward (``gumbel_topk_backward``) is one program per row as well: it redraws the noise,
-runs the k relaxation steps keeping z_j every ceil(sqrt(k)) steps in a scratch buffer, then walks
-the segments in reverse, recomputing each segment's alphas into a second scratch buffer and
-back-propagating through them (the algorithm of ``_cpu.gumbel.relaxed_topk_backward``, in one
-launch instead of ~10 k torch kernels). About 2 sqrt(k) x N floats of scratch per row. Rows
-longer than one chunk fall back to that torch backward.
+finds the same (a, u) and writes the implicit-function gradient
+``(s' / tau) (g - sum(g s') / sum(s'))``, s' = soft (1 - soft), 0 in rows without a finite
+lambda. One launch, any N (rows past a chunk loop over chunks, z in the output row).
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ from .topk_gather import MAX_CHUNK, selection_key, topk_threshold
 from .utils import empty, next_pow2
 
 _NOISE_BLOCK = 1024
+FLT_MAX: tl.constexpr = tl.constexpr(3.4028234663852886e38)
 
 
 @triton.jit
@@ -54,14 +62,134 @@ def _perturb(l_row, l_sn, noise_row, b, N, seed, offs, STORE_NOISE: tl.constexpr
 
 
 @triton.jit
+def _key_float(key):
+    """The inverse of ``selection_key`` (key: int64 holding an int32 key) -> float32."""
+    k32 = key.to(tl.int32)
+    return tl.where(k32 < 0, k32 ^ 0x7FFFFFFF, k32).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _scaled(z, anchor, inv_tau):
+    """d = (z - anchor) / tau: the difference clamped to float32's range (no 0 * inf for a
+    huge tau), the infinities of z kept exactly. z without NaN."""
+    diff = tl.minimum(tl.maximum(z - anchor, -FLT_MAX), FLT_MAX)
+    return tl.where((z == float("inf")) | (z == float("-inf")), z, diff * inv_tau)
+
+
+@triton.jit
+def _sigmoid_parts(x):
+    """x without NaN -> (r, e r) = (sigmoid(|x|), sigmoid(-|x|)), e = exp(-|x|) in [0, 1]."""
+    e = tl.exp(-tl.abs(x))
+    r = 1.0 / (1.0 + e)
+    return r, e * r
+
+
+@triton.jit
+def _excess_terms(x, key, thr, ties, m):
+    """Per-element terms of sum_i sigmoid(x_i) - k: -sigmoid(-x) above the threshold key
+    (the top-k), sigmoid(x) below it; at the threshold (m ties, ``ties`` of them in the top-k)
+    -sigmoid(-x) when all are, sigmoid(x) - ties / m otherwise (then not saturated)."""
+    big, small = _sigmoid_parts(x)
+    pos = x >= 0
+    s = tl.where(pos, big, small)
+    s_neg = tl.where(pos, small, big)
+    at = tl.where(ties == m, -s_neg, s - ties.to(tl.float32) / m.to(tl.float32))
+    return tl.where(key > thr, -s_neg, tl.where(key == thr, at, s))
+
+
+@triton.jit
+def _row_stats(z, valid):
+    """(#{z = +inf}, #{z > -inf}, min finite z) of z (CHUNK,) without NaN."""
+    pinf = tl.sum(((z == float("inf")) & valid).to(tl.int32), 0)
+    alive = tl.sum(((z > float("-inf")) & valid).to(tl.int32), 0)
+    finite = valid & (z > float("-inf")) & (z < float("inf"))
+    return pinf, alive, tl.min(tl.where(finite, z, float("inf")), 0)
+
+
+@triton.jit
+def _tie_counts(z, valid, thr):
+    key = selection_key(z)
+    n_gt = tl.sum(((key > thr) & valid).to(tl.int32), 0)
+    return n_gt, tl.sum(((key == thr) & valid).to(tl.int32), 0)
+
+
+@triton.jit
+def _excess(z_row, z, N, anchor, inv_tau, u, thr, ties, m, CHUNK: tl.constexpr, SINGLE_CHUNK: tl.constexpr):
+    """sum_i sigmoid(d_i - u) - k of the row: z in registers (SINGLE_CHUNK) or in z_row."""
+    if SINGLE_CHUNK:
+        offs = tl.arange(0, CHUNK)
+        t = _excess_terms(_scaled(z, anchor, inv_tau) - u, selection_key(z), thr, ties, m)
+        total = tl.sum(tl.where(offs < N, t, 0.0), 0)
+    else:
+        total = tl.zeros((), tl.float32)
+        for c0 in range(0, N, CHUNK):
+            offs = c0 + tl.arange(0, CHUNK)
+            zc = tl.load(z_row + offs, mask=offs < N, other=float("-inf"))
+            t = _excess_terms(_scaled(zc, anchor, inv_tau) - u, selection_key(zc), thr, ties, m)
+            total += tl.sum(tl.where(offs < N, t, 0.0), 0)
+    return total
+
+
+@triton.jit
+def _relaxation(z_row, z, N, k, inv_tau, log_n, pinf, alive, zmin, CHUNK: tl.constexpr, SINGLE_CHUNK: tl.constexpr):
+    """The row's relaxation: (anchor, u, thr, ties, m, degenerate). z (NaN cleaned to -inf) is
+    in z_row (and in registers when SINGLE_CHUNK); pinf, alive, zmin from ``_row_stats``."""
+    thr = topk_threshold(z_row, 1, N, k, CHUNK, SINGLE_CHUNK)
+    if SINGLE_CHUNK:
+        n_gt, m = _tie_counts(z, tl.arange(0, CHUNK) < N, thr)
+    else:
+        n_gt = tl.zeros((), tl.int32)
+        m = tl.zeros((), tl.int32)
+        for c0 in range(0, N, CHUNK):
+            offs = c0 + tl.arange(0, CHUNK)
+            c_gt, c_m = _tie_counts(tl.load(z_row + offs, mask=offs < N, other=0.0), offs < N, thr)
+            n_gt += c_gt
+            m += c_m
+    ties = k - n_gt
+    degenerate = (pinf >= k) | (alive <= k)
+    anchor = tl.where(degenerate, 0.0, _key_float(thr))
+    # Bracket: at min(finite d) - log N the sum exceeds k, at log N it is below k.
+    hi_u = tl.zeros((), tl.float32) + log_n
+    dmin = tl.minimum(tl.maximum(zmin - anchor, -FLT_MAX), FLT_MAX) * inv_tau
+    lo_u = tl.minimum(tl.maximum(dmin - log_n, -FLT_MAX), hi_u)
+    lo = selection_key(lo_u).to(tl.int64)
+    hi = selection_key(hi_u).to(tl.int64)
+    e_lo = tl.full((), float("inf"), tl.float32)
+    e_hi = tl.full((), float("-inf"), tl.float32)
+    for _ in range(32):
+        mid = lo + (hi - lo) // 2
+        e = _excess(z_row, z, N, anchor, inv_tau, _key_float(mid), thr, ties, m, CHUNK, SINGLE_CHUNK)
+        take = e >= 0
+        lo = tl.where(take, mid, lo)
+        e_lo = tl.where(take, e, e_lo)
+        hi = tl.where(take, hi, mid)
+        e_hi = tl.where(take, e_hi, e)
+    u = _key_float(tl.where(e_lo <= -e_hi, lo, hi))
+    return anchor, u, thr, ties, m, degenerate
+
+
+@triton.jit
+def _soft_or_hard(z, offs, anchor, inv_tau, u, thr, ties, eq_seen, degenerate):
+    """The output of a soft chunk: sigmoid(d - u), or the hard mask in degenerate rows
+    (eq_seen: threshold ties in earlier chunks)."""
+    key = selection_key(z)
+    eq = ((key == thr) & (offs >= 0)).to(tl.int32)
+    rank = eq_seen + tl.cumsum(eq, 0) - eq
+    sel = (key > thr) | ((eq == 1) & (rank < ties))
+    x = _scaled(z, anchor, inv_tau) - u
+    big, small = _sigmoid_parts(x)
+    return tl.where(degenerate, sel.to(tl.float32), tl.where(x >= 0, big, small)), tl.sum(eq, 0)
+
+
+@triton.jit
 def _gumbel_topk_kernel(
     l_ptr,
     out_ptr,
     noise_ptr,
-    z_ptr,
     N,
     k,
     inv_tau,
+    log_n,
     seed,
     l_sb,
     l_sn,
@@ -72,19 +200,17 @@ def _gumbel_topk_kernel(
 ):
     b = tl.program_id(0).to(tl.int64)
     l_row = l_ptr + b * l_sb
-    out_row = out_ptr + b * N
+    out_row = out_ptr + b * N  # z while the row is searched
     noise_row = noise_ptr + b * N
-    z_row = z_ptr + b * N  # scratch z (out_row itself for HARD)
-    tiny = 1.1754943508222875e-38
 
-    if SINGLE_CHUNK:
-        offs = tl.arange(0, CHUNK)
-        valid = offs < N
-        z = _perturb(l_row, l_sn, noise_row, b, N, seed, offs, STORE_NOISE)
-        if HARD:
-            tl.store(z_row + offs, z, mask=valid)
+    if HARD:
+        if SINGLE_CHUNK:
+            offs = tl.arange(0, CHUNK)
+            valid = offs < N
+            z = _perturb(l_row, l_sn, noise_row, b, N, seed, offs, STORE_NOISE)
+            tl.store(out_row + offs, z, mask=valid)
             tl.debug_barrier()
-            thr = topk_threshold(z_row, 1, N, k, CHUNK, True)
+            thr = topk_threshold(out_row, 1, N, k, CHUNK, True)
             key = selection_key(z)
             gt = (key > thr) & valid
             eq = ((key == thr) & valid).to(tl.int32)
@@ -93,31 +219,16 @@ def _gumbel_topk_kernel(
             sel = gt | ((eq == 1) & (rank < ties))
             tl.store(out_row + offs, sel.to(tl.float32), mask=valid)
         else:
-            z = tl.where(valid & (z == z), z, float("-inf"))
-            soft = tl.zeros((CHUNK,), tl.float32)
-            for _ in range(0, k):
-                t = z * inv_tau
-                e = tl.exp(t - tl.max(t, 0))
-                alpha = e / tl.sum(e, 0)
-                soft += alpha
-                z = z + tl.log(tl.maximum(1.0 - alpha, tiny))
-            tl.store(out_row + offs, soft, mask=valid)
-    else:
-        for c0 in range(0, N, CHUNK):
-            offs = c0 + tl.arange(0, CHUNK)
-            valid = offs < N
-            z = _perturb(l_row, l_sn, noise_row, b, N, seed, offs, STORE_NOISE)
-            if not HARD:
-                z = tl.where(z == z, z, float("-inf"))
-                tl.store(out_row + offs, tl.zeros((CHUNK,), tl.float32), mask=valid)
-            tl.store(z_row + offs, z, mask=valid)
-        tl.debug_barrier()
-        if HARD:
-            thr = topk_threshold(z_row, 1, N, k, CHUNK, False)
+            for c0 in range(0, N, CHUNK):
+                offs = c0 + tl.arange(0, CHUNK)
+                z = _perturb(l_row, l_sn, noise_row, b, N, seed, offs, STORE_NOISE)
+                tl.store(out_row + offs, z, mask=offs < N)
+            tl.debug_barrier()
+            thr = topk_threshold(out_row, 1, N, k, CHUNK, False)
             gt_total = tl.zeros((), tl.int32)
             for c0 in range(0, N, CHUNK):
                 offs = c0 + tl.arange(0, CHUNK)
-                key = selection_key(tl.load(z_row + offs, mask=offs < N, other=0.0))
+                key = selection_key(tl.load(out_row + offs, mask=offs < N, other=0.0))
                 gt_total += tl.sum(((key > thr) & (offs < N)).to(tl.int32), 0)
             ties = k - gt_total
             eq_seen = tl.zeros((), tl.int32)
@@ -125,40 +236,63 @@ def _gumbel_topk_kernel(
             for c0 in range(0, N, CHUNK):
                 offs = c0 + tl.arange(0, CHUNK)
                 valid = offs < N
-                key = selection_key(tl.load(z_row + offs, mask=valid, other=0.0))
+                key = selection_key(tl.load(out_row + offs, mask=valid, other=0.0))
                 gt = (key > thr) & valid
                 eq = ((key == thr) & valid).to(tl.int32)
                 rank = eq_seen + tl.cumsum(eq, 0) - eq
                 sel = gt | ((eq == 1) & (rank < ties))
                 eq_seen += tl.sum(eq, 0)
                 tl.store(out_row + offs, sel.to(tl.float32), mask=valid)
+    else:
+        if SINGLE_CHUNK:
+            offs = tl.arange(0, CHUNK)
+            valid = offs < N
+            z = _perturb(l_row, l_sn, noise_row, b, N, seed, offs, STORE_NOISE)
+            z = tl.where(valid & (z == z), z, float("-inf"))
+            tl.store(out_row + offs, z, mask=valid)
+            tl.debug_barrier()
+            pinf, alive, zmin = _row_stats(z, valid)
+            anchor, u, thr, ties, _m, degen = _relaxation(
+                out_row, z, N, k, inv_tau, log_n, pinf, alive, zmin, CHUNK, True
+            )
+            soft, _ = _soft_or_hard(z, tl.where(valid, offs, -1), anchor, inv_tau, u, thr, ties, 0, degen)
+            tl.store(out_row + offs, soft, mask=valid)
         else:
-            for _ in range(0, k):
-                # Online max and sum of exp(z / tau) over the row.
-                m = tl.full((), float("-inf"), tl.float32)
-                s = tl.zeros((), tl.float32)
-                for c0 in range(0, N, CHUNK):
-                    offs = c0 + tl.arange(0, CHUNK)
-                    t = tl.load(z_row + offs, mask=offs < N, other=float("-inf")) * inv_tau
-                    m_new = tl.maximum(m, tl.max(t, 0))
-                    rescale = tl.where(m_new == m, 1.0, tl.exp(m - m_new))
-                    s = s * rescale + tl.sum(tl.where(t == float("-inf"), 0.0, tl.exp(t - m_new)), 0)
-                    m = m_new
-                for c0 in range(0, N, CHUNK):
-                    offs = c0 + tl.arange(0, CHUNK)
-                    valid = offs < N
-                    z = tl.load(z_row + offs, mask=valid, other=float("-inf"))
-                    alpha = tl.where(z == float("-inf"), 0.0, tl.exp(z * inv_tau - m)) / s
-                    tl.store(out_row + offs, tl.load(out_row + offs, mask=valid) + alpha, mask=valid)
-                    tl.store(z_row + offs, z + tl.log(tl.maximum(1.0 - alpha, tiny)), mask=valid)
-                tl.debug_barrier()
+            pinf = tl.zeros((), tl.int32)
+            alive = tl.zeros((), tl.int32)
+            zmin = tl.full((), float("inf"), tl.float32)
+            for c0 in range(0, N, CHUNK):
+                offs = c0 + tl.arange(0, CHUNK)
+                valid = offs < N
+                z = _perturb(l_row, l_sn, noise_row, b, N, seed, offs, STORE_NOISE)
+                z = tl.where(valid & (z == z), z, float("-inf"))
+                tl.store(out_row + offs, z, mask=valid)
+                c_pinf, c_alive, c_min = _row_stats(z, valid)
+                pinf += c_pinf
+                alive += c_alive
+                zmin = tl.minimum(zmin, c_min)
+            tl.debug_barrier()
+            z0 = tl.zeros((CHUNK,), tl.float32)
+            anchor, u, thr, ties, _m, degen = _relaxation(
+                out_row, z0, N, k, inv_tau, log_n, pinf, alive, zmin, CHUNK, False
+            )
+            tl.debug_barrier()
+            eq_seen = tl.zeros((), tl.int32)
+            for c0 in range(0, N, CHUNK):
+                offs = c0 + tl.arange(0, CHUNK)
+                valid = offs < N
+                z = tl.load(out_row + offs, mask=valid, other=float("-inf"))
+                soft, c_eq = _soft_or_hard(z, tl.where(valid, offs, -1), anchor, inv_tau, u, thr, ties, eq_seen, degen)
+                eq_seen += c_eq
+                tl.store(out_row + offs, soft, mask=valid)
 
 
 @triton.jit
-def _softmax_row(z, inv_tau):
-    t = z * inv_tau
-    e = tl.exp(t - tl.max(t, 0))
-    return e / tl.sum(e, 0)
+def _grad_parts(z, g, anchor, inv_tau, u):
+    """s' = sigmoid(x) sigmoid(-x) at x = d - u, and g s' (0 where g is padding)."""
+    big, small = _sigmoid_parts(_scaled(z, anchor, inv_tau) - u)
+    sp = big * small
+    return sp, g * sp
 
 
 @triton.jit
@@ -166,62 +300,79 @@ def _gumbel_topk_backward_kernel(
     l_ptr,
     g_ptr,
     out_ptr,
-    ckpt_ptr,
-    alpha_ptr,
     N,
     k,
-    seg,
-    n_ckpt,
     inv_tau,
+    log_n,
     seed,
     l_sb,
     l_sn,
     g_sb,
     g_sn,
     CHUNK: tl.constexpr,
+    SINGLE_CHUNK: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
-    offs = tl.arange(0, CHUNK)
-    valid = offs < N
-    tiny = 1.1754943508222875e-38
-    ckpt_row = ckpt_ptr + b * n_ckpt * N
-    alpha_row = alpha_ptr + b * seg * N
+    l_row = l_ptr + b * l_sb
+    g_row = g_ptr + b * g_sb
+    out_row = out_ptr + b * N  # z until the gradient is written
 
-    z = _perturb(l_ptr + b * l_sb, l_sn, l_ptr, b, N, seed, offs, False)
-    z = tl.where(valid & (z == z), z, float("-inf"))
-    grad = tl.load(g_ptr + b * g_sb + offs * g_sn, mask=valid, other=0.0).to(tl.float32)
-
-    # Forward: z_j at the start of every segment.
-    for j in range(0, k):
-        if j % seg == 0:
-            tl.store(ckpt_row + (j // seg) * N + offs, z, mask=valid)
-        z = z + tl.log(tl.maximum(1.0 - _softmax_row(z, inv_tau), tiny))
-    tl.debug_barrier()
-
-    # Reverse: gz holds dL/dz_{j+1} while step j is processed.
-    gz = tl.zeros((CHUNK,), tl.float32)
-    for ci in range(0, n_ckpt):
-        c = n_ckpt - 1 - ci
-        start = c * seg
-        stop = tl.minimum(k, start + seg)
-        z = tl.load(ckpt_row + c * N + offs, mask=valid, other=float("-inf"))
-        for j in range(start, stop):
-            alpha = _softmax_row(z, inv_tau)
-            tl.store(alpha_row + (j - start) * N + offs, alpha, mask=valid)
-            z = z + tl.log(tl.maximum(1.0 - alpha, tiny))
+    if SINGLE_CHUNK:
+        offs = tl.arange(0, CHUNK)
+        valid = offs < N
+        z = _perturb(l_row, l_sn, l_ptr, b, N, seed, offs, False)
+        z = tl.where(valid & (z == z), z, float("-inf"))
+        tl.store(out_row + offs, z, mask=valid)
         tl.debug_barrier()
-        for jj in range(0, stop - start):
-            j = stop - 1 - jj
-            alpha = tl.load(alpha_row + (j - start) * N + offs, mask=valid, other=0.0)
-            g_alpha = grad
-            if j + 1 < k:
-                # z_{j+1} = z_j + log(max(1 - alpha_j, tiny)): clamped entries pass nothing.
-                one_minus = 1.0 - alpha
-                g_alpha = g_alpha - tl.where(one_minus >= tiny, gz / one_minus, 0.0)
-            g_t = alpha * (g_alpha - tl.sum(alpha * g_alpha, 0))
-            gz = gz + g_t * inv_tau
+        pinf, alive, zmin = _row_stats(z, valid)
+        anchor, u, _thr, _ties, _m, degen = _relaxation(
+            out_row, z, N, k, inv_tau, log_n, pinf, alive, zmin, CHUNK, True
+        )
+        g = tl.load(g_row + offs * g_sn, mask=valid, other=0.0).to(tl.float32)
+        sp, gsp = _grad_parts(z, g, anchor, inv_tau, u)
+        total = tl.sum(sp, 0)
+        c = tl.sum(gsp, 0) / tl.where(total > 0, total, 1.0)
+        dz = tl.where(degen | (total == 0), 0.0, sp * inv_tau * (g - c))
+        tl.store(out_row + offs, dz, mask=valid)
+    else:
+        pinf = tl.zeros((), tl.int32)
+        alive = tl.zeros((), tl.int32)
+        zmin = tl.full((), float("inf"), tl.float32)
+        for c0 in range(0, N, CHUNK):
+            offs = c0 + tl.arange(0, CHUNK)
+            valid = offs < N
+            z = _perturb(l_row, l_sn, l_ptr, b, N, seed, offs, False)
+            z = tl.where(valid & (z == z), z, float("-inf"))
+            tl.store(out_row + offs, z, mask=valid)
+            c_pinf, c_alive, c_min = _row_stats(z, valid)
+            pinf += c_pinf
+            alive += c_alive
+            zmin = tl.minimum(zmin, c_min)
         tl.debug_barrier()
-    tl.store(out_ptr + b * N + offs, gz, mask=valid)
+        z0 = tl.zeros((CHUNK,), tl.float32)
+        anchor, u, _thr, _ties, _m, degen = _relaxation(
+            out_row, z0, N, k, inv_tau, log_n, pinf, alive, zmin, CHUNK, False
+        )
+        total = tl.zeros((), tl.float32)
+        gs_total = tl.zeros((), tl.float32)
+        for c0 in range(0, N, CHUNK):
+            offs = c0 + tl.arange(0, CHUNK)
+            valid = offs < N
+            z = tl.load(out_row + offs, mask=valid, other=float("-inf"))
+            g = tl.load(g_row + offs * g_sn, mask=valid, other=0.0).to(tl.float32)
+            sp, gsp = _grad_parts(z, g, anchor, inv_tau, u)
+            total += tl.sum(sp, 0)
+            gs_total += tl.sum(gsp, 0)
+        c = gs_total / tl.where(total > 0, total, 1.0)
+        tl.debug_barrier()
+        for c0 in range(0, N, CHUNK):
+            offs = c0 + tl.arange(0, CHUNK)
+            valid = offs < N
+            z = tl.load(out_row + offs, mask=valid, other=float("-inf"))
+            g = tl.load(g_row + offs * g_sn, mask=valid, other=0.0).to(tl.float32)
+            sp, _gsp = _grad_parts(z, g, anchor, inv_tau, u)
+            dz = tl.where(degen | (total == 0), 0.0, sp * inv_tau * (g - c))
+            tl.store(out_row + offs, dz, mask=valid)
 
 
 @triton.jit
@@ -232,6 +383,10 @@ def _noise_kernel(out_ptr, total, seed, BLOCK: tl.constexpr):
 
 def _num_warps(chunk: int) -> int:
     return 4 if chunk <= 1024 else 8
+
+
+def _chunk(n: int) -> int:
+    return min(max(next_pow2(n), 16), MAX_CHUNK)
 
 
 def gumbel_topk(
@@ -245,22 +400,20 @@ def gumbel_topk(
     noise_out = empty(batch, n, dtype=torch.float32, device=logits.device) if return_noise else None
     if batch == 0:
         return out, noise_out
-    chunk = min(max(next_pow2(n), 16), MAX_CHUNK)
-    single = n <= chunk
-    z = out if hard or single else empty(batch, n, dtype=torch.float32, device=logits.device)
+    chunk = _chunk(n)
     _gumbel_topk_kernel[(batch,)](
         logits,
         out,
         out if noise_out is None else noise_out,
-        z,
         n,
         k,
         1.0 / tau,
+        math.log(n),
         seed,
         logits.stride(0),
         logits.stride(1),
         CHUNK=chunk,
-        SINGLE_CHUNK=single,
+        SINGLE_CHUNK=n <= chunk,
         HARD=hard,
         STORE_NOISE=return_noise,
         num_warps=_num_warps(chunk),
@@ -279,39 +432,27 @@ def noise(batch: int, n: int, seed: int, device: torch.device) -> torch.Tensor:
 
 def gumbel_topk_backward(grad: torch.Tensor, logits: torch.Tensor, k: int, tau: float, seed: int) -> torch.Tensor:
     """grad, logits: (B, N) -> d(sum grad * gumbel_topk(logits, k, tau, seed)) / d logits, float32,
-    through the relaxation (either value of hard). One fused launch for N <= 4096; longer rows
-    use the torch backward on the same noise."""
+    through the relaxation (either value of hard). One launch, one program per row."""
     batch, n = logits.shape
-    if n > MAX_CHUNK:
-        from .._cpu import gumbel as cpu_gumbel
-
-        z = logits.float() + noise(batch, n, seed, logits.device)
-        return cpu_gumbel.relaxed_topk_backward(z, k, tau, grad.float())
     out = empty(batch, n, dtype=torch.float32, device=logits.device)
     if batch == 0:
         return out
-    seg = math.isqrt(k - 1) + 1  # ceil(sqrt(k))
-    n_ckpt = -(-k // seg)
-    ckpt = torch.empty(batch, n_ckpt, n, dtype=torch.float32, device=logits.device)
-    alphas = torch.empty(batch, seg, n, dtype=torch.float32, device=logits.device)
-    chunk = max(next_pow2(n), 16)
+    chunk = _chunk(n)
     _gumbel_topk_backward_kernel[(batch,)](
         logits,
         grad,
         out,
-        ckpt,
-        alphas,
         n,
         k,
-        seg,
-        n_ckpt,
         1.0 / tau,
+        math.log(n),
         seed,
         logits.stride(0),
         logits.stride(1),
         grad.stride(0),
         grad.stride(1),
         CHUNK=chunk,
+        SINGLE_CHUNK=n <= chunk,
         num_warps=_num_warps(chunk),
     )
     return out

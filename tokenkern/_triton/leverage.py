@@ -15,6 +15,11 @@ Halko-Martinsson-Tropp range finder, batched over B, every stage a Triton kernel
 CholeskyQR2 in float32 with one program per batch element. The passes over X read it in
 its own dtype; a 16-bit X is multiplied against the float32 operand split into hi + lo
 16-bit halves (two tensor-core products, float32 accumulation), a float32 X uses 3xTF32.
+
+Leverage scores do not depend on the scale of x[b], float32 sums of its squares do: every
+pass reads X[b] times 2^-e, the power of two that brings max |x[b]| (one torch reduction)
+into [1, 2). The product is exact, so any finite x in the float32 range (subnormal included)
+is solved as if it were of unit size; a zero, NaN or Inf sample is read unscaled.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import empty, interpreted, next_pow2, split_dtype
+from .utils import empty, flat_grid, interpreted, next_pow2, split_dtype, unflatten2
 
 JACOBI_MAX_SWEEPS = 16
 # Stop when the squared off-diagonal mass is below this fraction of the squared Frobenius norm.
@@ -38,6 +43,26 @@ def _gaussian_kernel(out_ptr, D, l, seed, o_sd, L: tl.constexpr, BLOCK_D: tl.con
     vals = tl.randn(seed, rd * l + cj)
     vals = tl.where(cj < l, vals, 0.0)
     tl.store(out_ptr + rd * o_sd + cj, vals, mask=rd < D)
+
+
+@triton.jit
+def pow2_inverse(amax):
+    """2^-e for 2^e <= amax < 2^(e+1) (at most 2^127, at least 2^-126); 1 when amax is 0,
+    Inf or NaN. Built from the exponent bits: exact, and multiplying by it is exact."""
+    biased = (amax.to(tl.int32, bitcast=True) >> 23) & 0xFF
+    inv = (tl.minimum(tl.maximum(254 - biased, 1), 254) << 23).to(tl.float32, bitcast=True)
+    return tl.where((amax > 0.0) & (amax < float("inf")), inv, 1.0)
+
+
+@triton.jit
+def scale_tile(t, inv):
+    """t * inv in t's own dtype (exact for a power of two inv, barring underflow)."""
+    return (t.to(tl.float32) * inv).to(t.dtype)
+
+
+def abs_max(x: torch.Tensor) -> torch.Tensor:
+    """x: (B, N, D) -> (B,) float32 max |x[b]| (NaN if x[b] has a NaN): one reduction, no sync."""
+    return torch.linalg.vector_norm(x, float("inf"), dim=(1, 2)).float()
 
 
 @triton.jit
@@ -56,10 +81,12 @@ def _dot_x_f32(a, b, acc, SPLIT: tl.constexpr, PRECISION: tl.constexpr):
 @triton.jit
 def _x_mm_kernel(
     x_ptr,
+    amax_ptr,
     z_ptr,
     y_ptr,
     N,
     D,
+    n_blocks,
     x_sb,
     x_sn,
     x_sd,
@@ -73,15 +100,18 @@ def _x_mm_kernel(
     SPLIT: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """Y[b] = X[b] @ Z[b]: (N, D) @ (D, L), one program per BLOCK_N rows."""
-    b = tl.program_id(1).to(tl.int64)
-    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    """Y[b] = (X[b] / 2^e) @ Z[b]: (N, D) @ (D, L), one program per BLOCK_N rows."""
+    pid, b = unflatten2(tl.program_id(0), n_blocks)
+    b = b.to(tl.int64)
+    inv = pow2_inverse(tl.load(amax_ptr + b))
+    rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     cl = tl.arange(0, L)
     acc = tl.zeros((BLOCK_N, L), tl.float32)
     x_rows = x_ptr + b * x_sb + rn[:, None].to(tl.int64) * x_sn
     for d0 in range(0, D, BLOCK_D):
         rd = d0 + tl.arange(0, BLOCK_D)
         xt = tl.load(x_rows + rd[None, :] * x_sd, mask=(rn < N)[:, None] & (rd < D)[None, :], other=0.0)
+        xt = scale_tile(xt, inv)
         zt = tl.load(z_ptr + b * z_sb + rd[:, None] * z_sd + cl[None, :], mask=(rd < D)[:, None], other=0.0)
         acc = _dot_x_f32(xt, zt, acc, SPLIT, PRECISION)
     tl.store(y_ptr + b * y_sb + rn[:, None] * y_sn + cl[None, :], acc, mask=(rn < N)[:, None])
@@ -90,10 +120,12 @@ def _x_mm_kernel(
 @triton.jit
 def _xt_mm_kernel(
     x_ptr,
+    amax_ptr,
     q_ptr,
     z_ptr,
     N,
     D,
+    n_blocks,
     x_sb,
     x_sn,
     x_sd,
@@ -107,9 +139,11 @@ def _xt_mm_kernel(
     SPLIT: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """Z[b] = X[b]^T @ Q[b]: (D, N) @ (N, L), one program per BLOCK_D columns of X."""
-    b = tl.program_id(1).to(tl.int64)
-    rd = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+    """Z[b] = (X[b] / 2^e)^T @ Q[b]: (D, N) @ (N, L), one program per BLOCK_D columns of X."""
+    pid, b = unflatten2(tl.program_id(0), n_blocks)
+    b = b.to(tl.int64)
+    inv = pow2_inverse(tl.load(amax_ptr + b))
+    rd = pid * BLOCK_D + tl.arange(0, BLOCK_D)
     cl = tl.arange(0, L)
     acc = tl.zeros((BLOCK_D, L), tl.float32)
     for n0 in range(0, N, BLOCK_N):
@@ -119,6 +153,7 @@ def _xt_mm_kernel(
             mask=(rd < D)[:, None] & (rn < N)[None, :],
             other=0.0,
         )
+        xt = scale_tile(xt, inv)
         qt = tl.load(q_ptr + b * q_sb + rn[:, None] * q_sn + cl[None, :], mask=(rn < N)[:, None], other=0.0)
         acc = _dot_x_f32(xt, qt, acc, SPLIT, PRECISION)
     tl.store(z_ptr + b * z_sb + rd[:, None] * z_sd + cl[None, :], acc, mask=(rd < D)[:, None])
@@ -290,9 +325,12 @@ def _top_subspace_kernel(
 
 
 @triton.jit
-def _row_scores_kernel(q_ptr, v_ptr, s_ptr, N, q_sb, q_sn, v_sb, s_sb, L: tl.constexpr, BLOCK_N: tl.constexpr):
-    b = tl.program_id(1).to(tl.int64)
-    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+def _row_scores_kernel(
+    q_ptr, v_ptr, s_ptr, N, n_blocks, q_sb, q_sn, v_sb, s_sb, L: tl.constexpr, BLOCK_N: tl.constexpr
+):
+    pid, b = unflatten2(tl.program_id(0), n_blocks)
+    b = b.to(tl.int64)
+    rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     cl = tl.arange(0, L)
     qt = tl.load(q_ptr + b * q_sb + rn[:, None] * q_sn + cl[None, :], mask=(rn < N)[:, None], other=0.0)
     vt = tl.load(v_ptr + b * v_sb + cl[:, None] * L + cl[None, :])
@@ -363,11 +401,13 @@ def row_scores(q: torch.Tensor, vsel: torch.Tensor) -> torch.Tensor:
     """||q[b, i] @ vsel[b]||^2 for q: (B, N, L), vsel: (B, L, L) -> (B, N) float32."""
     batch, n, width = q.shape
     scores = empty(batch, n, dtype=torch.float32, device=q.device)
-    _row_scores_kernel[(triton.cdiv(n, 64), batch)](
+    n_blocks = triton.cdiv(n, 64)
+    _row_scores_kernel[flat_grid("leverage_scores", n_blocks, batch)](
         q,
         vsel,
         scores,
         n,
+        n_blocks,
         q.stride(0),
         q.stride(1),
         vsel.stride(0),
@@ -379,13 +419,16 @@ def row_scores(q: torch.Tensor, vsel: torch.Tensor) -> torch.Tensor:
 
 
 class _Passes:
-    """The two bandwidth-bound products over X, with the block sizes for this X."""
+    """The two bandwidth-bound products over X / 2^e (see the module docstring), with the
+    block sizes for this X. ``op`` names the calling op in launch errors."""
 
     BLOCK_N = 64
     BLOCK_D = 64
 
-    def __init__(self, x: torch.Tensor, l: int):
+    def __init__(self, x: torch.Tensor, l: int, op: str = "leverage_scores"):
         self.x = x
+        self.op = op
+        self.amax = abs_max(x)
         self.batch, self.n, self.d = x.shape
         self.width = _width(l)
         self.split = split_dtype(x.dtype)
@@ -396,12 +439,15 @@ class _Passes:
         x = self.x
         y = empty(self.batch, self.n, self.width, dtype=torch.float32, device=x.device)
         z_sb = 0 if z.dim() == 2 else z.stride(0)
-        _x_mm_kernel[(triton.cdiv(self.n, self.BLOCK_N), self.batch)](
+        n_blocks = triton.cdiv(self.n, self.BLOCK_N)
+        _x_mm_kernel[flat_grid(self.op, n_blocks, self.batch)](
             x,
+            self.amax,
             z,
             y,
             self.n,
             self.d,
+            n_blocks,
             x.stride(0),
             x.stride(1),
             x.stride(2),
@@ -421,12 +467,15 @@ class _Passes:
         """X^T @ q for q: (B, N, L) -> (B, D, L)."""
         x = self.x
         z = empty(self.batch, self.d, self.width, dtype=torch.float32, device=x.device)
-        _xt_mm_kernel[(triton.cdiv(self.d, self.BLOCK_D), self.batch)](
+        n_blocks = triton.cdiv(self.d, self.BLOCK_D)
+        _xt_mm_kernel[flat_grid(self.op, n_blocks, self.batch)](
             x,
+            self.amax,
             q,
             z,
             self.n,
             self.d,
+            n_blocks,
             x.stride(0),
             x.stride(1),
             x.stride(2),

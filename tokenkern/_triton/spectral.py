@@ -18,7 +18,9 @@ All singular values (r = None): ``IPR = ||G||_F^2 / tr(G)^2``, no eigen-solve ne
                          ``IPR = (A / tr)^2 * sum_t (a_t / A)^2 s_t`` with A = max_t a_t <= tr.
 
 Each output is owned by one program and summed in a fixed order: no atomics, bit-for-bit
-deterministic, and the batch is per sample.
+deterministic, and the batch is per sample. The IPR does not depend on the scale of x[b]:
+both paths read x[b] times the exact power of two 2^-e that brings max |x[b]| into [1, 2)
+(leverage.py), so that no sum of squares overflows or underflows for any finite x.
 
 Top r (1 <= r < m): the randomized range finder of leverage.py on x (Gaussian sketch of width
 l, ``POWER_ITERS`` power iterations with CholeskyQR2 re-orthonormalization, skipped when the
@@ -34,8 +36,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .leverage import _Passes, gaussian, orthonormalize, top_subspace
-from .utils import empty, interpreted
+from .leverage import _Passes, abs_max, gaussian, orthonormalize, pow2_inverse, scale_tile, top_subspace
+from .utils import empty, flat_grid, interpreted, unflatten3
 
 # Power iterations of the top-r path. On flat (Gaussian) spectra the IPR error falls from
 # ~1e-3 at 4 to ~5e-4 at 6 for r = 32; on decaying spectra it is far smaller (README).
@@ -48,6 +50,7 @@ BLOCK_K = 64
 @triton.jit
 def _gram_tiles_kernel(
     x_ptr,
+    amax_ptr,
     part_ptr,
     M,
     K,
@@ -61,10 +64,10 @@ def _gram_tiles_kernel(
     IS_F32: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """Tile (ti, tj) of G = A A^T for A[i, k] = x[b, i * s_m + k * s_k]: (M, K)."""
-    ti = tl.program_id(0)
-    tj = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
+    """Tile (ti, tj) of G = A A^T for A[i, k] = x[b, i * s_m + k * s_k] / 2^e: (M, K)."""
+    ti, tj, b = unflatten3(tl.program_id(0), NT, NT)
+    b = b.to(tl.int64)
+    inv = pow2_inverse(tl.load(amax_ptr + b))
     slot = part_ptr + b * p_sb + (ti * NT + tj) * 3
     ri = ti * BLOCK_M + tl.arange(0, BLOCK_M)
     rj = tj * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -79,11 +82,13 @@ def _gram_tiles_kernel(
             mask=(ri < M)[:, None] & (rk < K)[None, :],
             other=0.0,
         )
+        a = scale_tile(a, inv)
         c = tl.load(
             base + rk[:, None].to(tl.int64) * s_k + rj[None, :].to(tl.int64) * s_m,
             mask=(rk < K)[:, None] & (rj < M)[None, :],
             other=0.0,
         )
+        c = scale_tile(c, inv)
         if IS_F32:
             acc = tl.dot(a, c, acc, input_precision=PRECISION)
         else:
@@ -182,8 +187,9 @@ def full_ipr(x: torch.Tensor) -> torch.Tensor:
     nt = triton.cdiv(m, BLOCK_M)
     part = empty(batch, nt * nt, 3, dtype=torch.float32, device=x.device)
     is_f32 = x.dtype == torch.float32
-    _gram_tiles_kernel[(nt, nt, batch)](
+    _gram_tiles_kernel[flat_grid("spectral_ipr", nt, nt, batch)](
         x,
+        abs_max(x),
         part,
         m,
         k,
@@ -206,7 +212,7 @@ def topr_ipr(x: torch.Tensor, r: int, l: int) -> torch.Tensor:
     """x: (B, N, D) -> (B,) float32 IPR of the r largest squared singular values, estimated
     from a sketch of width l (r < l <= min(N, D); l = min(N, D) is exact up to rounding)."""
     batch, n, d = x.shape
-    passes = _Passes(x, l)
+    passes = _Passes(x, l, "spectral_ipr")
     y = passes.x_mm(gaussian(d, l, SKETCH_SEED, x.device))
     q = orthonormalize(y, l)
     for _ in range(0 if l == min(n, d) else POWER_ITERS):

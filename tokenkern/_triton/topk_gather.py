@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import empty, interpreted, next_pow2
+from .utils import empty, flat_grid, interpreted, next_pow2, unflatten2
 
 MAX_CHUNK = 4096  # the most elements of a row one program loads at a time
 
@@ -82,13 +82,14 @@ def _topk_gather_kernel(
     o_sd,
     i_sb,
     i_sk,
+    n_blocks,
     CHUNK: tl.constexpr,
     SINGLE_CHUNK: tl.constexpr,
     BLOCK_ROWS: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
+    pid, b = unflatten2(tl.program_id(0), n_blocks)
+    b = b.to(tl.int64)
     s_row = s_ptr + b * s_sb
     thr = topk_threshold(s_row, s_sn, N, k, CHUNK, SINGLE_CHUNK)
 
@@ -146,8 +147,8 @@ def topk_gather(
     if block_rows is None:
         block_rows = 1024 if interpreted() else 32
     block_d = min(max(next_pow2(d), 16), 128)
-    grid = (triton.cdiv(n, block_rows), batch)
-    _topk_gather_kernel[grid](
+    n_blocks = triton.cdiv(n, block_rows)
+    _topk_gather_kernel[flat_grid("topk_gather", n_blocks, batch)](
         scores,
         x,
         kept,
@@ -165,6 +166,7 @@ def topk_gather(
         kept.stride(2),
         indices.stride(0),
         indices.stride(1),
+        n_blocks,
         CHUNK=chunk,
         SINGLE_CHUNK=n <= chunk,
         BLOCK_ROWS=block_rows,
