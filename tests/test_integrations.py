@@ -285,7 +285,7 @@ def test_batch_with_an_unpruned_sample_equals_singles(method, gen):
     assert_rel_close(batched, alone, 1e-5)
 
 
-@pytest.mark.parametrize(("method", "options"), [("fastv", {}), ("sparsevlm", {}), ("ficoco-l", {"layer": 2}),
+@pytest.mark.parametrize(("method", "options"), [("fastv", {}), ("sparsevlm", {"layer": 2}), ("ficoco-l", {"layer": 2}),
                                                  ("lofi", {"rank": 4}), ("fastervlm", {}), ("random", {})])  # fmt: skip
 @pytest.mark.parametrize("keep", [4, 0.25])
 def test_keep_is_per_image_with_two_images(method, options, keep, gen):
@@ -354,7 +354,7 @@ def test_llava_all_methods_run_and_prune(gen):
     inputs = tiny.inputs(PROMPTS, gen)
     full = inputs["input_ids"].shape[1]
     for method in tokenkern.integrations.METHODS:
-        options = {"layer": 2} if method == "ficoco-l" else {}
+        options = {"layer": 2} if method in ("ficoco-l", "sparsevlm") else {}  # defaults need deeper decoders
         with tokenkern.prune(tiny.model, method, keep=0.25, **options):
             logits = _forward(tiny.model, inputs)
             tokens = _generate(tiny.model, inputs, n=3)
@@ -365,7 +365,8 @@ def test_llava_all_methods_run_and_prune(gen):
 
 def test_layer_defaults_come_from_the_method_configs(gen):
     """prune()'s default layer is the config's: K for the LLM-side methods; for the CLIP
-    methods the layer feeding the projector (vision_feature_layer=-2 here) or prumerge+'s last."""
+    methods the layer feeding the projector (vision_feature_layer=-2 here) or prumerge+'s last.
+    (sparsevlm's and ficoco-l's defaults need deeper decoders: tests/test_layer_convention.py.)"""
     tiny = build("llava")
     clip = clip_layers(parts_of(tiny.model).clip_tower)
     expected = {"fastervlm": len(clip) - 2, "visionzip": len(clip) - 2, "ficoco-v": len(clip) - 2,
@@ -377,7 +378,7 @@ def test_layer_defaults_come_from_the_method_configs(gen):
             assert handle.parts[0].capture.attn is clip[0].self_attn, method
     inputs = tiny.inputs(PROMPTS[:1], gen)
     length = inputs["input_ids"].shape[1]
-    for method, cfg in (("fastv", M.FastVConfig), ("sparsevlm", M.SparseVLMConfig)):
+    for method, cfg in (("fastv", M.FastVConfig),):
         seen, hooks = _layer_lengths(tiny.model)
         with tokenkern.prune(tiny.model, method, keep=0.25):
             _forward(tiny.model, inputs)

@@ -155,8 +155,11 @@ def test_visionzip(gen):
 
 
 def test_prumerge_plus(gen):
+    """The lattice option (the default, the released stride rule, is in test_fidelity_prumerge):
+    keep=20 with the extra token is 19 merged patches plus the extra token at the last pruned
+    position."""
     layer, feats = vision_inputs(gen, n=81)
-    cfg = M.PruMergeConfig(keep=20, neighbours=6, extra_token=True)
+    cfg = M.PruMergeConfig(keep=20, neighbours=6, extra_token=True, samples="lattice")
     red, extra = M.prumerge_plus(feats, layer, cfg)
     # PruMerge's attention: one softmax of full-width (all heads side by side) q.k / sqrt(C).
     q_full = layer.q.double().transpose(1, 2).flatten(2)  # (B, 1 + N, C)
@@ -168,25 +171,27 @@ def test_prumerge_plus(gen):
         a = attn[s].numpy()
         q1, q3 = np.percentile(a, 25), np.percentile(a, 75)
         outlier = a > q3 + 1.5 * (q3 - q1)
-        uniform = set(M.baselines.uniform_positions(81, 20).tolist())
+        uniform = set(M.baselines.uniform_positions(81, 19).tolist())
         tier = [2 if outlier[i] else (1 if i in uniform else 0) for i in range(81)]
-        chosen = sorted(sorted(range(81), key=lambda i: (-tier[i], -a[i], i))[:20])
-        assert red.indices[s].tolist() == chosen
+        chosen = sorted(sorted(range(81), key=lambda i: (-tier[i], -a[i], i))[:19])
+        pruned = [i for i in range(81) if i not in chosen]
+        assert red.indices[s].tolist() == sorted([*chosen, pruned[-1]])
         kn = keys[s] / keys[s].norm(dim=-1, keepdim=True)
-        rows = []
+        rows = {}
         for i in chosen:
             sim = kn @ kn[i]
             sim[i] = -math.inf
             nbrs = sim.argsort(descending=True, stable=True)[:6]
-            rows.append(feats[s, i].double() + (attn[s, nbrs, None] * feats[s, nbrs].double()).sum(dim=0))
-        assert_rel_close(red.tokens[s], torch.stack(rows), 1e-5)
-        pruned = [i for i in range(81) if i not in chosen]
-        assert_rel_close(extra[s, 0], (attn[s, pruned, None] * feats[s, pruned].double()).sum(dim=0), 1e-5)
+            rows[i] = feats[s, i].double() + (attn[s, nbrs, None] * feats[s, nbrs].double()).sum(dim=0)
+        rows[pruned[-1]] = (attn[s, pruned, None] * feats[s, pruned].double()).sum(dim=0)
+        assert_rel_close(red.tokens[s], torch.stack([rows[i] for i in red.indices[s].tolist()]), 1e-5)
+        assert_rel_close(extra[s, 0], rows[pruned[-1]], 1e-5)
 
 
 def test_ficoco_v(gen):
     layer, feats = vision_inputs(gen, n=49)
-    cfg = M.FiCoCoVConfig(keep=30, topk=2)
+    # The kept-targets variant without the window penalty (the released defaults: test_fidelity_ficoco.py).
+    cfg = M.FiCoCoVConfig(keep=30, topk=2, local_penalty=False, targets="kept")
     red = M.ficoco_v(feats, layer.q, layer.k, layer.scale, cfg)
     logits = ((layer.q.double() @ layer.k.double().mT) * layer.scale).mean(dim=1)  # (B, 50, 50)
     for s in range(feats.shape[0]):
@@ -212,7 +217,9 @@ def test_ficoco_l(gen):
     q, k = torch.randn(b, h, v, d, generator=gen), torch.randn(b, h, v, d, generator=gen)
     qt, kt = torch.randn(b, h, t, d, generator=gen), torch.randn(b, h, t, d, generator=gen)
     scale = d**-0.5
-    red = M.ficoco_l(visual, q, k, qt, kt, scale, M.FiCoCoLConfig(keep=25, topk=3))
+    # The softmax-correlate, kept-targets variant (the released defaults: test_fidelity_ficoco.py).
+    cfg = M.FiCoCoLConfig(keep=25, topk=3, correlate="softmax", targets="kept", protect_first=False)
+    red = M.ficoco_l(visual, q, k, qt, kt, scale, cfg)
 
     def logits(a, c):
         return ((a.double() @ c.double().mT) * scale).mean(dim=1)

@@ -5,13 +5,17 @@ Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration (transformer
 
 | method | side | where | models |
 |---|---|---|---|
-| fastv, sparsevlm, ficoco-l | LLM | after decoder layer K (option `layer`) | all |
+| fastv, sparsevlm, ficoco-l | LLM | from decoder layer K on (option `layer`) | all |
 | lofi, random, uniform | vision | each image's features after the projector | all |
 | fastervlm, visionzip, prumerge+, ficoco-v | vision | projector input, scored by a CLIP layer | LLaVA-1.5 |
 
-Option `layer` (the methods' config field) picks the layer: K for the LLM-side methods (defaults
-fastv 2, sparsevlm 2, ficoco-l 4), the CLIP layer otherwise (default: the layer that feeds the
-projector, the model's vision_feature_layer; prumerge+: the last).
+Option `layer` (the methods' config field) picks the layer. LLM-side methods: ``layer=K`` means
+that decoder layers 0 .. K-1 (0-based) see every token, the attention that layer K-1 computed
+scores the image tokens, and layers K, K+1, ... see the kept tokens only. Defaults follow the
+released code: fastv 2 (FastV's K), sparsevlm (3, 7, 16) (three steps; SparseVLM's
+``pruning_loc=[2, 6, 15]``), ficoco-l 6 (FiCoCo-L's ``control_encoding_layer=4``: layer 5's
+attention). Vision-side methods: the CLIP layer (default: the layer that feeds the projector,
+the model's vision_feature_layer; prumerge+: the last).
 
 The model keeps its attention implementation (SDPA, FlashAttention 2 or eager): scores come
 from tokenkern's ops on the q/k that the layer computed anyway, captured by hooks. Pruning
@@ -29,6 +33,9 @@ import torch
 from torch import Tensor, nn
 
 from .. import methods as M
+from ..methods.sparsevlm import image_sizes as sparsevlm_image_sizes
+from ..methods.sparsevlm import step_counts as sparsevlm_step_counts
+from ..methods.sparsevlm import step_drops as sparsevlm_step_drops
 from .adapters import SUPPORTED, VLMParts, clip_layers, parts_of
 from .decoder import DecoderPruner, PrefillState
 from .sequence import image_ids
@@ -48,7 +55,7 @@ class PruneHandle:
 
     model: nn.Module
     method: str
-    keep: float | int
+    keep: float | int | None
     parts: list = field(default_factory=list)
 
     @property
@@ -78,16 +85,21 @@ class _Hook:
         self.handle.remove()
 
 
-def prune(model: nn.Module, method: str = "fastv", keep: float | int = 0.25, **options) -> PruneHandle:
+def prune(model: nn.Module, method: str = "fastv", keep: float | int | None = None, **options) -> PruneHandle:
     """Make a transformers VLM prune its visual tokens.
 
-    keep: a fraction in (0, 1] or an absolute token count, per image. options: the method's
+    keep: a fraction in (0, 1] or an absolute token count, per image; None (the default): 0.25,
+    except for prumerge+: its released adaptive count, per image. options: the method's
     config fields (e.g. layer=2 and query="last" for fastv; rank for lofi; seed for random;
-    contextual_fraction for visionzip; neighbours for prumerge+; topk for ficoco-v/l;
+    contextual_fraction for visionzip; neighbours, extra_token, samples for prumerge+; topk and targets for
+    ficoco-v/l, local_penalty for ficoco-v, correlate and protect_first for ficoco-l;
     recycle for sparsevlm). One method per model: remove() the handle before installing another."""
     if method not in METHODS:
         raise ValueError(f"tokenkern.prune: unknown method {method!r}; choose from {', '.join(METHODS)}")
-    M.keep_count(keep, 1)  # validates keep
+    if keep is None and method != "prumerge+":
+        keep = 0.25
+    if keep is not None:
+        M.keep_count(keep, 1)  # validates keep
     parts = parts_of(model)
     installed = getattr(model, _INSTALLED, None)
     if installed is not None:
@@ -100,9 +112,12 @@ def prune(model: nn.Module, method: str = "fastv", keep: float | int = 0.25, **o
     handle = PruneHandle(model, method, keep)
     if method in LLM_METHODS:
         selector, layer = _llm_selector(method, keep, options)
-        if not 1 <= layer < len(parts.layers):
-            raise ValueError(f"tokenkern.prune: layer must be in [1, {len(parts.layers) - 1}], got {layer}")
-        decoder = DecoderPruner(parts.language_model, parts.layers, layer, selector, parts.rotary(layer - 1))
+        steps = layer if isinstance(layer, tuple) else (layer,)
+        if not all(1 <= k < len(parts.layers) for k in steps):
+            raise ValueError(f"tokenkern.prune: layer must be in [1, {len(parts.layers) - 1}] (the decoder has "
+                             f"{len(parts.layers)} layers), got {layer}")  # fmt: skip
+        decoder = DecoderPruner(parts.language_model, parts.layers, steps, selector, parts.rotary(steps[0] - 1),
+                                plan=getattr(selector, "plan", None))  # fmt: skip
     else:
         reducer = _vision_reducer(parts, method, keep, options)
         handle.parts.append(reducer)
@@ -111,10 +126,6 @@ def prune(model: nn.Module, method: str = "fastv", keep: float | int = 0.25, **o
             return sequence_keep(state.image, reducer.keeps), None
 
         decoder = DecoderPruner(parts.language_model, parts.layers, 0, selector)
-    if options:
-        decoder.remove()
-        handle.remove()
-        raise ValueError(f"tokenkern.prune: unknown options for {method}: {sorted(options)}")
     handle.parts.append(decoder)
     handle.parts.append(_Hook(parts.core.register_forward_pre_hook(_image_finder(parts, decoder), with_kwargs=True)))
     object.__setattr__(model, _INSTALLED, handle)  # a plain attribute: not a submodule, not in state_dict
@@ -142,6 +153,13 @@ def _image_finder(parts: VLMParts, decoder: DecoderPruner):
 
 
 def _config(cls, keep, options, names):
+    """The method's config from keep and the options it takes (``names``: its fields, which its
+    ``__post_init__`` checks); any other option is refused, naming the ones it takes."""
+    unknown = sorted(set(options) - set(names))
+    if unknown:
+        valid = ", ".join(names) if names else "none besides keep"
+        raise ValueError(f"tokenkern.prune: unknown options {unknown} for this method; its options "
+                         f"({cls.__name__}) are: {valid}")  # fmt: skip
     fields = {n: options.pop(n) for n in names if n in options}
     return cls(keep=keep, **fields)
 
@@ -169,6 +187,7 @@ def _vision_reducer(parts: VLMParts, method: str, keep, options):
     n = len(layers)
     feature_layer = parts.vision_feature_layer if parts.vision_feature_layer is not None else -2
     default_layer = (n + feature_layer) % n if feature_layer < 0 else feature_layer - 1
+    per_image = False
     if method == "fastervlm":
         cfg = _config(M.FasterVLMConfig, keep, options, ("layer",))
         fn = lambda f, layer: M.fastervlm(f, layer, cfg)  # noqa: E731
@@ -176,16 +195,18 @@ def _vision_reducer(parts: VLMParts, method: str, keep, options):
         cfg = _config(M.VisionZipConfig, keep, options, ("contextual_fraction", "layer"))
         fn = lambda f, layer: M.visionzip(f, layer, cfg)  # noqa: E731
     elif method == "prumerge+":
-        cfg = _config(M.PruMergeConfig, keep, options, ("neighbours", "layer"))
+        cfg = _config(M.PruMergeConfig, keep, options, ("neighbours", "layer", "extra_token", "samples"))
         fn = lambda f, layer: M.prumerge_plus(f, layer, cfg)[0]  # noqa: E731
+        per_image = cfg.keep is None  # adaptive counts differ per image; alone, each is the released one
     else:
-        cfg = _config(M.FiCoCoVConfig, keep, options, ("topk", "layer"))
+        cfg = _config(M.FiCoCoVConfig, keep, options, ("topk", "layer", "local_penalty", "targets"))
         fn = lambda f, layer: M.ficoco_v(f, layer.q, layer.k, layer.scale, cfg)  # noqa: E731
-    layer_idx = int(default_layer if cfg.layer is None else cfg.layer)
+    layer_idx = default_layer if cfg.layer is None else cfg.layer  # an int: the config checked it
     if not -n <= layer_idx < n:
         raise ValueError(f"tokenkern.prune: layer for {method} must be in [-{n}, {n}) (the vision tower's layers), "
                          f"got {layer_idx}")  # fmt: skip
-    return ClipReducer(parts.core, layers, parts.projector, layer_idx % n, fn)
+    return ClipReducer(parts.core, layers, parts.projector, layer_idx % n, fn,
+                       per_image=per_image)  # fmt: skip
 
 
 def _random_per_image(cfg):
@@ -203,7 +224,8 @@ def _random_per_image(cfg):
 
 
 def _llm_selector(method: str, keep, options):
-    """-> (select(state) -> (keep mask, merged hidden or None), the decoder layer K)."""
+    """-> (select(state) -> (keep mask, merged hidden or None), the decoder layer K or the
+    steps (K1, K2, ...))."""
     if method == "fastv":
         cfg = _config(M.FastVConfig, keep, options, ("query", "layer"))
 
@@ -211,20 +233,11 @@ def _llm_selector(method: str, keep, options):
             layer = M.DecoderLayer(state.q, state.k, state.scale, state.valid, state.image, state.text)
             return M.fastv(layer, cfg)[0], None
 
-        return select, int(cfg.layer)
+        return select, cfg.layer
     if method == "sparsevlm":
         cfg = _config(M.SparseVLMConfig, keep, options, ("recycle", "layer"))
-
-        def select(state: PrefillState):
-            layer = M.DecoderLayer(state.q, state.k, state.scale, state.valid, state.image, state.text)
-            text_all = (state.image < 0) & state.valid
-            rater_mask = M.raters(state.inputs_embeds, state.image >= 0, text_all)
-            keep_mask, _ = M.sparsevlm(layer, rater_mask, cfg)
-            hidden = _recycle(state.hidden, state.image, keep_mask) if cfg.recycle else None
-            return keep_mask, hidden
-
-        return select, int(cfg.layer)
-    cfg = _config(M.FiCoCoLConfig, keep, options, ("topk", "layer"))
+        return _sparsevlm_selector(cfg), cfg.layers
+    cfg = _config(M.FiCoCoLConfig, keep, options, ("topk", "layer", "correlate", "targets", "protect_first"))
 
     def select(state: PrefillState):
         keep_mask = torch.ones_like(state.valid)
@@ -245,7 +258,27 @@ def _llm_selector(method: str, keep, options):
                 hidden[s, vis[red.indices[0]]] = red.tokens[0].to(hidden.dtype)
         return keep_mask, hidden
 
-    return select, int(cfg.layer)
+    return select, cfg.layer
+
+
+def _sparsevlm_selector(cfg):
+    """SparseVLM's steps: raters and image sizes come from the unpruned prefill (step 0) and
+    are carried to the positions each later step sees; each step keeps step_counts of them."""
+
+    def select(state: PrefillState):
+        if state.step == 0:
+            text_all = (state.image < 0) & state.valid
+            state.memo["raters"] = M.raters(state.inputs_embeds, state.image >= 0, text_all)
+            state.memo["sizes"] = sparsevlm_image_sizes(state.image)
+        rater_mask = state.from_start(state.memo["raters"], False)
+        counts = sparsevlm_step_counts(cfg, state.step, state.from_start(state.memo["sizes"]))
+        layer = M.DecoderLayer(state.q, state.k, state.scale, state.valid, state.image, state.text)
+        keep_mask, _ = M.sparsevlm(layer, rater_mask, cfg, counts=counts)
+        hidden = _recycle(state.hidden, state.image, keep_mask) if cfg.recycle else None
+        return keep_mask, hidden
+
+    select.plan = lambda state: sparsevlm_step_drops(cfg, state.image)  # sizes every step with one sync
+    return select
 
 
 def _recycle(hidden: Tensor, image: Tensor, keep_mask: Tensor) -> Tensor:

@@ -44,14 +44,18 @@ class Gather:
         return self.idx.shape[1]
 
     @staticmethod
-    def from_mask(keep: Tensor, valid: Tensor) -> Gather:
+    def from_mask(keep: Tensor, valid: Tensor, sizes: tuple[int, bool] | None = None) -> Gather:
         """keep, valid: (B, L) bool (positions to keep; the original padding). One host sync
-        sizes the result and tells whether it is padded."""
+        sizes the result and tells whether it is padded, unless `sizes` gives both: (the most
+        positions a sample keeps, whether a sample keeps fewer or keeps a padding position)."""
         counts = keep.sum(dim=1)
-        # Padded: a sample keeps fewer than the most, or keeps a position that was padding.
-        max_count = counts.max()
-        padded_any = (counts < max_count).any() | (keep & ~valid).any()
-        kept, padded = torch.stack([max_count, padded_any.long()]).tolist()
+        if sizes is None:
+            # Padded: a sample keeps fewer than the most, or keeps a position that was padding.
+            max_count = counts.max()
+            padded_any = (counts < max_count).any() | (keep & ~valid).any()
+            kept, padded = torch.stack([max_count, padded_any.long()]).tolist()
+        else:
+            kept, padded = sizes
         b, length = keep.shape
         # Kept positions first in order, then the others; rotate each row so that the padding
         # (taken from the unkept positions) comes first: left padding.
@@ -63,6 +67,11 @@ class Gather:
         idx = order.gather(1, src)
         real = slot >= shift[:, None]
         return Gather(idx, real & valid.gather(1, idx), length, bool(padded))
+
+    def then(self, inner: Gather) -> Gather:
+        """The gather that applies `inner` (which indexes this gather's kept positions) after
+        this one: its positions index the unpruned sequence."""
+        return Gather(self.idx.gather(1, inner.idx), inner.valid, self.length, inner.padded)
 
     def tokens(self, x: Tensor, dim: int = 1) -> Tensor:
         """Gather along `dim` (the sequence dimension) of x; a batch dimension of 1 (e.g. rotary

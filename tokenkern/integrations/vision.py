@@ -83,11 +83,13 @@ class _MethodPatch:
 class ClipReducer:
     """For a CLIP tower feeding a projector (LLaVA-1.5): captures the q/k of CLIP layer
     `layer_idx` while get_image_features runs and reduces the projector's input with
-    `method(features (B, N, C), VisionLayer) -> Reduction`."""
+    `method(features (B, N, C), VisionLayer) -> Reduction`, on the whole batch of images or,
+    with per_image (a method whose count depends on each image), on one image at a time."""
 
     def __init__(self, core: nn.Module, clip_layers: nn.ModuleList, projector: nn.Module, layer_idx: int,
-                 method: Callable[[Tensor, VisionLayer], Reduction]):  # fmt: skip
+                 method: Callable[[Tensor, VisionLayer], Reduction], per_image: bool = False):  # fmt: skip
         self.core = core
+        self.per_image = per_image
         attn = clip_layers[layer_idx].self_attn
         self.capture = QKCapture(attn, attn.head_dim)
         self.scale = float(attn.scale)
@@ -115,9 +117,16 @@ class ClipReducer:
                 f"[CLS] + N tower (vision_feature_select_strategy='default'); got {feats.shape[1]} tokens "
                 f"for a tower of {q.shape[2]}"
             )
-        reduced, keep = apply_reduction(feats, self.method(feats, VisionLayer(q=q, k=k, scale=self.scale)))
+        if self.per_image:
+            parts = [self._reduce(feats[i : i + 1], q[i : i + 1], k[i : i + 1]) for i in range(feats.shape[0])]
+            reduced, keep = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        else:
+            reduced, keep = self._reduce(feats, q, k)
         self.keeps = list(keep)
         return (reduced, *args[1:])
+
+    def _reduce(self, feats: Tensor, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+        return apply_reduction(feats, self.method(feats, VisionLayer(q=q, k=k, scale=self.scale)))
 
     def remove(self) -> None:
         self._hook.remove()

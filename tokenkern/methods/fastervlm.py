@@ -10,14 +10,22 @@ from torch import Tensor
 
 import tokenkern
 
+from . import fields
 from .base import Reduction, keep_count
 from .inputs import VisionLayer
 
 
 @dataclass
 class FasterVLMConfig:
+    """keep: a fraction in (0, 1] or a count; layer: an int, the CLIP layer whose q/k score the
+    patches (negative counts from the end), or None: the one feeding the projector."""
+
     keep: float | int = 0.25
-    layer: int | None = None  # CLIP layer whose q/k score the patches; None: the one feeding the projector
+    layer: int | None = None
+
+    def __post_init__(self) -> None:
+        fields.keep("fastervlm", self.keep)
+        fields.optional_integer("fastervlm", "layer", self.layer)
 
 
 def fastervlm(features: Tensor, layer: VisionLayer, cfg: FasterVLMConfig) -> Reduction:

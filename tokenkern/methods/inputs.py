@@ -26,7 +26,7 @@ class VisionLayer:
         heads (normalized over [CLS] + patches, as the tower computed it)."""
         import tokenkern
 
-        return tokenkern.attn_scores(self.q[:, :, :1], self.k, scale=self.scale, key_start=1)
+        return tokenkern.attn_scores(self.q[:, :, :1].detach(), self.k.detach(), scale=self.scale, key_start=1)
 
     def cls_attention_full_width(self) -> Tensor:
         """(B, N) float32: PruMerge's [CLS] attention: one softmax of the full-width products
@@ -74,12 +74,14 @@ class DecoderLayer:
     def last_query(self) -> tuple[Tensor, Tensor, Tensor | None]:
         """The query of each sample's last valid position, (B, Hq, 1, d), the matching key mask
         (B, L) (valid keys up to that position; left or right padding both work) and its lse
-        (B, Hq, 1) when the layer's lse is known."""
+        (B, Hq, 1) when the layer's lse is known. A row with no valid position (all padding) gets
+        its position 0 and an empty key mask: that query sees nothing."""
         b, _, length, _ = self.q.shape
         pos = torch.arange(length, device=self.q.device).expand(b, length)
-        last = torch.where(self.valid, pos, -1).max(dim=1).values  # (B,)
-        q_last = self.q.gather(2, last[:, None, None, None].expand(-1, self.q.shape[1], 1, self.q.shape[3]))
+        last = torch.where(self.valid, pos, -1).max(dim=1).values  # (B,), -1 for an all-padding row
+        at = last.clamp(min=0)
+        q_last = self.q.gather(2, at[:, None, None, None].expand(-1, self.q.shape[1], 1, self.q.shape[3]))
         lse = None
         if self.lse is not None:
-            lse = self.lse.gather(2, last[:, None, None].expand(-1, self.lse.shape[1], 1)).contiguous()
+            lse = self.lse.gather(2, at[:, None, None].expand(-1, self.lse.shape[1], 1)).contiguous()
         return q_last, self.valid & (pos <= last[:, None]), lse

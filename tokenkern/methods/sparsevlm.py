@@ -10,10 +10,23 @@ same sample (cosine of hidden states, size-weighted mean: tokenkern.merge_tokens
 SparseVLM's DPC-kNN clustering of the recycled tokens into extra tokens — a documented
 simplification that keeps the token count equal to the keep count.
 
+Layers: ``layer=K`` means that decoder layers 0 .. K-1 (0-based) see every token, the attention
+that layer K-1 computed scores the image tokens, and layers K, K+1, ... see the kept tokens only
+(the same convention as fastv and ficoco-l). SparseVLM's released code prunes three times, each
+time with the attention of the layer that prunes its own output (``pruning_loc=[2, 6, 15]``,
+0-based): here ``layer=(3, 7, 16)``, the default. A single int prunes once.
+
+Keep: with one layer, every image keeps ``keep`` tokens. With the three-step schedule, ``keep``
+is SparseVLM's token budget (its "retain 192 / 128 / 96 / 64 tokens" settings of LLaVA-1.5's
+576, roughly the count averaged over the layers) and the steps keep the released counts: 192 -> 300, 200, 110;
+128 -> 303, 110, 36; 96 -> 238, 48, 26; 64 -> 66, 30, 17 (``RELEASED_STEPS``), as fractions of
+the image's tokens; budgets between two released ones interpolate linearly, below 64 scale the
+64 row, above 192 interpolate towards keeping everything at keep = 1.0. ``step_counts`` gives
+the counts. Later steps score the tokens still there with the same raters.
+
 Also simpler than the paper: ``tokenkern.prune`` offers every valid text token of the prompt
 (system prompt and chat markers included) as a rater candidate, where SparseVLM takes the
-question's tokens, and prunes once at layer K, where SparseVLM prunes progressively over several
-layers.
+question's tokens.
 """
 
 from __future__ import annotations
@@ -25,15 +38,87 @@ from torch import Tensor
 
 import tokenkern
 
-from .base import segment_topk_mask
+from . import fields
+from .base import keep_counts, rank_within_segments
 from .inputs import DecoderLayer
+
+# SparseVLM's released per-step counts (v1.0 defaults) for its budgets, out of 576 image tokens.
+RELEASED_STEPS = {192: (300, 200, 110), 128: (303, 110, 36), 96: (238, 48, 26), 64: (66, 30, 17)}
+_RELEASED_TOKENS = 576
 
 
 @dataclass
 class SparseVLMConfig:
+    """keep: a fraction in (0, 1] or a count per image (one layer: what each image keeps; the
+    three-step schedule: SparseVLM's budget, see the module doc).
+    layer: K or (K1, K2, K3), increasing, each >= 1. layer=K means: decoder layers 0 .. K-1 see
+    every token, layer K-1's attention scores, layers K, K+1, ... see the kept tokens. Default
+    (3, 7, 16): the released ``pruning_loc=[2, 6, 15]``.
+    recycle: merge the dropped image tokens into the kept ones at each step."""
+
     keep: float | int = 0.25
-    layer: int = 2  # prune after this many decoder layers (scores from layer K - 1)
+    layer: int | tuple[int, ...] = (3, 7, 16)
     recycle: bool = False
+
+    def __post_init__(self) -> None:
+        fields.keep("sparsevlm", self.keep)
+        expected = "a layer K >= 1 (int) or three increasing layers (K1, K2, K3), each >= 1"
+        if isinstance(self.layer, tuple | list):
+            ok = len(self.layer) == 3 and all(isinstance(k, int) and not isinstance(k, bool) for k in self.layer)
+            if not ok or not 1 <= self.layer[0] < self.layer[1] < self.layer[2]:
+                fields._fail("sparsevlm", "layer", expected, self.layer)
+            self.layer = tuple(self.layer)
+        elif isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 1:
+            fields._fail("sparsevlm", "layer", expected, self.layer)
+        fields.flag("sparsevlm", "recycle", self.recycle)
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        """The pruning steps, (K,) or (K1, K2, K3)."""
+        return self.layer if isinstance(self.layer, tuple) else (self.layer,)
+
+
+def _released_fractions(budget: Tensor) -> Tensor:
+    """budget: (...) float64 fractions in (0, 1] -> (..., 3) the fraction of the image's tokens
+    each released step keeps (piecewise linear through RELEASED_STEPS, 0 at 0, 1 at 1)."""
+    knots = [0, *sorted(RELEASED_STEPS), _RELEASED_TOKENS]
+    rows = [(0, 0, 0), *(RELEASED_STEPS[b] for b in sorted(RELEASED_STEPS)), (_RELEASED_TOKENS,) * 3]
+    x = torch.tensor(knots, dtype=torch.float64, device=budget.device) / _RELEASED_TOKENS
+    y = torch.tensor(rows, dtype=torch.float64, device=budget.device) / _RELEASED_TOKENS
+    hi = torch.searchsorted(x, budget.contiguous()).clamp(1, len(knots) - 1)
+    t = ((budget - x[hi - 1]) / (x[hi] - x[hi - 1]))[..., None]
+    return y[hi - 1] + t * (y[hi] - y[hi - 1])
+
+
+def step_counts(cfg: SparseVLMConfig, step: int, size: Tensor) -> Tensor:
+    """size: (...) int64 token count of an image (0: not an image token) -> (...) int64 the tokens
+    that image keeps after pruning step `step` (0-based); sync-free."""
+    if len(cfg.layers) == 1:
+        return keep_counts(cfg.keep, size)
+    n = size.double()
+    budget = torch.full_like(n, float(cfg.keep)) if isinstance(cfg.keep, float) else cfg.keep / n.clamp(min=1)
+    frac = _released_fractions(budget.clamp(max=1.0))[..., step]
+    return torch.minimum(torch.floor(frac * n + 0.5).long().clamp(min=1), size)
+
+
+def step_drops(cfg: SparseVLMConfig, image: Tensor) -> Tensor:
+    """image: (B, L) image id per token of the unpruned sequence -> (steps, B) int64: the image
+    tokens each pruning step drops in each sample (sync-free; sizes the steps in advance)."""
+    sizes = image_sizes(image)
+    first = image >= 0
+    first[:, 1:] &= image[:, 1:] != image[:, :-1]  # one position per image (images are runs)
+    kept = torch.stack([torch.where(first, step_counts(cfg, s, sizes), 0).sum(dim=1) for s in range(len(cfg.layers))])
+    before = torch.cat([(image >= 0).sum(dim=1)[None], kept[:-1]])
+    return before - kept
+
+
+def image_sizes(image: Tensor) -> Tensor:
+    """image: (B, L) image id per token (-1 elsewhere) -> (B, L) int64 the size of each token's
+    image, 0 elsewhere."""
+    b, length = image.shape
+    counts = torch.zeros(b, length + 1, dtype=torch.long, device=image.device)
+    counts.scatter_add_(1, image + 1, torch.ones_like(image))
+    return torch.where(image >= 0, counts.gather(1, image + 1), 0)
 
 
 def raters(embeds: Tensor, image_mask: Tensor, text_mask: Tensor) -> Tensor:
@@ -49,14 +134,22 @@ def raters(embeds: Tensor, image_mask: Tensor, text_mask: Tensor) -> Tensor:
     return text_mask & (m > mean)
 
 
-def sparsevlm(layer: DecoderLayer, rater_mask: Tensor, cfg: SparseVLMConfig) -> tuple[Tensor, Tensor]:
-    """-> (keep mask (B, L) over the sequence, scores (B, L)). Samples whose raters are empty
-    fall back to all text tokens as raters."""
+def sparsevlm(
+    layer: DecoderLayer, rater_mask: Tensor, cfg: SparseVLMConfig, counts: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """One pruning step. rater_mask: (B, L) bool; counts: (B, L) int64 the tokens each position's
+    image keeps at this step (step_counts of the image's original size); None: keep_count(keep,
+    image size). -> (keep mask (B, L) over the sequence, scores (B, L)). Samples whose raters
+    are empty fall back to all text tokens as raters."""
     text = layer.text if layer.text is not None else ~layer.image_mask
     has_raters = rater_mask.any(dim=1, keepdim=True)
     queries = torch.where(has_raters, rater_mask, text) & layer.valid
+    q, k = layer.q.detach(), layer.k.detach()  # scores rank tokens: no gradient
+    lse = None if layer.lse is None else layer.lse.detach()
     scores = tokenkern.attn_scores(
-        layer.q, layer.k, lse=layer.lse, scale=layer.scale, query_mask=queries, key_mask=layer.valid, causal=True
+        q, k, lse=lse, scale=layer.scale, query_mask=queries, key_mask=layer.valid, causal=True
     )
-    keep = segment_topk_mask(scores, layer.image, cfg.keep) | ~layer.image_mask
+    rank, size = rank_within_segments(scores, layer.image)
+    counts = keep_counts(cfg.keep, size) if counts is None else counts
+    keep = (layer.image_mask & (rank < counts)) | ~layer.image_mask
     return keep, scores

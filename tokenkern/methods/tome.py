@@ -12,12 +12,22 @@ from torch import Tensor
 
 import tokenkern
 
+from . import fields
+
 
 @dataclass
 class ToMeConfig:
-    r: int = 8  # tokens merged per block
+    """r: tokens merged per block, an int >= 0 (capped per block at half of the mergeable
+    tokens); protect_cls, proportional_attention: bools."""
+
+    r: int = 8
     protect_cls: bool = True
     proportional_attention: bool = True
+
+    def __post_init__(self) -> None:
+        fields.integer("tome", "r", self.r, lo=0)
+        fields.flag("tome", "protect_cls", self.protect_cls)
+        fields.flag("tome", "proportional_attention", self.proportional_attention)
 
 
 def tome_merge(x: Tensor, keys_mean: Tensor, size: Tensor, cfg: ToMeConfig) -> tuple[Tensor, Tensor]:

@@ -20,15 +20,26 @@ from torch import Tensor
 
 import tokenkern
 
+from . import fields
 from .base import Reduction, gather_tokens, keep_count, mask_to_indices
 from .inputs import VisionLayer
 
 
 @dataclass
 class VisionZipConfig:
-    keep: float | int = 64 / 576  # dominant + contextual (VisionZip's 64-token setting)
+    """keep: a fraction in (0, 1] or a count (dominant + contextual); contextual_fraction in
+    [0, 1]: the contextual share of the kept tokens (at least one token stays dominant); layer:
+    an int, the CLIP layer whose q/k score the patches (negative counts from the end), or None:
+    the one feeding the projector."""
+
+    keep: float | int = 64 / 576  # VisionZip's 64-token setting
     contextual_fraction: float = 10 / 64  # 54 dominant + 10 contextual of 64
-    layer: int | None = None  # CLIP layer whose q/k score the patches; None: the one feeding the projector
+    layer: int | None = None
+
+    def __post_init__(self) -> None:
+        fields.keep("visionzip", self.keep)
+        fields.number("visionzip", "contextual_fraction", self.contextual_fraction, 0.0, 1.0)
+        fields.optional_integer("visionzip", "layer", self.layer)
 
 
 def split_counts(total: int, contextual_fraction: float) -> tuple[int, int]:
