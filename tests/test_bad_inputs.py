@@ -13,9 +13,10 @@ from testing import HAS_CUDA, REL_TOL, assert_rel_close
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import tokenkern
-from tokenkern import _checks, ops, reference
 from tokenkern import methods as M
+from tokenkern import ops, reference
 from tokenkern.methods.baselines import uniform_positions
+from tokenkern.ops import _args as _checks
 
 FLOAT32_MAX = torch.finfo(torch.float32).max
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import tokenkern
-from tokenkern import _checks
 from tokenkern import methods as M
+from tokenkern.ops import _args as _checks
 
 NAN, INF = math.nan, math.inf
 BAD_KEEPS = [0, -3, 0.0, 1.5, -0.25, NAN, INF, True, "0.5", None]

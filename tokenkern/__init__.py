@@ -19,8 +19,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import _checks as _c
 from . import ops  # registers every op
+from .ops import _args as _c
 
 __version__ = "0.1.0"
 __all__ = [

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from torch.library import register_autograd
 
-from . import _checks as checks
+from .ops import _args as checks
 
 # Largest one-hot block (elements) built at once to read off a merge's linear map.
 _ONE_HOT_ELEMENTS = 1 << 24

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .._checks import fail_type
+from ..ops._args import fail_type
 
 
 @dataclass

@@ -9,7 +9,7 @@ from torch import Tensor
 
 import tokenkern
 
-from .. import _checks
+from ..ops import _args as _checks
 from . import fields
 from .base import Reduction, gather_tokens, keep_count, token_matrix
 

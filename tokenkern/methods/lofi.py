@@ -10,7 +10,7 @@ from torch import Tensor
 
 import tokenkern
 
-from .. import _checks
+from ..ops import _args as _checks
 from . import fields
 from .base import Reduction, keep_count, token_matrix
 

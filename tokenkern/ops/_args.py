@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .reference import GUMBEL_MIN_TAU
+from ..reference import GUMBEL_MIN_TAU
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 

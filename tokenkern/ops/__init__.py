@@ -16,12 +16,12 @@ import torch
 from torch import Tensor
 from torch.library import custom_op, register_fake, register_kernel
 
-from . import _C  # noqa: F401  (loads the C++ op schemas and kernels)
-from . import _checks as checks
-from ._cpu import attention as cpu_attention
-from ._cpu import gumbel as cpu_gumbel
-from ._cpu import leverage as cpu_leverage
-from ._cpu import spectral as cpu_spectral
+from .. import _C  # noqa: F401  (loads the C++ op schemas and kernels)
+from .._cpu import attention as cpu_attention
+from .._cpu import gumbel as cpu_gumbel
+from .._cpu import leverage as cpu_leverage
+from .._cpu import spectral as cpu_spectral
+from . import _args as checks
 
 # --------------------------------------------------------------------------- topk_gather
 
@@ -35,7 +35,7 @@ def _topk_gather_fake(scores: Tensor, x: Tensor, k: int) -> tuple[Tensor, Tensor
 
 def topk_gather_triton(scores: Tensor, x: Tensor, k: int) -> tuple[Tensor, Tensor]:
     checks.topk_gather(scores, x, k)
-    from ._triton.topk_gather import topk_gather
+    from .._triton.topk_gather import topk_gather
 
     return topk_gather(scores, x, k)
 
@@ -72,7 +72,7 @@ def _leverage_scores_fake(x, rank=32, oversample=8, power_iters=2, seed=0):
 @leverage_scores.register_kernel("cuda")
 def leverage_scores_triton(x, rank=32, oversample=8, power_iters=2, seed=0):
     x, r, l = _leverage_sizes("leverage_scores", x, rank, oversample, power_iters, seed, cuda=True)
-    from ._triton import leverage
+    from .._triton import leverage
 
     return leverage.leverage_scores(x, r, l, power_iters, seed)
 
@@ -111,8 +111,8 @@ def _leverage_topk_fake(x, k, rank=32, oversample=8, power_iters=2, seed=0):
 @leverage_topk.register_kernel("cuda")
 def leverage_topk_triton(x, k, rank=32, oversample=8, power_iters=2, seed=0):
     x, r, l = _leverage_topk_sizes(x, k, rank, oversample, power_iters, seed, cuda=True)
-    from ._triton import leverage
-    from ._triton.topk_gather import topk_gather
+    from .._triton import leverage
+    from .._triton.topk_gather import topk_gather
 
     scores = leverage.leverage_scores(x, r, l, power_iters, seed)
     kept, indices = topk_gather(scores, x, k)
@@ -137,7 +137,7 @@ def _spectral_ipr_fake(x, rank=-1):
 @spectral_ipr.register_kernel("cuda")
 def spectral_ipr_triton(x, rank=-1):
     x, r = checks.spectral_ipr(x, rank, cuda=True)
-    from ._triton import spectral
+    from .._triton import spectral
 
     l = None if r is None else checks.spectral_sketch(min(x.shape[1], x.shape[2]), r)
     return spectral.spectral_ipr(x, r, l)
@@ -185,7 +185,7 @@ def _attn_scores_fake(q, k, lse=None, scale=None, key_start=0, key_end=-1, query
 def attn_scores_triton(q, k, lse=None, scale=None, key_start=0, key_end=-1, query_mask=None, key_mask=None,
                        causal=False, reduce="mean"):  # fmt: skip
     args = _attn_checked("attn_scores", q, k, lse, scale, key_start, key_end, query_mask, key_mask, causal, reduce)
-    from ._triton.attention import attention_scores
+    from .._triton.attention import attention_scores
 
     return attention_scores(q, k, **args)
 
@@ -246,8 +246,8 @@ def _attn_topk_fake(q, k, x, n_keep, lse=None, scale=None, key_start=0, key_end=
 def attn_topk_triton(q, k, x, n_keep, lse=None, scale=None, key_start=0, key_end=-1, query_mask=None,
                      key_mask=None, causal=False, reduce="mean"):  # fmt: skip
     args = _attn_topk_checked(q, k, x, n_keep, lse, scale, key_start, key_end, query_mask, key_mask, causal, reduce)
-    from ._triton.attention import attention_scores
-    from ._triton.topk_gather import topk_gather
+    from .._triton.attention import attention_scores
+    from .._triton.topk_gather import topk_gather
 
     scores = attention_scores(q, k, **args)
     kept, indices = topk_gather(scores, x, n_keep)
@@ -276,7 +276,7 @@ def _gumbel_topk_fake(logits, k, tau, seed, hard=True):
 @gumbel_topk.register_kernel("cuda")
 def gumbel_topk_triton(logits, k, tau, seed, hard=True):
     checks.gumbel_topk(logits, k, tau, seed)
-    from ._triton import gumbel
+    from .._triton import gumbel
 
     return gumbel.gumbel_topk(logits, k, float(tau), seed, hard)[0]
 
@@ -284,7 +284,7 @@ def gumbel_topk_triton(logits, k, tau, seed, hard=True):
 def gumbel_topk_triton_with_noise(logits, k, tau, seed, hard=True) -> tuple[Tensor, Tensor]:
     """The CUDA kernel, also returning the noise it drew (for the tests)."""
     checks.gumbel_topk(logits, k, tau, seed)
-    from ._triton import gumbel
+    from .._triton import gumbel
 
     return gumbel.gumbel_topk(logits, k, float(tau), seed, hard, return_noise=True)
 
@@ -312,7 +312,7 @@ def _gumbel_topk_backward_fake(grad, logits, k, tau, seed):
 @gumbel_topk_backward.register_kernel("cuda")
 def gumbel_topk_backward_cuda(grad, logits, k, tau, seed):
     checks.gumbel_topk_backward(grad, logits, k, tau, seed)
-    from ._triton import gumbel
+    from .._triton import gumbel
 
     return gumbel.gumbel_topk_backward(grad, logits, k, float(tau), seed).to(logits.dtype)
 
@@ -347,4 +347,4 @@ def _bipartite_merge_fake(x, metric, r, size=None, protect_first=False):
     n = checks.bipartite_merge(x, metric, r, size, protect_first)
     return x.new_empty(x.shape[0], n - r, x.shape[2]), x.new_empty(x.shape[0], n - r, dtype=torch.float32)
 
-from . import _autograd  # noqa: E402, F401  (autograd of every other op)
+from .. import _autograd  # noqa: E402, F401  (autograd of every other op)
