@@ -162,7 +162,7 @@ def test_merge_tokens_grad(rule, dtype, gen):
 
 def test_merge_grad_in_blocks(monkeypatch, gen):
     """The linear map read off in several one-hot blocks (a width not dividing N)."""
-    import tokenkern._autograd as autograd
+    import tokenkern.ops._grad as autograd
 
     b, n, k, d = 2, 50, 7, 5
     monkeypatch.setattr(autograd, "_ONE_HOT_ELEMENTS", b * n * 7)

@@ -347,4 +347,4 @@ def _bipartite_merge_fake(x, metric, r, size=None, protect_first=False):
     n = checks.bipartite_merge(x, metric, r, size, protect_first)
     return x.new_empty(x.shape[0], n - r, x.shape[2]), x.new_empty(x.shape[0], n - r, dtype=torch.float32)
 
-from .. import _autograd  # noqa: E402, F401  (autograd of every other op)
+from . import _grad  # noqa: E402, F401  (autograd of every other op)

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from torch.library import register_autograd
 
-from .ops import _args as checks
+from . import _args as checks
 
 # Largest one-hot block (elements) built at once to read off a merge's linear map.
 _ONE_HOT_ELEMENTS = 1 << 24
