@@ -48,13 +48,13 @@ def get_extensions():
 
     if want_cuda():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCH_LIST)
-        # The torch glue; csrc/cuda/kernels.cu only instantiates the kernels for CMake users.
+        # The torch glue; csrc/cuda/*_kernels.cu only instantiate the kernels for CMake users.
         sources += sorted(glob.glob(os.path.join(CSRC, "cuda", "*_cuda.cu")))
         ext = CUDAExtension(
             "tokenkern._C",
             sources,
             include_dirs=include_dirs,
-            define_macros=[("TOKENKERN_WITH_CUDA", "1")],
+            define_macros=[("TOKENKERN_WITH_CUDA", "1")],  # read by csrc/tokenkern.cpp: _C.WITH_CUDA
             extra_compile_args={
                 "cxx": cxx,
                 "nvcc": [*opt, "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"],

@@ -1,5 +1,7 @@
-// Input-check helpers for the C++ ops (CPU and CUDA glue). Messages follow the Python side:
-// "tokenkern.<op>: <argument> must ..., got ...", raised as ValueError.
+// Check helpers for the C++ ops (CPU and CUDA glue). TOKENKERN_CHECK: a user-facing argument
+// check, with the Python side's message form "tokenkern.<op>: <argument> must ..., got ...",
+// raised as ValueError. TOKENKERN_ASSERT: an invariant of a private kernel op whose public op
+// checks the arguments first (see merge_args.h), raised as RuntimeError.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -27,3 +29,6 @@ inline std::string dtype_name(at::ScalarType t) {
 }  // namespace tokenkern
 
 #define TOKENKERN_CHECK(op, cond, ...) TORCH_CHECK_VALUE(cond, "tokenkern." op ": ", __VA_ARGS__)
+#define TOKENKERN_ASSERT(op, cond)                                                   \
+  TORCH_CHECK(cond, "tokenkern::" op ": kernel invariant violated: " #cond           \
+              " (a private kernel op: call the public op, which checks its arguments)")

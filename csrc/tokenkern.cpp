@@ -1,28 +1,53 @@
 // Every C++ op schema of the tokenkern namespace, in one place. Ops whose kernels are
-// written in Python/Triton are declared in tokenkern/ops.py with torch.library.custom_op.
+// written in Python/Triton, and the public merge ops, are declared in tokenkern/ops/<family>.py
+// with torch.library.custom_op.
 #include <Python.h>
 #include <torch/library.h>
 
+#ifdef TOKENKERN_WITH_CUDA
+constexpr long kWithCuda = 1;  // setup.py built the CUDA kernels (csrc/cuda/*_cuda.cu) into _C
+#else
+constexpr long kWithCuda = 0;
+#endif
+
 extern "C" {
-// The extension is loaded for its op registrations; Python only needs a module object.
+// The extension is loaded for its op registrations; Python only needs a module object, whose
+// WITH_CUDA attribute says whether the C++ CUDA kernels were built in.
 PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {
-      PyModuleDef_HEAD_INIT, "_C", "tokenkern C++/CUDA ops (see torch.ops.tokenkern)", -1, nullptr,
+      PyModuleDef_HEAD_INIT,
+      "_C",
+      "tokenkern C++/CUDA ops (see torch.ops.tokenkern)",
+      -1,       // m_size
+      nullptr,  // m_methods
+      nullptr,  // m_slots
+      nullptr,  // m_traverse
+      nullptr,  // m_clear
+      nullptr,  // m_free
   };
-  return PyModule_Create(&module_def);
+  PyObject* module = PyModule_Create(&module_def);
+  if (module != nullptr && PyModule_AddIntConstant(module, "WITH_CUDA", kWithCuda) != 0) {
+    Py_DECREF(module);
+    return nullptr;
+  }
+  return module;
 }
 }
 
 TORCH_LIBRARY(tokenkern, m) {
+  // Private CPU kernel of the public op tokenkern::topk_gather (a custom op in
+  // tokenkern/ops/select.py, the single source of its argument checks).
   // scores: (B, N) float32, x: (B, N, D) -> kept (B, k, D), indices (B, k) int64 ascending.
-  m.def("topk_gather(Tensor scores, Tensor x, int k) -> (Tensor kept, Tensor indices)");
+  m.def("_topk_gather_kernel(Tensor scores, Tensor x, int k) -> (Tensor kept, Tensor indices)");
+  // Private kernels of the public ops tokenkern::merge_tokens and tokenkern::bipartite_merge
+  // (custom ops in tokenkern/ops/merge.py, the single source of their argument and value checks;
+  // these kernels assert only the invariants of csrc/merge_args.h).
   // x: (B, N, D), keep_idx: (B, K) ascending -> merged (B, K, D), mass (B, K) float32.
   m.def(
-      "merge_tokens(Tensor x, Tensor keep_idx, Tensor? metric=None, Tensor? weight=None, int topm=1, "
-      "float temperature=0.0, str combine=\"mean\", Tensor? query_metric=None, str assign=\"dropped\") "
-      "-> (Tensor merged, Tensor mass)");
+      "_merge_tokens_kernel(Tensor x, Tensor keep_idx, Tensor? metric, Tensor? weight, int topm, "
+      "float temperature, str combine, Tensor? query_metric, str assign) -> (Tensor merged, Tensor mass)");
   // ToMe bipartite soft matching: x, metric: (B, N, *) -> merged (B, N - r, D), size (B, N - r) float32.
   m.def(
-      "bipartite_merge(Tensor x, Tensor metric, int r, Tensor? size=None, bool protect_first=False) "
+      "_bipartite_merge_kernel(Tensor x, Tensor metric, int r, Tensor? size, bool protect_first) "
       "-> (Tensor merged, Tensor size)");
 }

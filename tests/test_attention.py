@@ -9,8 +9,9 @@ import torch
 from testing import BACKENDS, HAS_CUDA, TRITON_DEVICE, assert_rel_close, assert_valid_indices, on_backend
 
 import tokenkern
-from tokenkern import ops, reference
+from tokenkern import reference
 from tokenkern._triton import attention as triton_attention
+from tokenkern.ops.attention import attn_scores_triton, attn_topk_triton, kernel_args
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
@@ -120,7 +121,10 @@ def test_lse_path_equals_two_pass(backend, causal, gen):
 def test_kernel_lse_equals_reference(gen):
     q, k = make_qk(gen, 2, 4, 2, 40, 200, 80)
     km = torch.rand(2, 200, generator=gen) > 0.5
-    lse = triton_attention.attention_lse(q.to(TRITON_DEVICE), k.to(TRITON_DEVICE), 80**-0.5, km.to(TRITON_DEVICE), True)
+    a = kernel_args("attn_scores", q, k, scale=80**-0.5, key_mask=km, causal=True)
+    lse = triton_attention.attention_lse(
+        q.to(TRITON_DEVICE), k.to(TRITON_DEVICE), a.scale, km.to(TRITON_DEVICE), a.causal_offset
+    )
     ref = reference.attn_lse(q, k, key_mask=km, causal=True)
     finite = torch.isfinite(ref)
     assert torch.equal(torch.isfinite(lse.cpu()), finite)
@@ -200,7 +204,7 @@ def test_equal_scores_tie_to_lower_indices(backend, gen):
     q = torch.zeros(2, 2, 3, 64)  # uniform attention: every key gets the same mass
     k = torch.randn(2, 2, 40, 64, generator=gen)
     x = torch.randn(2, 30, 16, generator=gen)
-    fn = torch.ops.tokenkern.attn_topk if backend == "cpu" else ops.attn_topk_triton
+    fn = torch.ops.tokenkern.attn_topk if backend == "cpu" else attn_topk_triton
     if backend == "triton" and HAS_CUDA:
         kept, idx, scores = (t.cpu() for t in fn(q.cuda(), k.cuda(), x.cuda(), 7, key_start=10))
     else:
@@ -216,7 +220,7 @@ def test_attn_topk_matches_reference(backend, gen):
     q, k = make_qk(gen, 2, 8, 2, 1, 650, 128)
     x = torch.randn(2, 576, 64, generator=gen)
     kw = dict(key_start=35, key_end=611, causal=True)
-    fn = torch.ops.tokenkern.attn_topk if backend == "cpu" else ops.attn_topk_triton
+    fn = torch.ops.tokenkern.attn_topk if backend == "cpu" else attn_topk_triton
     if backend == "triton" and HAS_CUDA:
         kept, idx, scores = (t.cpu() for t in fn(q.cuda(), k.cuda(), x.cuda(), 144, **kw))
     else:
@@ -240,16 +244,10 @@ def test_gpu_block_sizes_under_any_runner(blocks, causal, gen):
     """The GPU's block sizes (many programs per row and column) on whatever runs Triton."""
     q, k = make_qk(gen, 2, 4, 2, 45, 150, 80)
     masks = random_masks(gen, 2, 45, 150, "left_padding")
-    args = dict(lse=None, scale=80**-0.5, key_start=20, key_end=140, causal=causal, mean=True)
+    qd, kd = q.to(TRITON_DEVICE), k.to(TRITON_DEVICE)
     dev = {n: v.to(TRITON_DEVICE) for n, v in masks.items()}
-    out = triton_attention.attention_scores(
-        q.to(TRITON_DEVICE),
-        k.to(TRITON_DEVICE),
-        **args,
-        query_mask=dev["query_mask"],
-        key_mask=dev["key_mask"],
-        blocks=(*blocks, 128),
-    )
+    args = kernel_args("attn_scores", qd, kd, scale=80**-0.5, key_start=20, key_end=140, causal=causal, **dev)
+    out = triton_attention.attention_scores(qd, kd, **args._asdict(), blocks=(*blocks, 128))
     ref = reference.attn_scores(q, k, key_start=20, key_end=140, causal=causal, **masks)
     assert_rel_close(out.cpu(), ref, 1e-5)
 
@@ -308,11 +306,11 @@ def test_bad_input(face, case):
     if face == "cpu":
         op = torch.ops.tokenkern.attn_topk if topk else torch.ops.tokenkern.attn_scores
     else:
-        op = ops.attn_topk_triton if topk else ops.attn_scores_triton
+        op = attn_topk_triton if topk else attn_scores_triton
     with pytest.raises(ValueError, match=re.escape(message)):
         op(*args, **kwargs)
     if not topk:  # attn_topk validates the same attention arguments
         x = torch.randn(2, 9, 8)
-        fn = torch.ops.tokenkern.attn_topk if face == "cpu" else ops.attn_topk_triton
+        fn = torch.ops.tokenkern.attn_topk if face == "cpu" else attn_topk_triton
         with pytest.raises(ValueError):
             fn(args[0], args[1], x, 1, **kwargs)

@@ -13,7 +13,10 @@ import torch
 from testing import BACKENDS, HAS_CUDA, REL_TOL, assert_rel_close, device_of
 
 import tokenkern
-from tokenkern import ops, reference
+from tokenkern import reference
+from tokenkern.ops.attention import attn_topk_triton
+from tokenkern.ops.leverage import leverage_topk_triton
+from tokenkern.ops.select import topk_gather_triton
 
 DTYPES = [torch.float32, torch.float16]
 
@@ -62,7 +65,7 @@ def test_topk_gather_grad(backend, dtype, gen):
     scores = torch.randn(b, n, generator=gen)
     x = leaf(torch.randn(b, n, d, generator=gen).to(dtype), dev)
     s = leaf(scores, dev)  # ranks only: no gradient, no error
-    with dispatched_to(backend, "topk_gather", ops.topk_gather_triton):
+    with dispatched_to(backend, "topk_gather", topk_gather_triton):
         kept, indices = torch.ops.tokenkern.topk_gather(s, x, k)
     assert kept.requires_grad and not indices.requires_grad
     g = torch.randn(b, k, d, generator=gen).to(dtype)
@@ -79,7 +82,7 @@ def test_leverage_topk_grad(backend, dtype, gen):
     b, n, d, k = 2, 40, 24, 9
     dev = device_of(backend)
     x = leaf(torch.randn(b, n, d, generator=gen).to(dtype), dev)
-    with dispatched_to(backend, "leverage_topk", ops.leverage_topk_triton):
+    with dispatched_to(backend, "leverage_topk", leverage_topk_triton):
         kept, indices, scores = torch.ops.tokenkern.leverage_topk(x, k, rank=4, oversample=4, power_iters=1)
     assert kept.requires_grad and not indices.requires_grad and not scores.requires_grad
     g = torch.randn(b, k, d, generator=gen).to(dtype)
@@ -97,7 +100,7 @@ def test_attn_topk_grad(backend, dtype, gen):
     q = leaf(torch.randn(b, hq, nq, dh, generator=gen).to(dtype), dev)
     k = leaf(torch.randn(b, hkv, nk, dh, generator=gen).to(dtype), dev)
     x = leaf(torch.randn(b, 20, d, generator=gen).to(dtype), dev)
-    with dispatched_to(backend, "attn_topk", ops.attn_topk_triton):
+    with dispatched_to(backend, "attn_topk", attn_topk_triton):
         kept, indices, scores = torch.ops.tokenkern.attn_topk(q, k, x, n_keep, key_start=5, key_end=25, causal=True)
     assert kept.requires_grad and not indices.requires_grad and not scores.requires_grad
     g = torch.randn(b, n_keep, d, generator=gen).to(dtype)

@@ -9,14 +9,19 @@ import re
 
 import pytest
 import torch
-from testing import HAS_CUDA, REL_TOL, assert_rel_close
+from testing import HAS_CUDA, REL_TOL, assert_rel_close, triton_face
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import tokenkern
 from tokenkern import methods as M
-from tokenkern import ops, reference
+from tokenkern import reference
 from tokenkern.methods.baselines import uniform_positions
-from tokenkern.ops import _args as _checks
+from tokenkern.ops import leverage as leverage_ops
+from tokenkern.ops.attention import attn_scores_triton, attn_topk_triton
+from tokenkern.ops.leverage import leverage_scores_triton, leverage_topk_triton
+from tokenkern.ops.merge import merge_mass, merge_values
+from tokenkern.ops.select import topk_gather_triton
+from tokenkern.ops.spectral import check_spectral_ipr, spectral_ipr_triton
 
 FLOAT32_MAX = torch.finfo(torch.float32).max
 
@@ -30,7 +35,7 @@ def raises(message: str, error: type[Exception] = ValueError):
 LEVERAGE_FACES = {
     "wrapper": (tokenkern.leverage_scores, lambda x, k, **kw: tokenkern.leverage_topk(x, k, **kw)),
     "cpu": (torch.ops.tokenkern.leverage_scores, torch.ops.tokenkern.leverage_topk),
-    "triton": (ops.leverage_scores_triton, ops.leverage_topk_triton),
+    "triton": (leverage_scores_triton, leverage_topk_triton),
 }
 
 COUNT_LIMITS = [
@@ -202,19 +207,19 @@ def test_the_python_faces_apply_the_same_rule(gen):
     s = torch.randn(2, 12, generator=gen)
     q, k = _attn_inputs(gen)
     with raises("tokenkern.topk_gather: k must be a Python int, got bool", TypeError):
-        ops.topk_gather_triton(s, x, True)
+        topk_gather_triton(s, x, True)
     with raises("tokenkern.leverage_scores: rank must be a Python int", TypeError):
-        ops.leverage_scores_triton(x, rank=torch.tensor(4))
+        leverage_scores_triton(x, rank=torch.tensor(4))
     with raises("tokenkern.spectral_ipr: rank must be a Python int", TypeError):
-        ops.spectral_ipr_triton(x, rank=2.0)
+        spectral_ipr_triton(x, rank=2.0)
     with raises("tokenkern.attn_scores: scale must be a finite Python number", TypeError):
-        ops.attn_scores_triton(q, k, scale=True)
+        attn_scores_triton(q, k, scale=True)
     with raises("tokenkern.attn_scores: key_end must be a Python int", TypeError):
-        ops.attn_scores_triton(q, k, key_end=True)
+        attn_scores_triton(q, k, key_end=True)
     with raises("tokenkern.attn_topk: n_keep must be a Python int", TypeError):
-        ops.attn_topk_triton(q, k, torch.randn(2, 9, 3), 2.0)
+        attn_topk_triton(q, k, torch.randn(2, 9, 3), 2.0)
     with raises("tokenkern.spectral_ipr: rank must be -1 or in [1, 2**63 - 1]"):
-        _checks.spectral_ipr(x, BIG, cuda=False)
+        check_spectral_ipr(x, BIG, cuda=False)
 
 
 # --------------------------------------------- 4. non-finite weights, masses within float32
@@ -239,7 +244,7 @@ def test_merge_weights_must_be_finite(face, bad, gen):
     message = "tokenkern.merge_tokens: weight must be non-negative and finite, got"
     if face == "validate":  # the Python value checks of the CUDA validate=True path
         with raises(message):
-            _checks.merge_values("merge_tokens", keep, n, {"weight": w})
+            merge_values("merge_tokens", keep, n, {"weight": w})
         return
     fn = tokenkern.merge_tokens if face == "wrapper" else torch.ops.tokenkern.merge_tokens
     for assign, topm in (("dropped", 1), ("kept", 2)):
@@ -257,7 +262,7 @@ def test_bipartite_sizes_must_be_finite(face, bad, gen):
     message = "tokenkern.bipartite_merge: size must be non-negative and finite, got"
     if face == "validate":
         with raises(message):
-            _checks.merge_values("bipartite_merge", None, 0, {"size": size})
+            merge_values("bipartite_merge", None, 0, {"size": size})
         return
     fn = tokenkern.bipartite_merge if face == "wrapper" else torch.ops.tokenkern.bipartite_merge
     with raises(message):
@@ -277,8 +282,8 @@ def test_a_mass_past_float32_is_refused(gen):
         tokenkern.bipartite_merge(x, x, 12, size=huge)
     # The validate=True path of the CUDA wrappers checks the masses the op returned.
     with raises(f"tokenkern.merge_tokens: weight {mass_msg}"):
-        _checks.merge_mass("merge_tokens", "weight", torch.tensor([[1.0, float("inf")]]))
-    _checks.merge_mass("merge_tokens", "weight", torch.tensor([[1.0, FLOAT32_MAX]]))
+        merge_mass("merge_tokens", "weight", torch.tensor([[1.0, float("inf")]]))
+    merge_mass("merge_tokens", "weight", torch.tensor([[1.0, FLOAT32_MAX]]))
 
 
 def _huge_weights(gen, b, n):
@@ -347,7 +352,7 @@ def test_attention_needs_heads(face, gen):
     fns = {
         "wrapper": (tokenkern.attn_scores, tokenkern.attn_topk),
         "cpu": (torch.ops.tokenkern.attn_scores, torch.ops.tokenkern.attn_topk),
-        "triton": (ops.attn_scores_triton, ops.attn_topk_triton),
+        "triton": (attn_scores_triton, attn_topk_triton),
         "fake": (torch.ops.tokenkern.attn_scores, torch.ops.tokenkern.attn_topk),
     }[face]
     for (qq, kk), got in cases:
@@ -383,7 +388,7 @@ def _faces(face):
     if face == "cpu":
         return {n: getattr(torch.ops.tokenkern, n) for n in tokenkern.__all__ if n != "prune"}
     faces = {n: getattr(torch.ops.tokenkern, n) for n in tokenkern.__all__ if n != "prune"}
-    faces.update({n: getattr(ops, f"{n}_triton") for n in faces if hasattr(ops, f"{n}_triton")})
+    faces.update({n: triton_face(n) for n in faces if triton_face(n) is not None})
     return faces
 
 
@@ -483,7 +488,7 @@ def test_method_configs_check_their_fields():
 def test_leverage_sketch_limit_on_cuda(gen):
     x = torch.randn(1, 300, 260, generator=gen)
     message = "rank + oversample must be <= 256 on CUDA when min(N, D) > 256"
-    for fn in (ops.leverage_scores_triton, lambda x, **kw: ops.leverage_topk_triton(x, 3, **kw)):
+    for fn in (leverage_scores_triton, lambda x, **kw: leverage_topk_triton(x, 3, **kw)):
         with raises(message) as info:
             fn(x, rank=249)
         assert "use rank <= 248 with oversample=8" in str(info.value)
@@ -499,8 +504,8 @@ def test_leverage_sketch_limit_on_cuda(gen):
         assert torch.ops.tokenkern.leverage_scores(xc, rank=248).shape == (1, 300)
         assert torch.ops.tokenkern.leverage_scores(x, rank=249).shape == (1, 300)
     # Allowed at the limit, and whenever min(N, D) <= 256 (the sketch is then at most 256 wide).
-    assert _checks.svd_sketch("leverage_scores", 300, 260, 248, 8, 2, 0, cuda=True) == (248, 256)
-    assert _checks.svd_sketch("leverage_scores", 300, 200, 249, 8, 2, 0, cuda=True) == (200, 200)
+    assert leverage_ops.svd_sketch("leverage_scores", 300, 260, 248, 8, 2, 0, cuda=True) == (248, 256)
+    assert leverage_ops.svd_sketch("leverage_scores", 300, 200, 249, 8, 2, 0, cuda=True) == (200, 200)
     scores = torch.ops.tokenkern.leverage_scores(x, rank=249)  # sums to r (see the power_iters test)
     assert abs(scores.double().sum().item() - 249) <= 300 * 249 * 2**-20
 

@@ -11,8 +11,9 @@ import torch
 from testing import BACKENDS, FLOAT_DTYPES, HAS_CUDA, TRITON_DEVICE, assert_rel_close
 
 import tokenkern
-from tokenkern import ops, reference
+from tokenkern import reference
 from tokenkern._cpu import gumbel as cpu_gumbel
+from tokenkern.ops.gumbel import gumbel_topk_backward_cuda, gumbel_topk_triton, gumbel_topk_triton_with_noise
 
 EPS32 = 2.0**-24
 TINY32 = 2.0**-126  # float32's smallest normal number
@@ -127,7 +128,7 @@ def run(backend: str, logits, k, tau, seed, hard=True):
     if backend == "cpu":
         out = torch.ops.tokenkern.gumbel_topk(logits, k, tau, seed, hard)
         return out, noise_of("cpu", *logits.shape, seed)
-    out, noise = ops.gumbel_topk_triton_with_noise(logits.to(TRITON_DEVICE), k, tau, seed, hard)
+    out, noise = gumbel_topk_triton_with_noise(logits.to(TRITON_DEVICE), k, tau, seed, hard)
     if HAS_CUDA:  # the registered CUDA kernel is the same launch
         assert torch.equal(torch.ops.tokenkern.gumbel_topk(logits.cuda(), k, tau, seed, hard), out)
     return out.cpu(), noise.cpu()
@@ -255,7 +256,7 @@ def test_fused_kernel_draws_the_standalone_noise(gen):
     """The backward redraws the noise with the standalone kernel: it must be the same bits."""
     logits = torch.randn(3, 4100, generator=gen)
     for hard in (True, False):
-        _, fused = ops.gumbel_topk_triton_with_noise(logits.to(TRITON_DEVICE), 3, 1.0, 2**40 + 5, hard)
+        _, fused = gumbel_topk_triton_with_noise(logits.to(TRITON_DEVICE), 3, 1.0, 2**40 + 5, hard)
         assert torch.equal(fused.cpu(), noise_of("triton", 3, 4100, 2**40 + 5))
 
 
@@ -267,7 +268,7 @@ def test_deterministic_per_seed(backend, hard, gen):
     b, nb = run(backend, logits, 40, 0.5, 42, hard)
     assert torch.equal(a, b) and torch.equal(na, nb)
     if backend == "triton":  # the registered kernel (which does not write the noise) agrees
-        assert torch.equal(ops.gumbel_topk_triton(logits.to(TRITON_DEVICE), 40, 0.5, 42, hard).cpu(), a)
+        assert torch.equal(gumbel_topk_triton(logits.to(TRITON_DEVICE), 40, 0.5, 42, hard).cpu(), a)
     c, nc = run(backend, logits, 40, 0.5, 43, hard)
     assert not torch.equal(na, nc)
     assert all(not torch.equal(a[i], c[i]) for i in range(3)), "different seeds gave the same sample"
@@ -321,8 +322,8 @@ def op_grad(backend, logits, k, tau, seed, hard, grad):
         out.backward(grad.to(dev, out.dtype))
         return out.detach().cpu(), x.grad.cpu()
     # Under the interpreter: the CUDA kernels called directly on CPU tensors.
-    out = ops.gumbel_topk_triton(logits, k, tau, seed, hard)
-    return out, ops.gumbel_topk_backward_cuda(grad.float(), logits, k, tau, seed)
+    out = gumbel_topk_triton(logits, k, tau, seed, hard)
+    return out, gumbel_topk_backward_cuda(grad.float(), logits, k, tau, seed)
 
 
 def check_grad(backend, logits, k, tau, seed, hard, grad, what="d logits"):
@@ -451,7 +452,7 @@ def test_bad_input(face, message, make):
     args = make(x)
     with pytest.raises(ValueError, match=re.escape(message)):
         if face == "triton":
-            ops.gumbel_topk_triton(*args)
+            gumbel_topk_triton(*args)
         elif face == "backward":
             torch.ops.tokenkern.gumbel_topk_backward(torch.ones(args[0].shape), *args)
         else:

@@ -11,8 +11,10 @@ import torch
 from test_gumbel import EPS32, assert_within, grad_bound, noise_of, soft_bound
 from testing import BACKENDS, TRITON_DEVICE
 
-from tokenkern import ops, reference
+from tokenkern import reference
 from tokenkern._cpu import gumbel as cpu_gumbel
+from tokenkern.ops import gumbel as gumbel_ops
+from tokenkern.ops.gumbel import gumbel_topk_backward_cuda, gumbel_topk_triton
 
 # float32 Gumbel noise lies in [-log(-log(2^-126)), -log(-log(1 - 2^-24))] = [-4.47, 16.64].
 NOISE_SPAN = 4.47 + 16.64
@@ -22,14 +24,14 @@ MIN_TAU = 2.0**-126
 def forward(backend: str, logits: torch.Tensor, k: int, tau: float, seed: int, hard: bool) -> torch.Tensor:
     if backend == "cpu":
         return torch.ops.tokenkern.gumbel_topk(logits, k, tau, seed, hard)
-    return ops.gumbel_topk_triton(logits.to(TRITON_DEVICE), k, tau, seed, hard).cpu()
+    return gumbel_topk_triton(logits.to(TRITON_DEVICE), k, tau, seed, hard).cpu()
 
 
 def backward(backend: str, grad: torch.Tensor, logits: torch.Tensor, k: int, tau: float, seed: int) -> torch.Tensor:
     if backend == "cpu":
         return torch.ops.tokenkern.gumbel_topk_backward(grad, logits, k, tau, seed)
     dev = TRITON_DEVICE
-    return ops.gumbel_topk_backward_cuda(grad.to(dev), logits.to(dev), k, tau, seed).cpu()
+    return gumbel_topk_backward_cuda(grad.to(dev), logits.to(dev), k, tau, seed).cpu()
 
 
 def separated_logits(b: int, n: int, gen: torch.Generator, spacing: float = 50.0) -> torch.Tensor:
@@ -170,7 +172,7 @@ def test_tau_below_the_bound_is_refused(face, tau):
     message += f"got {tau!r}"
     with pytest.raises(ValueError, match=re.escape(message)):
         if face == "triton":
-            ops.gumbel_topk_triton(x, 3, tau, 0)
+            gumbel_topk_triton(x, 3, tau, 0)
         elif face == "backward":
             torch.ops.tokenkern.gumbel_topk_backward(torch.ones(2, 10), x, 3, tau, 0)
         else:
@@ -178,7 +180,7 @@ def test_tau_below_the_bound_is_refused(face, tau):
 
 
 def test_the_bound_is_float32_representable():
-    assert reference.GUMBEL_MIN_TAU == MIN_TAU
+    assert gumbel_ops.GUMBEL_MIN_TAU == MIN_TAU
     inv = torch.tensor(1 / MIN_TAU, dtype=torch.float32)
     assert math.isfinite(inv.item()) and torch.tensor(MIN_TAU, dtype=torch.float32).item() == MIN_TAU
     assert not math.isfinite(torch.tensor(1 / 2.0**-128.5, dtype=torch.float32).item())

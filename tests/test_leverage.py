@@ -19,8 +19,10 @@ from testing import (
 )
 
 import tokenkern
-from tokenkern import ops, reference
+from tokenkern import reference
 from tokenkern._triton import leverage as triton_leverage
+from tokenkern._triton import sketch as triton_sketch
+from tokenkern.ops.leverage import leverage_scores_triton, leverage_topk_triton
 
 SCORE_TOL = 1e-3  # the bound for float32 input on a gapped spectrum
 
@@ -33,7 +35,7 @@ def topk_of(backend, x, k, **kw):
         return torch.ops.tokenkern.leverage_topk(x, k, **kw)
     if HAS_CUDA:
         return tuple(t.cpu() for t in torch.ops.tokenkern.leverage_topk(x.cuda(), k, **kw))
-    return ops.leverage_topk_triton(x, k, **kw)
+    return leverage_topk_triton(x, k, **kw)
 
 
 # (backend, B, N, D, dtype): every N in {1, 17, 576, 577}, D in {64, 384, 1024} and B in
@@ -175,12 +177,12 @@ def test_bad_input(face, message, make):
             with pytest.raises(ValueError, match=re.escape(message)):
                 call()
         return
-    fn = torch.ops.tokenkern.leverage_topk if face == "cpu" else ops.leverage_topk_triton
+    fn = torch.ops.tokenkern.leverage_topk if face == "cpu" else leverage_topk_triton
     with pytest.raises(ValueError, match=re.escape(message)):
         fn(*args, **kwargs)
     if "k must" not in message:  # leverage_scores has no k
         sargs = (args[0],)
-        sfn = torch.ops.tokenkern.leverage_scores if face == "cpu" else ops.leverage_scores_triton
+        sfn = torch.ops.tokenkern.leverage_scores if face == "cpu" else leverage_scores_triton
         with pytest.raises(ValueError, match=re.escape(message.replace("leverage_topk", "leverage_scores"))):
             sfn(*sargs, **kwargs)
 
@@ -221,7 +223,7 @@ def test_cholesky_qr_orthonormalizes(l, gen):
     y = torch.zeros(2, 300, width)
     y[..., :l] = torch.randn(2, 300, l, generator=gen) * torch.logspace(0, -3, l)
     y[1, :, l - 1] = y[1, :, 0]  # a dependent column must not produce NaN
-    q = triton_leverage.orthonormalize(y.to(TRITON_DEVICE), l).cpu().double()
+    q = triton_sketch.orthonormalize(y.to(TRITON_DEVICE), l).cpu().double()
     assert torch.isfinite(q).all()
     assert bool((q[..., l:] == 0).all())
     eye = torch.eye(l, dtype=torch.float64)

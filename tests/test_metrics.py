@@ -11,7 +11,8 @@ import torch
 from testing import BACKENDS, HAS_CUDA, assert_rel_close, on_backend
 
 import tokenkern
-from tokenkern import metrics, ops, reference
+from tokenkern import metrics, reference
+from tokenkern.ops.spectral import spectral_ipr_triton
 
 # ------------------------------------------------------------------------------ spectral_ipr
 
@@ -190,7 +191,7 @@ BAD_CALLS = [
 @pytest.mark.parametrize(("message", "make"), BAD_CALLS)
 def test_bad_input(face, message, make):
     args, kwargs = make(torch.randn(2, 10, 8))
-    fn = {"cpu": torch.ops.tokenkern.spectral_ipr, "triton": ops.spectral_ipr_triton}.get(face)
+    fn = {"cpu": torch.ops.tokenkern.spectral_ipr, "triton": spectral_ipr_triton}.get(face)
     if face == "fake":
         from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -207,7 +208,7 @@ def test_cuda_sketch_limit(gen):
     x = torch.randn(1, 200, 150, generator=gen)
     message = "rank=120 with min(N, D)=150 does not fit the CUDA kernel's sketch"
     with pytest.raises(ValueError, match=re.escape(message)):
-        ops.spectral_ipr_triton(x, 120)
+        spectral_ipr_triton(x, 120)
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     with FakeTensorMode(allow_non_fake_inputs=True):

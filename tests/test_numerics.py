@@ -12,9 +12,10 @@ import triton
 import triton.language as tl
 from testing import BACKENDS, HAS_CUDA, TRITON_DEVICE, assert_rel_close, gapped_matrix, on_backend
 
-from tokenkern import ops, reference
+from tokenkern import reference
 from tokenkern._triton import utils as triton_utils
 from tokenkern._triton.utils import flat_grid, unflatten2, unflatten3
+from tokenkern.ops.attention import attn_topk_triton
 
 NAN = float("nan")
 # float32 attention: logits formed from d-term float32 dot products and exp'd, summed over at
@@ -31,7 +32,7 @@ def attn_topk_of(backend, q, k, x, n_keep, **kw):
     if HAS_CUDA:
         kw = {n: (v.cuda() if isinstance(v, torch.Tensor) else v) for n, v in kw.items()}
         return tuple(t.cpu() for t in torch.ops.tokenkern.attn_topk(q.cuda(), k.cuda(), x.cuda(), n_keep, **kw))
-    return ops.attn_topk_triton(q, k, x, n_keep, **kw)
+    return attn_topk_triton(q, k, x, n_keep, **kw)
 
 
 def assert_same_nan_pattern(out, ref, tol, what="scores"):

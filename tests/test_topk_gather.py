@@ -7,7 +7,8 @@ import torch
 from testing import BACKENDS, FLOAT_DTYPES, HAS_CUDA, TRITON_DEVICE, assert_valid_indices, device_of
 
 import tokenkern
-from tokenkern import ops, reference
+from tokenkern import reference
+from tokenkern.ops.select import topk_gather_triton
 
 
 def run(backend: str, scores, x, k):
@@ -15,7 +16,7 @@ def run(backend: str, scores, x, k):
         return torch.ops.tokenkern.topk_gather(scores, x, k)
     if HAS_CUDA:
         return torch.ops.tokenkern.topk_gather(scores.cuda(), x.cuda(), k)
-    return ops.topk_gather_triton(scores, x, k)
+    return topk_gather_triton(scores, x, k)
 
 
 def check_against_reference(backend, scores, x, k):
@@ -121,14 +122,14 @@ def test_bad_input(backend, message, make):
         if backend == "cpu":
             torch.ops.tokenkern.topk_gather(*args)
         else:
-            ops.topk_gather_triton(*args)
+            topk_gather_triton(*args)
 
 
 def test_mismatched_devices():
     with pytest.raises(ValueError, match="is on"):
         torch.ops.tokenkern.topk_gather(torch.randn(2, 10), torch.randn(2, 10, 3, device="meta"), 2)
     with pytest.raises(ValueError, match="is on"):
-        ops.topk_gather_triton(torch.randn(2, 10), torch.randn(2, 10, 3, device="meta"), 2)
+        topk_gather_triton(torch.randn(2, 10), torch.randn(2, 10, 3, device="meta"), 2)
 
 
 def test_device_of_backends():
@@ -138,7 +139,7 @@ def test_device_of_backends():
 @pytest.mark.parametrize("block_rows", [16, 32])
 def test_small_blocks_count_across_programs(block_rows, gen):
     """The GPU block size (many programs per row) under whatever runs the Triton kernels."""
-    from tokenkern._triton.topk_gather import topk_gather
+    from tokenkern._triton.select import topk_gather
 
     scores = torch.randint(0, 6, (2, 300), generator=gen).float().to(TRITON_DEVICE)
     x = torch.randn(2, 300, 10, generator=gen).to(TRITON_DEVICE)
@@ -147,3 +148,32 @@ def test_small_blocks_count_across_programs(block_rows, gen):
         ref_kept, ref_idx = reference.topk_gather(scores.cpu(), x.cpu(), k)
         assert torch.equal(idx.cpu(), ref_idx)
         assert torch.equal(kept.cpu(), ref_kept)
+
+
+def test_public_op_is_its_kernel_after_the_checks(gen):
+    """The public op checks the arguments (tokenkern.ops.select, the one source of the rules)
+    and then runs the private CPU kernel, whose output it returns unchanged."""
+    scores = torch.randn(3, 41, generator=gen)
+    x = torch.randn(3, 41, 6, generator=gen)
+    public = torch.ops.tokenkern.topk_gather(scores, x, 9)
+    kernel = torch.ops.tokenkern._topk_gather_kernel(scores, x, 9)
+    for got, want in zip(public, kernel, strict=True):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        (torch.randn(2, 10), torch.randn(2, 10, 3), 11),
+        (torch.randn(2, 10), torch.randn(2, 10, 3), 0),
+        (torch.randn(2, 10).double(), torch.randn(2, 10, 3), 2),
+        (torch.randn(2, 10), torch.randn(2, 9, 3), 2),
+        (torch.randn(2, 10), torch.randn(10, 3), 2),
+    ],
+    ids=["k>N", "k=0", "float64 scores", "N mismatch", "x 2-D"],
+)
+def test_a_direct_kernel_call_with_bad_input_raises(args):
+    """The private kernel asserts what its memory accesses need: a RuntimeError naming the
+    violated invariant (the user-facing messages live in tokenkern.ops.select only)."""
+    with pytest.raises(RuntimeError, match=re.escape("tokenkern::_topk_gather_kernel: kernel invariant violated")):
+        torch.ops.tokenkern._topk_gather_kernel(*args)

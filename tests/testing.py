@@ -106,6 +106,20 @@ def on_backend(op: str, backend: str, *args, **kwargs):
         move = lambda v: v.cuda() if isinstance(v, torch.Tensor) else v  # noqa: E731
         out = getattr(torch.ops.tokenkern, op)(*map(move, args), **{n: move(v) for n, v in kwargs.items()})
         return tuple(o.cpu() for o in out) if isinstance(out, tuple) else out.cpu()
-    from tokenkern import ops
+    return triton_face(op)(*args, **kwargs)
 
-    return getattr(ops, f"{op}_triton")(*args, **kwargs)
+
+def triton_face(op: str):
+    """The CUDA kernel of torch.ops.tokenkern.<op> as registered, ``<op>_triton`` of its family
+    module tokenkern.ops.<family> (None when the op's CUDA kernel is C++)."""
+    import importlib
+    import pkgutil
+
+    import tokenkern.ops as ops
+
+    families = [importlib.import_module(f"tokenkern.ops.{m.name}") for m in pkgutil.iter_modules(ops.__path__)]
+    for module in [ops, *families]:
+        fn = getattr(module, f"{op}_triton", None)
+        if fn is not None:
+            return fn
+    return None

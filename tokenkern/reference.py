@@ -71,13 +71,7 @@ def attn_scores(
     scale = d**-0.5 if scale is None else scale
     kk = k.double().repeat_interleave(hq // hkv, dim=1)
     logits = (q.double() @ kk.mT) * scale
-    i = torch.arange(nq)[:, None]
-    j = torch.arange(nk)[None, :]
-    vis = torch.ones(b, 1, nq, nk, dtype=torch.bool)
-    if key_mask is not None:
-        vis = vis & key_mask.cpu()[:, None, None, :]
-    if causal:
-        vis = vis & (j <= nk - nq + i)
+    vis = _visible(b, nq, nk, key_mask, causal)
     valid = vis.any(dim=-1)
     if query_mask is not None:
         valid = valid & query_mask.cpu()[:, None, :]
@@ -101,12 +95,18 @@ def attn_lse(q: Tensor, k: Tensor, scale: float | None = None, key_mask: Tensor 
     hkv, nk = k.shape[1], k.shape[2]
     scale = d**-0.5 if scale is None else scale
     logits = (q.double() @ k.double().repeat_interleave(hq // hkv, dim=1).mT).cpu() * scale
+    vis = _visible(b, nq, nk, key_mask, causal)
+    return torch.logsumexp(logits.masked_fill(~vis, float("-inf")), dim=-1)
+
+
+def _visible(b: int, nq: int, nk: int, key_mask: Tensor | None, causal: bool) -> Tensor:
+    """(B, 1, Nq, Nk) bool: vis[b, 0, i, j] when key j is visible to query i (see attn_scores)."""
     vis = torch.ones(b, 1, nq, nk, dtype=torch.bool)
     if key_mask is not None:
         vis = vis & key_mask.cpu()[:, None, None, :]
     if causal:
         vis = vis & (torch.arange(nk)[None, :] <= nk - nq + torch.arange(nq)[:, None])
-    return torch.logsumexp(logits.masked_fill(~vis, float("-inf")), dim=-1)
+    return vis
 
 
 def attn_topk(q: Tensor, k: Tensor, x: Tensor, n_keep: int, **kwargs) -> tuple[Tensor, Tensor, Tensor]:
@@ -265,11 +265,6 @@ def spectral_ipr(x: Tensor, rank: int = -1) -> Tensor:
 
 # float32's smallest normal number: the floor of the uniform draw.
 GUMBEL_TINY = 2.0**-126
-
-# The smallest temperature the kernels accept: they scale score differences by 1/tau in
-# float32, so tau must be a normal float32 (GPUs flush subnormals) whose reciprocal is finite;
-# 2^-126 is the smallest such number (its reciprocal, 2^126, is below float32's 2^128 limit).
-GUMBEL_MIN_TAU = 2.0**-126
 
 
 def gumbel_from_uniform(u: Tensor) -> Tensor:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Compile-checks every CUDA source with nvcc, warnings as errors, for each architecture in
 # $CUDA_ARCHS (default "80 90"), on a machine without a GPU:
-#   - the torch-free kernels (csrc/cuda/*.cuh, through csrc/cuda/kernels.cu) via CMake;
+#   - the torch-free kernels (csrc/cuda/*.cuh, through their instantiations in
+#     csrc/cuda/*_kernels.cu) via CMake;
 #   - the torch glue (csrc/cuda/*_cuda.cu) with -c against the installed torch's headers.
 #     A CPU build of torch lacks the generated c10/cuda/impl/cuda_cmake_macros.h; a stand-in
 #     with the same content is provided so the glue can be parsed and compiled (not linked).
@@ -15,13 +16,14 @@ if [ ! -x "$NVCC" ]; then
   exit 0
 fi
 glue=$(ls csrc/cuda/*_cuda.cu 2>/dev/null || true)
-if [ ! -f csrc/cuda/kernels.cu ] && [ -z "$glue" ]; then
+kernels=$(ls csrc/cuda/*_kernels.cu 2>/dev/null || true)
+if [ -z "$kernels" ] && [ -z "$glue" ]; then
   echo "check-cuda: no CUDA sources"
   exit 0
 fi
 build=build/check-cuda
 mkdir -p "$build"
-if [ -f csrc/cuda/kernels.cu ]; then
+if [ -n "$kernels" ]; then
   cmake -S . -B "$build/cmake" -DCMAKE_CUDA_COMPILER="$NVCC" -DTOKENKERN_REQUIRE_CUDA=ON \
     -DTOKENKERN_BUILD_TESTS=OFF -DCMAKE_CUDA_ARCHITECTURES="${ARCHS// /;}" >/dev/null
   cmake --build "$build/cmake" -j2
@@ -39,7 +41,7 @@ if [ -n "$glue" ]; then
       echo "check-cuda: $src (sm_$arch)"
       "$NVCC" -c "$src" -o "$build/$(basename "$src" .cu).sm_$arch.o" -std=c++20 \
         -gencode "arch=compute_$arch,code=sm_$arch" --expt-relaxed-constexpr \
-        -DTOKENKERN_WITH_CUDA=1 -DTORCH_EXTENSION_NAME=_C -D_GLIBCXX_USE_CXX11_ABI=1 \
+        -DTORCH_EXTENSION_NAME=_C -D_GLIBCXX_USE_CXX11_ABI=1 \
         -Icsrc -isystem "$shim" $torch_inc -isystem "$py_inc" \
         --Werror all-warnings -Xcompiler=-Wall,-Wextra,-Wno-unused-parameter,-Werror
     done

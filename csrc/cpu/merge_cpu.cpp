@@ -1,7 +1,9 @@
-// CPU kernels of tokenkern::merge_tokens and tokenkern::bipartite_merge. They follow the same
-// per-token steps as the CUDA kernels (csrc/cuda/merge_kernels.cuh) and share their math
-// (csrc/common/merge_math.h): choose targets, weight them, then let every receiving token sum
-// its contributions in ascending source order.
+// CPU kernels of the private ops tokenkern::_merge_tokens_kernel and
+// tokenkern::_bipartite_merge_kernel, which the public merge ops (tokenkern/ops/merge.py) call
+// after checking every argument and value. They follow the same per-token steps as the CUDA
+// kernels (csrc/cuda/merge_kernels.cuh) and share their math (csrc/common/merge_math.h):
+// choose targets, weight them, then let every receiving token sum its contributions in
+// ascending source order.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -15,48 +17,16 @@
 #include "checks.h"
 #include "common/merge_math.h"
 #include "common/topk_select.h"
-#include "merge_checks.h"
+#include "merge_args.h"
 
 namespace tokenkern {
 namespace {
 
-// keep_idx values must be strictly ascending and in [0, n) (checked on the CPU only).
-void check_keep_values(const at::Tensor& keep, int64_t n) {
+// The kernel indexes with keep_idx: every value must be in [0, n) (ascending order is the
+// public op's rule; an unsorted row cannot make the kernel read out of bounds).
+void assert_keep_in_range(const at::Tensor& keep, int64_t n) {
   const int64_t* p = keep.data_ptr<int64_t>();
-  const int64_t batch = keep.size(0), k = keep.size(1);
-  for (int64_t b = 0; b < batch; ++b) {
-    for (int64_t t = 0; t < k; ++t) {
-      const int64_t v = p[b * k + t];
-      TOKENKERN_CHECK("merge_tokens", v >= 0 && v < n, "keep_idx values must be in [0, N=", n, "), got ", v,
-                      " at [", b, ", ", t, "]");
-      TOKENKERN_CHECK("merge_tokens", t == 0 || p[b * k + t - 1] < v,
-                      "keep_idx rows must be strictly ascending (sorted, no duplicates), got ", p[b * k + t - 1],
-                      " then ", v, " at [", b, ", ", t, "]");
-    }
-  }
-}
-
-// w: (B, N) float32, every value finite and >= 0 (same message as _checks.merge_values).
-void check_weights(const at::Tensor& w, const char* op, const char* name) {
-  const float* p = w.data_ptr<float>();
-  const int64_t n = w.size(1);
-  for (int64_t i = 0; i < w.numel(); ++i) {
-    TORCH_CHECK_VALUE(std::isfinite(p[i]) && p[i] >= 0.0f, "tokenkern.", op, ": ", name,
-                      " must be non-negative and finite, got ", p[i], " at [", i / n, ", ", i % n, "]");
-  }
-}
-
-// mass: (B, K) float32; with finite weights a mass is infinite only when the weights merged
-// into one token sum past float32's range (same message as _checks.merge_mass).
-void check_mass(const at::Tensor& mass, const char* op, const char* name) {
-  const float* p = mass.data_ptr<float>();
-  const int64_t k = mass.size(1);
-  for (int64_t i = 0; i < mass.numel(); ++i) {
-    TORCH_CHECK_VALUE(!std::isinf(p[i]), "tokenkern.", op, ": ", name,
-                      " must keep every output mass (the sum of the weights merged into a token) within float32 "
-                      "(<= 3.4028235e+38), got an overflowing mass at [",
-                      i / k, ", ", i % k, "]; rescale ", name);
-  }
+  for (int64_t i = 0; i < keep.numel(); ++i) TOKENKERN_ASSERT("_merge_tokens_kernel", p[i] >= 0 && p[i] < n);
 }
 
 double dot(const float* a, const float* b, int64_t c) {
@@ -157,16 +127,14 @@ std::tuple<at::Tensor, at::Tensor> merge_tokens_cpu(const at::Tensor& x, const a
                                                     double temperature, c10::string_view combine,
                                                     const std::optional<at::Tensor>& query_metric,
                                                     c10::string_view assign) {
-  const MergeArgs a =
-      check_merge_tokens(x, keep_idx, metric, weight, topm, temperature, combine, query_metric, assign);
+  const MergeArgs a = merge_tokens_args(x, keep_idx, metric, weight, topm, combine, query_metric, assign);
   const at::Tensor keep = keep_idx.contiguous();
-  check_keep_values(keep, a.n);
+  assert_keep_in_range(keep, a.n);
   const at::Tensor xf = x.to(at::kFloat).contiguous();
   const at::Tensor mf = metric.has_value() ? metric->to(at::kFloat).contiguous() : xf;
   const at::Tensor qf = query_metric.has_value() ? query_metric->to(at::kFloat).contiguous() : mf;
   const at::Tensor wf =
       weight.has_value() ? weight->to(at::kFloat).contiguous() : at::ones({a.batch, a.n}, xf.options());
-  check_weights(wf, "merge_tokens", "weight");
   at::Tensor merged = at::empty({a.batch, a.k, a.d}, xf.options());
   at::Tensor mass = at::empty({a.batch, a.k}, xf.options());
   const float temp = static_cast<float>(temperature);
@@ -178,7 +146,6 @@ std::tuple<at::Tensor, at::Tensor> merge_tokens_cpu(const at::Tensor& x, const a
                 mass.data_ptr<float>() + b * a.k);
     }
   });
-  check_mass(mass, "merge_tokens", "weight");
   return {merged.to(x.scalar_type()), mass};
 }
 
@@ -241,12 +208,11 @@ void bipartite_one(const float* x, const float* metric, const float* size, const
 
 std::tuple<at::Tensor, at::Tensor> bipartite_merge_cpu(const at::Tensor& x, const at::Tensor& metric, int64_t r,
                                                        const std::optional<at::Tensor>& size, bool protect_first) {
-  const BipartiteArgs a = check_bipartite_merge(x, metric, r, size, protect_first);
+  const BipartiteArgs a = bipartite_merge_args(x, metric, r, size, protect_first);
   const at::Tensor xf = x.to(at::kFloat).contiguous();
   const at::Tensor mf = metric.to(at::kFloat).contiguous();
   const at::Tensor sf =
       size.has_value() ? size->to(at::kFloat).contiguous() : at::ones({a.batch, a.n}, xf.options());
-  check_weights(sf, "bipartite_merge", "size");
   at::Tensor out = at::empty({a.batch, a.n - r, a.d}, xf.options());
   at::Tensor out_size = at::empty({a.batch, a.n - r}, xf.options());
   at::parallel_for(0, a.batch, 1, [&](int64_t begin, int64_t end) {
@@ -256,15 +222,14 @@ std::tuple<at::Tensor, at::Tensor> bipartite_merge_cpu(const at::Tensor& x, cons
                     out.data_ptr<float>() + b * (a.n - r) * a.d, out_size.data_ptr<float>() + b * (a.n - r));
     }
   });
-  check_mass(out_size, "bipartite_merge", "size");
   return {out.to(x.scalar_type()), out_size};
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(tokenkern, CPU, m) {
-  m.impl("merge_tokens", &merge_tokens_cpu);
-  m.impl("bipartite_merge", &bipartite_merge_cpu);
+  m.impl("_merge_tokens_kernel", &merge_tokens_cpu);
+  m.impl("_bipartite_merge_kernel", &bipartite_merge_cpu);
 }
 
 }  // namespace tokenkern

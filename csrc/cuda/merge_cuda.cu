@@ -1,7 +1,10 @@
-// Torch glue of the CUDA merge ops: checks, dtype dispatch, buffers from the caching
-// allocator, the current stream, launch error checks. No host sync: value
-// errors in keep_idx / weight / size (which the CPU ops raise) turn the outputs of the
-// affected sample into NaN here, and a mass that overflows float32 comes back inf.
+// Torch glue of the private CUDA ops tokenkern::_merge_tokens_kernel and
+// tokenkern::_bipartite_merge_kernel: dtype dispatch, buffers from the caching allocator, the
+// current stream, launch error checks. The public merge ops (tokenkern/ops/merge.py) check
+// every argument before calling them; here only the invariants of merge_args.h are asserted.
+// No host sync: value errors in keep_idx / weight / size (which the public ops raise on CPU,
+// and on CUDA with validate=True) turn the outputs of the affected sample into NaN here, and a
+// mass that overflows float32 comes back inf.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -11,7 +14,7 @@
 #include <tuple>
 
 #include "cuda/merge_kernels.cuh"
-#include "merge_checks.h"
+#include "merge_args.h"
 
 namespace tokenkern {
 namespace {
@@ -59,10 +62,8 @@ std::tuple<at::Tensor, at::Tensor> merge_tokens_cuda(const at::Tensor& x, const 
                                                      double temperature, c10::string_view combine,
                                                      const std::optional<at::Tensor>& query_metric,
                                                      c10::string_view assign) {
-  const MergeArgs a =
-      check_merge_tokens(x, keep_idx, metric, weight, topm, temperature, combine, query_metric, assign);
-  TOKENKERN_CHECK("merge_tokens", a.n <= cuda::kMaxTokens, "x must have N <= ", cuda::kMaxTokens,
-                  " tokens on CUDA (the kernels' grid limit), got N=", a.n);
+  const MergeArgs a = merge_tokens_args(x, keep_idx, metric, weight, topm, combine, query_metric, assign);
+  TOKENKERN_ASSERT("_merge_tokens_kernel", x.is_cuda() && a.n <= cuda::kMaxTokens);
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor xc = x.contiguous();
   const at::Tensor keep = keep_idx.contiguous();
@@ -105,9 +106,8 @@ std::tuple<at::Tensor, at::Tensor> merge_tokens_cuda(const at::Tensor& x, const 
 
 std::tuple<at::Tensor, at::Tensor> bipartite_merge_cuda(const at::Tensor& x, const at::Tensor& metric, int64_t r,
                                                         const std::optional<at::Tensor>& size, bool protect_first) {
-  const BipartiteArgs a = check_bipartite_merge(x, metric, r, size, protect_first);
-  TOKENKERN_CHECK("bipartite_merge", a.n <= cuda::kMaxTokens, "x must have N <= ", cuda::kMaxTokens,
-                  " tokens on CUDA (the kernels' grid limit), got N=", a.n);
+  const BipartiteArgs a = bipartite_merge_args(x, metric, r, size, protect_first);
+  TOKENKERN_ASSERT("_bipartite_merge_kernel", x.is_cuda() && a.n <= cuda::kMaxTokens);
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor xc = x.contiguous();
   const at::Tensor mc = metric.contiguous();
@@ -143,8 +143,8 @@ std::tuple<at::Tensor, at::Tensor> bipartite_merge_cuda(const at::Tensor& x, con
 }  // namespace
 
 TORCH_LIBRARY_IMPL(tokenkern, CUDA, m) {
-  m.impl("merge_tokens", &merge_tokens_cuda);
-  m.impl("bipartite_merge", &bipartite_merge_cuda);
+  m.impl("_merge_tokens_kernel", &merge_tokens_cuda);
+  m.impl("_bipartite_merge_kernel", &bipartite_merge_cuda);
 }
 
 }  // namespace tokenkern

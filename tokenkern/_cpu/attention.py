@@ -18,9 +18,11 @@ def attention_scores(
     key_end: int,
     query_mask: Tensor | None,
     key_mask: Tensor | None,
-    causal: bool,
+    causal_offset: int | None,
     mean: bool,
 ) -> Tensor:
+    """q: (B, Hq, Nq, d), k: (B, Hkv, Nk, d) and the checked arguments of
+    ``tokenkern.ops.attention.KernelArgs`` -> (B, key_end - key_start) float32."""
     b, hq, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
     g = hq // hkv
@@ -28,7 +30,6 @@ def attention_scores(
     kt = k.float()[:, :, None].mT  # (B, Hkv, 1, d, Nk)
     lse_g = None if lse is None else lse.view(b, hkv, g, nq)
     keys = torch.arange(nk, device=q.device)
-    offset = nk - nq
     total = torch.zeros(b, nk, dtype=torch.float32, device=q.device)
     n_valid = torch.zeros(b, dtype=torch.float32, device=q.device)
     chunk = max(1, _SLAB_ELEMENTS // max(1, b * hq * nk))
@@ -37,8 +38,8 @@ def attention_scores(
         vis = torch.ones(b, len(rows), nk, dtype=torch.bool, device=q.device)
         if key_mask is not None:
             vis &= key_mask[:, None, :]
-        if causal:
-            vis &= keys[None, None, :] <= offset + rows[None, :, None]
+        if causal_offset is not None:
+            vis &= keys[None, None, :] <= causal_offset + rows[None, :, None]
         q_ok = vis.any(dim=-1)
         if query_mask is not None:
             q_ok &= query_mask[:, rows]

@@ -16,7 +16,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ..reference import GUMBEL_TINY
+# float32's smallest normal number: the floor of the uniform draw (the Triton kernel's too).
+UNIFORM_FLOOR = 2.0**-126
 
 
 def noise(batch: int, n: int, seed: int, device: torch.device) -> Tensor:
@@ -25,7 +26,7 @@ def noise(batch: int, n: int, seed: int, device: torch.device) -> Tensor:
     (The CUDA kernel draws its noise differently: a sample depends on seed and device type.)"""
     gen = torch.Generator(device="cpu").manual_seed(seed)
     u = torch.rand(batch, n, generator=gen, dtype=torch.float32)
-    g = -torch.log(-torch.log(u.clamp_min(GUMBEL_TINY)))
+    g = -torch.log(-torch.log(u.clamp_min(UNIFORM_FLOOR)))
     return g.to(device)
 
 

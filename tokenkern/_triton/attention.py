@@ -14,8 +14,9 @@ Three kernels, each output element owned by one program (deterministic, no atomi
    divides by Hq x (number of valid queries of the batch element).
 
 Scores are computed in base 2: ``exp(scale * q.k - lse) = exp2(scale * log2(e) * q.k - log2(e) * lse)``.
-A key is visible to query i when key_mask allows it and, if causal, ``j <= Nk - Nq + i``. A
-query is valid when query_mask allows it and at least one key is visible to it.
+A key is visible to query i when key_mask allows it and, if causal, ``j <= i + causal_offset``
+(``tokenkern.ops.attention.KernelArgs``: the op passes Nk - Nq). A query is valid when
+query_mask allows it and at least one key is visible to it.
 
 NaN follows the float64 softmax: a NaN logit of a visible (query, key) pair makes the
 kernel's lse of that row NaN, hence every visible entry of the row; masked keys and invalid
@@ -36,7 +37,7 @@ LOG2E = 1.4426950408889634
 @triton.jit
 def _lse_kernel(
     q_ptr, k_ptr, km_ptr, lse_ptr,
-    Nq, Nk, G, D, qk_scale, n_blocks, Hq,
+    Nq, Nk, G, D, qk_scale, n_blocks, Hq, causal_offset,
     q_sb, q_sh, q_sn, q_sd,
     k_sb, k_sh, k_sn, k_sd,
     km_sb, km_sn,
@@ -56,10 +57,9 @@ def _lse_kernel(
     )
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
-    offset = Nk - Nq
     hi = Nk
     if CAUSAL:
-        hi = tl.minimum(Nk, offset + (pid_m + 1) * BLOCK_M)
+        hi = tl.minimum(Nk, causal_offset + (pid_m + 1) * BLOCK_M)
     for n0 in range(0, hi, BLOCK_N):
         rn = n0 + tl.arange(0, BLOCK_N)
         kt = tl.load(
@@ -72,7 +72,7 @@ def _lse_kernel(
         if HAS_KMASK:
             vis &= (tl.load(km_ptr + b * km_sb + rn * km_sn, mask=rn < Nk, other=0) != 0)[None, :]
         if CAUSAL:
-            vis &= rn[None, :] <= offset + rm[:, None]
+            vis &= rn[None, :] <= causal_offset + rm[:, None]
         s = tl.where(vis, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -88,7 +88,7 @@ def _lse_kernel(
 @triton.jit
 def _colsum_kernel(
     q_ptr, k_ptr, lse_ptr, qm_ptr, km_ptr, part_ptr,
-    Nq, Nk, G, D, key_start, n_cols, qk_scale, n_blocks, Hq,
+    Nq, G, D, key_start, n_cols, qk_scale, n_blocks, Hq, causal_offset,
     q_sb, q_sh, q_sn, q_sd,
     k_sb, k_sh, k_sn, k_sd,
     l_sb, l_sh, l_sn,
@@ -115,11 +115,10 @@ def _colsum_kernel(
     if HAS_KMASK:
         kvis &= tl.load(km_ptr + b * km_sb + rn * km_sn, mask=col_ok, other=0) != 0
     acc = tl.zeros((BLOCK_N,), tl.float32)
-    offset = Nk - Nq
     lo = 0
     if CAUSAL:
         # First query that sees the block's first key, rounded down to a block boundary.
-        lo = (tl.maximum(key_start + col0 - offset, 0) // BLOCK_M) * BLOCK_M
+        lo = (tl.maximum(key_start + col0 - causal_offset, 0) // BLOCK_M) * BLOCK_M
     for m0 in range(lo, Nq, BLOCK_M):
         rm = m0 + tl.arange(0, BLOCK_M)
         q_ok = rm < Nq
@@ -138,7 +137,7 @@ def _colsum_kernel(
         s = tl.dot(qt, tl.trans(kt), input_precision=PRECISION) * qk_scale
         vis = q_ok[:, None] & kvis[None, :]
         if CAUSAL:
-            vis &= rn[None, :] <= offset + rm[:, None]
+            vis &= rn[None, :] <= causal_offset + rm[:, None]
         t = s - lse2[:, None]
         if not LSE_GIVEN:
             # The kernel's own base-2 lse bounds every logit of its row (t <= 0 up to rounding,
@@ -152,7 +151,7 @@ def _colsum_kernel(
 @triton.jit
 def _reduce_kernel(
     part_ptr, qm_ptr, km_ptr, out_ptr,
-    Hq, Nq, Nk, n_cols, n_blocks,
+    Hq, Nq, Nk, n_cols, n_blocks, causal_offset,
     p_sb, p_sh, qm_sb, qm_sn, km_sb, km_sn, o_sb,
     MEAN: tl.constexpr, HAS_QMASK: tl.constexpr, HAS_KMASK: tl.constexpr, CAUSAL: tl.constexpr,
     BLOCK: tl.constexpr, CHUNK: tl.constexpr,
@@ -182,7 +181,7 @@ def _reduce_kernel(
             if HAS_QMASK:
                 ok &= tl.load(qm_ptr + b * qm_sb + i * qm_sn, mask=i < Nq, other=0) != 0
             if CAUSAL:
-                ok &= first <= Nk - Nq + i
+                ok &= first <= causal_offset + i
             else:
                 ok &= first < Nk
             n_valid += ok.to(tl.int32)
@@ -213,7 +212,7 @@ def attention_lse(
     k: torch.Tensor,
     scale: float,
     key_mask: torch.Tensor | None,
-    causal: bool,
+    causal_offset: int | None,
     blocks: tuple[int, int, int] | None = None,
     base2: bool = False,
 ) -> torch.Tensor:
@@ -228,11 +227,11 @@ def attention_lse(
     n_blocks = triton.cdiv(nq, block_m)
     _lse_kernel[flat_grid("attn_scores", n_blocks, hq, b)](
         q, k, km if km is not None else q, lse,
-        nq, nk, hq // hkv, d, scale * LOG2E, n_blocks, hq,
+        nq, nk, hq // hkv, d, scale * LOG2E, n_blocks, hq, causal_offset or 0,
         *q.stride(), *k.stride(),
         km_sb, km_sn,
         *lse.stride(),
-        HAS_KMASK=km is not None, CAUSAL=causal, PRECISION=_precision(q), BASE2=base2,
+        HAS_KMASK=km is not None, CAUSAL=causal_offset is not None, PRECISION=_precision(q), BASE2=base2,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
     )  # fmt: skip
     return lse
@@ -251,11 +250,12 @@ def attention_scores(
     key_end: int,
     query_mask: torch.Tensor | None,
     key_mask: torch.Tensor | None,
-    causal: bool,
+    causal_offset: int | None,
     mean: bool,
     blocks: tuple[int, int, int] | None = None,
 ) -> torch.Tensor:
-    """Checked arguments in, (B, key_end - key_start) float32 attention mass out.
+    """Checked arguments in (``tokenkern.ops.attention.KernelArgs``), (B, key_end - key_start)
+    float32 attention mass out.
     ``blocks`` overrides (BLOCK_M, BLOCK_N, BLOCK_D) (tests exercise the GPU sizes)."""
     b, hq, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
@@ -264,18 +264,19 @@ def attention_scores(
     lse_given = lse is not None
     if lse is None:
         # Kept in base 2: a natural-log round trip would shift large logits by whole units.
-        lse = attention_lse(q, k, scale, key_mask, causal, (block_m, block_n, block_d), base2=True)
+        lse = attention_lse(q, k, scale, key_mask, causal_offset, (block_m, block_n, block_d), base2=True)
     qm, qm_sb, qm_sn = _mask_strides(query_mask)
     km, km_sb, km_sn = _mask_strides(key_mask)
     partial = empty(b, hq, n_cols, dtype=torch.float32, device=q.device)
     n_blocks = triton.cdiv(n_cols, block_n)
     _colsum_kernel[flat_grid("attn_scores", n_blocks, hq, b)](
         q, k, lse, qm if qm is not None else q, km if km is not None else q, partial,
-        nq, nk, hq // hkv, d, key_start, n_cols, scale * LOG2E, n_blocks, hq,
+        nq, hq // hkv, d, key_start, n_cols, scale * LOG2E, n_blocks, hq, causal_offset or 0,
         *q.stride(), *k.stride(), *lse.stride(),
         qm_sb, qm_sn, km_sb, km_sn,
         partial.stride(0), partial.stride(1),
-        HAS_QMASK=qm is not None, HAS_KMASK=km is not None, CAUSAL=causal, PRECISION=_precision(q),
+        HAS_QMASK=qm is not None, HAS_KMASK=km is not None, CAUSAL=causal_offset is not None,
+        PRECISION=_precision(q),
         LSE_GIVEN=lse_given,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
     )  # fmt: skip
@@ -284,9 +285,9 @@ def attention_scores(
     n_blocks = triton.cdiv(n_cols, block)
     _reduce_kernel[flat_grid("attn_scores", n_blocks, b)](
         partial, qm if qm is not None else q, km if km is not None else q, scores,
-        hq, nq, nk, n_cols, n_blocks,
+        hq, nq, nk, n_cols, n_blocks, causal_offset or 0,
         partial.stride(0), partial.stride(1), qm_sb, qm_sn, km_sb, km_sn, scores.stride(0),
-        MEAN=mean, HAS_QMASK=qm is not None, HAS_KMASK=km is not None, CAUSAL=causal,
+        MEAN=mean, HAS_QMASK=qm is not None, HAS_KMASK=km is not None, CAUSAL=causal_offset is not None,
         BLOCK=block, CHUNK=1024,
     )  # fmt: skip
     return scores

@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .topk_gather import MAX_CHUNK, selection_key, topk_threshold
+from .select import MAX_CHUNK, selection_key, topk_threshold
 from .utils import empty, next_pow2
 
 _NOISE_BLOCK = 1024

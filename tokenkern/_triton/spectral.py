@@ -20,14 +20,17 @@ All singular values (r = None): ``IPR = ||G||_F^2 / tr(G)^2``, no eigen-solve ne
 Each output is owned by one program and summed in a fixed order: no atomics, bit-for-bit
 deterministic, and the batch is per sample. The IPR does not depend on the scale of x[b]:
 both paths read x[b] times the exact power of two 2^-e that brings max |x[b]| into [1, 2)
-(leverage.py), so that no sum of squares overflows or underflows for any finite x.
+(sketch.py), so that no sum of squares overflows or underflows for any finite x.
 
-Top r (1 <= r < m): the randomized range finder of leverage.py on x (Gaussian sketch of width
-l, ``POWER_ITERS`` power iterations with CholeskyQR2 re-orthonormalization, skipped when the
-sketch spans all m directions), Rayleigh-Ritz by the Jacobi solver of leverage.py (the l Ritz
-values approximate lam_1..lam_l from below), then ``_ritz_ipr_kernel`` sums the r largest Ritz
-values and their squares. It also scans the first sketch X @ Omega, which has a NaN or Inf
-exactly where x[b] does (Omega's entries are nonzero), to return NaN for such samples.
+Top r (1 <= r < m): the randomized range finder of sketch.py on x (Gaussian sketch of width
+l = ``spectral_sketch(m, r)``, ``POWER_ITERS`` power iterations with CholeskyQR2
+re-orthonormalization, skipped when the sketch spans all m directions), Rayleigh-Ritz by the
+Jacobi solver of leverage.py (the l Ritz values approximate lam_1..lam_l from below), then
+``_ritz_ipr_kernel`` sums the r largest Ritz values and their squares. It also scans the first
+sketch X @ Omega, which has a NaN or Inf exactly where x[b] does (Omega's entries are
+nonzero), to return NaN for such samples. The sketch must fit the solver's registers
+(``SPECTRAL_MAX_SKETCH`` columns) with ``SPECTRAL_MIN_OVERSAMPLE`` columns past r, unless it
+covers all m directions (then it is exact).
 """
 
 from __future__ import annotations
@@ -36,9 +39,14 @@ import torch
 import triton
 import triton.language as tl
 
-from .leverage import _Passes, abs_max, gaussian, orthonormalize, pow2_inverse, scale_tile, top_subspace
+from .leverage import top_subspace
+from .sketch import abs_max, pow2_inverse, range_finder, scale_tile, sketch_width
 from .utils import empty, flat_grid, interpreted, unflatten3
 
+# The top-r sketch must fit the register-resident eigen-solver: at most SPECTRAL_MAX_SKETCH
+# columns, at least r + SPECTRAL_MIN_OVERSAMPLE of them unless it spans all min(N, D).
+SPECTRAL_MAX_SKETCH = 128
+SPECTRAL_MIN_OVERSAMPLE = 16
 # Power iterations of the top-r path. On flat (Gaussian) spectra the IPR error falls from
 # ~1e-3 at 4 to ~5e-4 at 6 for r = 32; on decaying spectra it is far smaller (README).
 POWER_ITERS = 6
@@ -208,17 +216,29 @@ def full_ipr(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def topr_ipr(x: torch.Tensor, r: int, l: int) -> torch.Tensor:
+def spectral_sketch(m: int, r: int) -> int:
+    """Sketch width of the top-r path for 1 <= r < m = min(N, D): twice the rank and at
+    least r + 16, rounded up to a power of two, at most 128 and at most m (l = m is exact)."""
+    want = max(2 * r, r + SPECTRAL_MIN_OVERSAMPLE)
+    return min(m, 1 << (want - 1).bit_length(), SPECTRAL_MAX_SKETCH)
+
+
+def sketch_fits(m: int, r: int) -> bool:
+    """Whether the top-r path can take rank r < m = min(N, D): its sketch spans all m
+    directions or leaves SPECTRAL_MIN_OVERSAMPLE columns past r."""
+    l = spectral_sketch(m, r)
+    return l == m or l >= r + SPECTRAL_MIN_OVERSAMPLE
+
+
+def topr_ipr(x: torch.Tensor, r: int) -> torch.Tensor:
     """x: (B, N, D) -> (B,) float32 IPR of the r largest squared singular values, estimated
-    from a sketch of width l (r < l <= min(N, D); l = min(N, D) is exact up to rounding)."""
+    from a sketch of width l = spectral_sketch(min(N, D), r) (r < l <= min(N, D);
+    l = min(N, D) is exact up to rounding). r must fit (``sketch_fits``)."""
     batch, n, d = x.shape
-    passes = _Passes(x, l, "spectral_ipr")
-    y = passes.x_mm(gaussian(d, l, SKETCH_SEED, x.device))
-    q = orthonormalize(y, l)
-    for _ in range(0 if l == min(n, d) else POWER_ITERS):
-        z = orthonormalize(passes.xt_mm(q), l)
-        q = orthonormalize(passes.x_mm(z), l)
-    _, evals = top_subspace(passes.xt_mm(q), l, r)
+    l = spectral_sketch(min(n, d), r)
+    power_iters = 0 if l == min(n, d) else POWER_ITERS
+    y, _, w = range_finder(x, l, SKETCH_SEED, power_iters, "spectral_ipr")
+    _, evals = top_subspace(w, l, r)
     out = empty(batch, dtype=torch.float32, device=x.device)
     _ritz_ipr_kernel[(batch,)](
         evals,
@@ -230,11 +250,12 @@ def topr_ipr(x: torch.Tensor, r: int, l: int) -> torch.Tensor:
         evals.stride(0),
         y.stride(0),
         y.stride(1),
-        L=passes.width,
+        L=sketch_width(l),
         BLOCK_N=64,
     )
     return out
 
 
-def spectral_ipr(x: torch.Tensor, r: int | None, l: int | None) -> torch.Tensor:
-    return full_ipr(x) if r is None else topr_ipr(x, r, l)
+def spectral_ipr(x: torch.Tensor, r: int | None) -> torch.Tensor:
+    """x: (B, N, D) -> (B,) float32; r: the number of top eigenvalues kept, None for all."""
+    return full_ipr(x) if r is None else topr_ipr(x, r)

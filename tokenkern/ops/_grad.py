@@ -1,4 +1,5 @@
-"""Autograd of the tokenkern ops (gumbel_topk's lives beside it in tokenkern.ops).
+"""Autograd helpers shared by the op families; each family module registers its own ops'
+autograd with them (gumbel_topk's backward is its own op, in tokenkern.ops.gumbel).
 
 The rule: an output linear in the tokens x (kept tokens, merged tokens) gets its exact
 backward, with the selection or the merge assignment held constant (a stop-gradient through
@@ -32,7 +33,7 @@ def _scatter_rows(grad: Tensor, indices: Tensor, n: int) -> Tensor:
     return grad.new_zeros(b, n, d).scatter(1, indices[..., None].expand(-1, -1, d), grad)
 
 
-def _register_selection(op: str, x_pos: int, n_inputs: int) -> None:
+def register_selection(op: str, x_pos: int, n_inputs: int) -> None:
     """An op returning (kept, indices, *scores) with kept[b, j] = x[b, indices[b, j]]:
     gradient to x only (input x_pos of n_inputs)."""
 
@@ -52,10 +53,6 @@ def _register_selection(op: str, x_pos: int, n_inputs: int) -> None:
 
     register_autograd(f"tokenkern::{op}", backward, setup_context=setup_context)
 
-
-_register_selection("topk_gather", x_pos=1, n_inputs=3)
-_register_selection("leverage_topk", x_pos=0, n_inputs=6)
-_register_selection("attn_topk", x_pos=2, n_inputs=12)
 
 # -------------------------------------------------------------------------------- merges
 
@@ -88,58 +85,10 @@ def _const(t: Tensor | None) -> Tensor | None:
     return None if t is None else t.detach()
 
 
-def _merge_tokens_setup_context(ctx, inputs, output) -> None:
-    x, keep_idx, metric, weight, topm, temperature, combine, query_metric, assign = inputs
-    ctx.mark_non_differentiable(output[1])
-    # metric=None means "x is the metric": pass it explicitly so that the one-hot replay
-    # keeps x's assignment.
-    ctx.save_for_backward(keep_idx, x if metric is None else metric, weight, query_metric)
-    ctx.n = x.shape[1]
-    ctx.options = (topm, temperature, combine, assign)
-
-
-def _merge_tokens_backward(ctx, grad_merged, _grad_mass):
-    if not ctx.needs_input_grad[0]:
-        return (None,) * 9
-    keep_idx, metric, weight, query_metric = ctx.saved_tensors
-    topm, temperature, combine, assign = ctx.options
-
-    def apply(x1: Tensor) -> Tensor:
-        return torch.ops.tokenkern.merge_tokens(x1, keep_idx, metric.detach(), _const(weight), topm, temperature,
-                                                combine, _const(query_metric), assign)[0]  # fmt: skip
-
-    return (_linear_vjp(apply, grad_merged, ctx.n),) + (None,) * 8
-
-
-register_autograd("tokenkern::merge_tokens", _merge_tokens_backward, setup_context=_merge_tokens_setup_context)
-
-
-def _bipartite_merge_setup_context(ctx, inputs, output) -> None:
-    x, metric, r, size, protect_first = inputs
-    ctx.mark_non_differentiable(output[1])
-    ctx.save_for_backward(metric, size)
-    ctx.n = x.shape[1]
-    ctx.options = (r, protect_first)
-
-
-def _bipartite_merge_backward(ctx, grad_merged, _grad_size):
-    if not ctx.needs_input_grad[0]:
-        return (None,) * 5
-    metric, size = ctx.saved_tensors
-    r, protect_first = ctx.options
-
-    def apply(x1: Tensor) -> Tensor:
-        return torch.ops.tokenkern.bipartite_merge(x1, metric.detach(), r, _const(size), protect_first)[0]
-
-    return (_linear_vjp(apply, grad_merged, ctx.n),) + (None,) * 4
-
-
-register_autograd("tokenkern::bipartite_merge", _bipartite_merge_backward, setup_context=_bipartite_merge_setup_context)
-
 # ---------------------------------------------------------------------------- score ops
 
 
-def _register_refusal(op: str, names: Sequence[str]) -> None:
+def register_refusal(op: str, names: Sequence[str]) -> None:
     """A pure score op: with grad mode on, an input (named in names, in schema order) that
     requires grad is refused at call time (torch runs setup_context only in that case)."""
 
@@ -154,7 +103,3 @@ def _register_refusal(op: str, names: Sequence[str]) -> None:
 
     register_autograd(f"tokenkern::{op}", backward, setup_context=setup_context)
 
-
-_register_refusal("leverage_scores", ["x"])
-_register_refusal("spectral_ipr", ["x"])
-_register_refusal("attn_scores", ["q", "k", "lse", "scale", "key_start", "key_end", "query_mask", "key_mask"])

@@ -1,4 +1,5 @@
-// CPU kernel of tokenkern::topk_gather.
+// CPU kernel of tokenkern::topk_gather (the select family; tokenkern/ops/select.py), as the
+// private op tokenkern::_topk_gather_kernel.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -13,25 +14,19 @@
 namespace tokenkern {
 namespace {
 
-void check_topk_gather_args(const at::Tensor& scores, const at::Tensor& x, int64_t k) {
-  TOKENKERN_CHECK("topk_gather", scores.dim() == 2, "scores must be (B, N), got shape ", scores.sizes());
-  TOKENKERN_CHECK("topk_gather", x.dim() == 3, "x must be (B, N, D), got shape ", x.sizes());
-  TOKENKERN_CHECK("topk_gather", scores.scalar_type() == at::kFloat,
-                  "scores must have dtype float32, got ", dtype_name(scores.scalar_type()));
-  TOKENKERN_CHECK("topk_gather", at::isFloatingType(x.scalar_type()),
-                  "x must be a floating tensor, got ", dtype_name(x.scalar_type()));
-  TOKENKERN_CHECK("topk_gather", scores.device() == x.device(), "x is on ", x.device(),
-                  " but scores is on ", scores.device());
-  TOKENKERN_CHECK("topk_gather", scores.size(0) == x.size(0) && scores.size(1) == x.size(1),
-                  "scores (B, N) must match x's first two dimensions, got ", scores.sizes(), " and ",
-                  x.sizes());
-  const int64_t n = scores.size(1);
-  TOKENKERN_CHECK("topk_gather", k >= 1 && k <= n, "k must be in [1, ", n, "] (1 <= k <= N), got ", k);
+// The public op tokenkern::topk_gather (tokenkern/ops/select.py) checks the arguments; this
+// private kernel asserts only what its memory accesses rely on.
+void assert_topk_gather_args(const at::Tensor& scores, const at::Tensor& x, int64_t k) {
+  TOKENKERN_ASSERT("_topk_gather_kernel", scores.dim() == 2 && x.dim() == 3);
+  TOKENKERN_ASSERT("_topk_gather_kernel", scores.scalar_type() == at::kFloat);
+  TOKENKERN_ASSERT("_topk_gather_kernel", scores.device().is_cpu() && x.device().is_cpu());
+  TOKENKERN_ASSERT("_topk_gather_kernel", scores.size(0) == x.size(0) && scores.size(1) == x.size(1));
+  TOKENKERN_ASSERT("_topk_gather_kernel", k >= 1 && k <= scores.size(1));
 }
 
 std::tuple<at::Tensor, at::Tensor> topk_gather_cpu(const at::Tensor& scores, const at::Tensor& x,
                                                    int64_t k) {
-  check_topk_gather_args(scores, x, k);
+  assert_topk_gather_args(scores, x, k);
   const at::Tensor s = scores.contiguous();
   const at::Tensor xc = x.contiguous();
   const int64_t batch = s.size(0), n = s.size(1), d = xc.size(2);
@@ -59,6 +54,6 @@ std::tuple<at::Tensor, at::Tensor> topk_gather_cpu(const at::Tensor& scores, con
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(tokenkern, CPU, m) { m.impl("topk_gather", &topk_gather_cpu); }
+TORCH_LIBRARY_IMPL(tokenkern, CPU, m) { m.impl("_topk_gather_kernel", &topk_gather_cpu); }
 
 }  // namespace tokenkern

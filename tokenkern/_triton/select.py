@@ -1,4 +1,5 @@
-"""Fused top-k selection + row gather (the CUDA kernel of ``tokenkern::topk_gather``).
+"""The selection family on the GPU: fused top-k selection + row gather (the CUDA kernel of
+``tokenkern::topk_gather``), and the threshold search that gumbel_topk reuses.
 
 One program owns ``BLOCK_ROWS`` consecutive source rows of one batch element. Every
 program finds the same k-th largest score by a 32-step binary search over order-preserving
