@@ -9,7 +9,7 @@ import torch
 
 import tokenkern
 from tokenkern import methods as M
-from tokenkern.ops import _args as _checks
+from tokenkern.ops.leverage import SVD_MAX_OVERSAMPLE, SVD_MAX_POWER_ITERS, SVD_MAX_RANK
 
 NAN, INF = math.nan, math.inf
 BAD_KEEPS = [0, -3, 0.0, 1.5, -0.25, NAN, INF, True, "0.5", None]
@@ -28,9 +28,9 @@ CASES = [
     (M.ToMeConfig, "tome", "r", [-1, 2.5, True, None, "8"], "an int >= 0"),
     (M.ToMeConfig, "tome", "protect_cls", [1, 0, "yes", None], "a bool"),
     (M.ToMeConfig, "tome", "proportional_attention", [1, "no", None], "a bool"),
-    (M.LoFiConfig, "lofi", "rank", [0, _checks.SVD_MAX_RANK + 1, 2.5, True], f"an int in [1, {_checks.SVD_MAX_RANK}]"),
-    (M.LoFiConfig, "lofi", "oversample", [-1, _checks.SVD_MAX_OVERSAMPLE + 1, 1.0], "an int in [0, "),
-    (M.LoFiConfig, "lofi", "power_iters", [-1, _checks.SVD_MAX_POWER_ITERS + 1, None], "an int in [0, "),
+    (M.LoFiConfig, "lofi", "rank", [0, SVD_MAX_RANK + 1, 2.5, True], f"an int in [1, {SVD_MAX_RANK}]"),
+    (M.LoFiConfig, "lofi", "oversample", [-1, SVD_MAX_OVERSAMPLE + 1, 1.0], "an int in [0, "),
+    (M.LoFiConfig, "lofi", "power_iters", [-1, SVD_MAX_POWER_ITERS + 1, None], "an int in [0, "),
     (M.LoFiConfig, "lofi", "seed", [-1, 2**63, 0.5, True], "an int in [0, "),
     (M.RandomConfig, "random", "seed", [-1, 2**63, 1.5, None], "an int in [0, "),
 ]
@@ -124,7 +124,7 @@ def test_prune_checks_options_through_the_config(llava, method, options, message
         ("fastervlm", "rank", "layer"),
         ("lofi", "layer", "rank, oversample, power_iters, seed"),
         ("uniform", "seed", "none besides keep"),
-        ("fastv", "colour", "query, layer"),
+        ("fastv", "colour", "layer, query"),  # the config's field order
     ],
 )
 def test_prune_unknown_option_names_the_valid_ones(llava, method, option, valid):

@@ -129,14 +129,15 @@ def test_ficoco_v_default_is_the_released_rule(near, gen):
     keeps = [separated_keep(released_v_scores(s_), near) for s_ in logits]
     tol = logits_bound(q, k, scale, n + 1)
     for s in range(b):
-        red = M.ficoco_v(x[s : s + 1], q[s : s + 1], k[s : s + 1], scale, M.FiCoCoVConfig(keep=keeps[s]))
+        layer = M.VisionLayer(q[s : s + 1], k[s : s + 1], scale)
+        red = M.ficoco_v(x[s : s + 1], layer, M.FiCoCoVConfig(keep=keeps[s]))
         kept, merged = released_v(logits[s], x[s], keeps[s])
         assert_valid_indices(red.indices, n, keeps[s])
         assert red.indices[0].tolist() == kept
         assert_rel_close(red.tokens[0], merged, tol)
     # Batched call = per-sample calls when both samples keep the same count.
-    batched = M.ficoco_v(x, q, k, scale, M.FiCoCoVConfig(keep=keeps[0]))
-    single = M.ficoco_v(x[:1], q[:1], k[:1], scale, M.FiCoCoVConfig(keep=keeps[0]))
+    batched = M.ficoco_v(x, M.VisionLayer(q, k, scale), M.FiCoCoVConfig(keep=keeps[0]))
+    single = M.ficoco_v(x[:1], M.VisionLayer(q[:1], k[:1], scale), M.FiCoCoVConfig(keep=keeps[0]))
     assert torch.equal(batched.indices[:1], single.indices)
     assert_rel_close(batched.tokens[:1], single.tokens, tol)
 
@@ -152,9 +153,9 @@ def test_ficoco_v_variants_differ_from_the_released_rule(gen):
     scale = d**-0.5
     # At r = 42 many window minima sit just above the discard threshold, which the penalty
     # (doubling a negative score) pushes below it.
-    base = M.ficoco_v(x, q, k, scale, M.FiCoCoVConfig(keep=534))
-    plain = M.ficoco_v(x, q, k, scale, M.FiCoCoVConfig(keep=534, local_penalty=False))
-    kept_only = M.ficoco_v(x, q, k, scale, M.FiCoCoVConfig(keep=534, targets="kept"))
+    base = M.ficoco_v(x, M.VisionLayer(q, k, scale), M.FiCoCoVConfig(keep=534))
+    plain = M.ficoco_v(x, M.VisionLayer(q, k, scale), M.FiCoCoVConfig(keep=534, local_penalty=False))
+    kept_only = M.ficoco_v(x, M.VisionLayer(q, k, scale), M.FiCoCoVConfig(keep=534, targets="kept"))
     assert not torch.equal(base.indices, plain.indices)
     assert torch.equal(base.indices, kept_only.indices)
     assert (base.tokens - kept_only.tokens).norm() > 1e-3 * base.tokens.norm()
@@ -173,8 +174,8 @@ def test_ficoco_l_default_is_the_released_rule(near, heads, kv_heads, gen):
         logits = head_mean_logits(q[s], k[s], scale)
         # Token 0 is always kept: separate the boundary among the other tokens.
         keep = 1 + separated_keep(-released_l_redundancy(logits, v)[1:], near - 1)
-        red = M.ficoco_l(x[s : s + 1], q[s : s + 1, :, :v], k[s : s + 1, :, :v], q[s : s + 1, :, v:],
-                         k[s : s + 1, :, v:], scale, M.FiCoCoLConfig(keep=keep))  # fmt: skip
+        red = M.ficoco_l_tokens(x[s : s + 1], q[s : s + 1, :, :v], k[s : s + 1, :, :v], q[s : s + 1, :, v:],
+                                k[s : s + 1, :, v:], scale, M.FiCoCoLConfig(keep=keep))  # fmt: skip
         kept, merged = released_l(logits, x[s], keep)
         assert_valid_indices(red.indices, v, keep)
         assert red.indices[0].tolist() == kept
@@ -187,10 +188,10 @@ def test_ficoco_l_variants_differ_from_the_released_rule(gen):
     k = torch.randn(1, h, v + t, d, generator=gen)
     x = torch.randn(1, v, 64, generator=gen)
     args = (x, q[:, :, :v], k[:, :, :v], q[:, :, v:], k[:, :, v:], d**-0.5)
-    base = M.ficoco_l(*args, M.FiCoCoLConfig(keep=288))
+    base = M.ficoco_l_tokens(*args, M.FiCoCoLConfig(keep=288))
     assert 0 in base.indices[0].tolist()
     for option in ({"correlate": "softmax"}, {"targets": "kept"}):
-        other = M.ficoco_l(*args, M.FiCoCoLConfig(keep=288, **option))
+        other = M.ficoco_l_tokens(*args, M.FiCoCoLConfig(keep=288, **option))
         assert torch.equal(base.indices, other.indices), option
         assert (base.tokens - other.tokens).norm() > 1e-3 * base.tokens.norm(), option
 
@@ -214,10 +215,10 @@ def test_ficoco_16_and_32_bit_inputs(dtype, gen):
     q = torch.randn(1, 4, 1 + 64, 16, generator=gen).to(dtype)
     k = torch.randn(1, 4, 1 + 64, 16, generator=gen).to(dtype)
     x = torch.randn(1, 64, 32, generator=gen).to(dtype)
-    red = M.ficoco_v(x, q, k, 0.25, M.FiCoCoVConfig(keep=20))
+    red = M.ficoco_v(x, M.VisionLayer(q, k, 0.25), M.FiCoCoVConfig(keep=20))
     assert red.tokens.dtype == dtype and torch.isfinite(red.tokens).all()
     assert_valid_indices(red.indices, 64, 20)
-    red = M.ficoco_l(x, q[:, :, 1:], k[:, :, 1:], q[:, :, :9], k[:, :, :9], 0.25, M.FiCoCoLConfig(keep=20))
+    red = M.ficoco_l_tokens(x, q[:, :, 1:], k[:, :, 1:], q[:, :, :9], k[:, :, :9], 0.25, M.FiCoCoLConfig(keep=20))
     assert red.tokens.dtype == dtype and torch.isfinite(red.tokens).all()
     assert_valid_indices(red.indices, 64, 20)
 
@@ -227,8 +228,8 @@ def test_ficoco_v_needs_a_square_grid_for_the_window_penalty(gen):
     k = torch.randn(1, 2, 1 + 50, 8, generator=gen)
     x = torch.randn(1, 50, 8, generator=gen)
     with pytest.raises(ValueError, match=r"tokenkern\.ficoco_v: the patch count N of features must be a square"):
-        M.ficoco_v(x, q, k, 0.35, M.FiCoCoVConfig(keep=10))
-    red = M.ficoco_v(x, q, k, 0.35, M.FiCoCoVConfig(keep=10, local_penalty=False))
+        M.ficoco_v(x, M.VisionLayer(q, k, 0.35), M.FiCoCoVConfig(keep=10))
+    red = M.ficoco_v(x, M.VisionLayer(q, k, 0.35), M.FiCoCoVConfig(keep=10, local_penalty=False))
     assert_valid_indices(red.indices, 50, 10)
 
 

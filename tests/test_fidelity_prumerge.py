@@ -197,7 +197,8 @@ SHAPES = [  # N, heads, head dim, feature width
 def test_default_is_the_released_rule(device, shape, spread, gen):
     n, heads, d, width = shape
     q, k, x, ref, eps_a = draw(gen, n, heads, d, width, spread)
-    red, extra = M.prumerge_plus(x[None].to(device), vision_layer(q, k, heads, device), M.PruMergeConfig())
+    red = M.prumerge_plus(x[None].to(device), vision_layer(q, k, heads, device), M.PruMergeConfig())
+    extra = red.extra
     check_against_released(red, extra, x.double(), ref, eps_a)
     assert red.indices.shape[1] == len(ref.kept) + (1 if len(ref.kept) < n else 0)
     assert int(M.adaptive_count(red.scores)[0]) == len(ref.kept)
@@ -213,7 +214,8 @@ def test_batch_rows_are_the_released_sets_filled_by_attention(gen):
     x = torch.stack([dr[2] for dr in draws])
     split = lambda t: t.reshape(3, 1 + n, heads, d).transpose(1, 2)  # noqa: E731
     layer = M.VisionLayer(q=split(q), k=split(k), scale=d**-0.5)
-    red, extra = M.prumerge_plus(x, layer, M.PruMergeConfig())
+    red = M.prumerge_plus(x, layer, M.PruMergeConfig())
+    extra = red.extra
     counts = [len(dr[3].kept) for dr in draws]
     assert red.indices.shape[1] == max(counts) + 1
     for b, (_, _, xb, ref, eps_a) in enumerate(draws):
@@ -240,12 +242,13 @@ def test_fixed_keep_takes_outliers_then_samples_then_attention(gen):
     q, k, x, ref, eps_a = draw(gen, n, heads, d, width)
     layer = vision_layer(q, k, heads)
     kept, attn = ref.kept, ref.attn
-    red, extra = M.prumerge_plus(x[None], layer, M.PruMergeConfig(keep=len(kept) + 1))
+    red = M.prumerge_plus(x[None], layer, M.PruMergeConfig(keep=len(kept) + 1))
+    extra = red.extra
     check_against_released(red, extra, x.double(), ref, eps_a)
     outliers = [i for i in kept if float(attn[i]) > ref.threshold]
     samples = [i for i in kept if i not in outliers]
     keep = len(outliers) + len(samples) // 2
-    red, _ = M.prumerge_plus(x[None], layer, M.PruMergeConfig(keep=keep + 1))
+    red = M.prumerge_plus(x[None], layer, M.PruMergeConfig(keep=keep + 1))
     row = red.indices[0].tolist()
     assert len(row) == keep + 1 and set(outliers) <= set(row)
     chosen = [i for i in row if i in samples]
@@ -260,10 +263,12 @@ def test_keep_everything_still_merges(gen):
     n, heads, d, width = 35, 3, 20, 48
     q, k, x, _, _ = draw(gen, n, heads, d, width)
     layer = vision_layer(q, k, heads)
-    red, extra = M.prumerge_plus(x[None], layer, M.PruMergeConfig(keep=1.0))
+    red = M.prumerge_plus(x[None], layer, M.PruMergeConfig(keep=1.0))
+    extra = red.extra
     assert extra is None and red.indices[0].tolist() == list(range(n))
     assert not torch.allclose(red.tokens, x[None])
-    red, extra = M.prumerge_plus(x[None], layer, M.PruMergeConfig(keep=1.0, neighbours=0))
+    red = M.prumerge_plus(x[None], layer, M.PruMergeConfig(keep=1.0, neighbours=0))
+    extra = red.extra
     assert extra is None and torch.equal(red.tokens, x[None])
 
 

@@ -72,7 +72,8 @@ def test_segment_topk_mask_matches_python_sort(gen):
 @pytest.mark.parametrize("query", ["last", "text"])
 def test_fastv(query, gen):
     layer = decoder_inputs(gen)
-    keep, scores = M.fastv(layer, M.FastVConfig(keep=0.25, query=query))
+    red = M.fastv(layer, M.FastVConfig(keep=0.25, query=query))
+    keep, scores = red.keep_mask, red.scores
     att = eager_attention(layer.q, layer.k, layer.scale, key_mask=layer.valid, causal=True)
     if query == "last":
         ref = att[:, :, -1].mean(dim=1)  # left padding: the last position is the last prompt token
@@ -83,7 +84,7 @@ def test_fastv(query, gen):
     assert torch.equal(keep, topk_per_image(ref, layer.image, 0.25) | (layer.image < 0))
     # With the layer's lse (as FlashAttention returns it) the scores are the same, in one pass.
     layer.lse = reference.attn_lse(layer.q, layer.k, layer.scale, key_mask=layer.valid, causal=True).float()
-    _, scores_lse = M.fastv(layer, M.FastVConfig(keep=0.25, query=query))
+    scores_lse = M.fastv(layer, M.FastVConfig(keep=0.25, query=query)).scores
     assert_rel_close(scores_lse, ref, 1e-5)
 
 
@@ -99,7 +100,8 @@ def test_sparsevlm(gen):
         expected = torch.zeros_like(rmask[s])
         expected[txt[m > m.mean()]] = True
         assert torch.equal(rmask[s], expected)
-    keep, scores = M.sparsevlm(layer, rmask, M.SparseVLMConfig(keep=0.5))
+    red = M.sparsevlm(layer, rmask, M.SparseVLMConfig(keep=0.5))
+    keep, scores = red.keep_mask, red.scores
     att = eager_attention(layer.q, layer.k, layer.scale, key_mask=layer.valid, causal=True)
     rows = rmask & layer.valid
     ref = (att * rows[:, None, :, None]).sum(dim=(1, 2)) / (att.shape[1] * rows.sum(dim=1, keepdim=True))
@@ -160,7 +162,8 @@ def test_prumerge_plus(gen):
     position."""
     layer, feats = vision_inputs(gen, n=81)
     cfg = M.PruMergeConfig(keep=20, neighbours=6, extra_token=True, samples="lattice")
-    red, extra = M.prumerge_plus(feats, layer, cfg)
+    red = M.prumerge_plus(feats, layer, cfg)
+    extra = red.extra
     # PruMerge's attention: one softmax of full-width (all heads side by side) q.k / sqrt(C).
     q_full = layer.q.double().transpose(1, 2).flatten(2)  # (B, 1 + N, C)
     k_full = layer.k.double().transpose(1, 2).flatten(2)
@@ -192,7 +195,7 @@ def test_ficoco_v(gen):
     layer, feats = vision_inputs(gen, n=49)
     # The kept-targets variant without the window penalty (the released defaults: test_fidelity_ficoco.py).
     cfg = M.FiCoCoVConfig(keep=30, topk=2, local_penalty=False, targets="kept")
-    red = M.ficoco_v(feats, layer.q, layer.k, layer.scale, cfg)
+    red = M.ficoco_v(feats, layer, cfg)
     logits = ((layer.q.double() @ layer.k.double().mT) * layer.scale).mean(dim=1)  # (B, 50, 50)
     for s in range(feats.shape[0]):
         c, p = logits[s, 0, 1:], logits[s, 1:, 1:].mean(dim=-1)
@@ -219,7 +222,7 @@ def test_ficoco_l(gen):
     scale = d**-0.5
     # The softmax-correlate, kept-targets variant (the released defaults: test_fidelity_ficoco.py).
     cfg = M.FiCoCoLConfig(keep=25, topk=3, correlate="softmax", targets="kept", protect_first=False)
-    red = M.ficoco_l(visual, q, k, qt, kt, scale, cfg)
+    red = M.ficoco_l_tokens(visual, q, k, qt, kt, scale, cfg)
 
     def logits(a, c):
         return ((a.double() @ c.double().mT) * scale).mean(dim=1)
@@ -239,9 +242,9 @@ def test_ficoco_l(gen):
         assert_rel_close(red.tokens[s], out, 1e-5)
     # GQA: keys with H/2 heads read as each key head repeated for its two query heads.
     k2, kt2 = k[:, ::2], kt[:, ::2]
-    gqa = M.ficoco_l(visual, q, k2, qt, kt2, scale, M.FiCoCoLConfig(keep=25, topk=3))
-    mha = M.ficoco_l(visual, q, k2.repeat_interleave(2, 1), qt, kt2.repeat_interleave(2, 1), scale,
-                     M.FiCoCoLConfig(keep=25, topk=3))  # fmt: skip
+    gqa = M.ficoco_l_tokens(visual, q, k2, qt, kt2, scale, M.FiCoCoLConfig(keep=25, topk=3))
+    mha = M.ficoco_l_tokens(visual, q, k2.repeat_interleave(2, 1), qt, kt2.repeat_interleave(2, 1), scale,
+                            M.FiCoCoLConfig(keep=25, topk=3))  # fmt: skip
     assert torch.equal(gqa.indices, mha.indices) and torch.equal(gqa.tokens, mha.tokens)
 
 
@@ -258,7 +261,8 @@ def test_tome_step_matches_bipartite_rule(gen):
     x = torch.randn(2, 65, 32, generator=gen)
     keys = torch.randn(2, 65, 16, generator=gen)
     size = torch.ones(2, 65)
-    out, new_size = M.tome_merge(x, keys, size, M.ToMeConfig(r=10))
+    red = M.tome_merge(x, keys, size, M.ToMeConfig(r=10))
+    out, new_size = red.tokens, red.sizes
     ref, ref_size = reference.bipartite_merge(x, keys, 10, size, protect_first=True)
     assert_rel_close(out, ref, 1e-5)
     assert_rel_close(new_size, ref_size, 1e-7)
@@ -272,9 +276,10 @@ def test_tome_caps_r_at_half_of_the_unprotected_tokens(n, protect, left, gen):
     """ToMe's r = min(r, (N - protected) // 2): a large r leaves ceil((N - protected) / 2)
     tokens plus [CLS]."""
     x = torch.randn(2, n, 8, generator=gen)
-    out, size = M.tome_merge(
+    red = M.tome_merge(
         x, torch.randn(2, n, 4, generator=gen), torch.ones(2, n), M.ToMeConfig(r=50, protect_cls=protect)
     )
+    out, size = red.tokens, red.sizes
     assert out.shape == (2, left, 8) and torch.equal(size.sum(-1), torch.full((2,), float(n)))
 
 

@@ -189,27 +189,29 @@ def test_bad_inputs():
         model.select(torch.randn(2, N + 1, D), 3)
     with pytest.raises(ValueError, match="x must be a"):
         model.scores(torch.randn(N, D))
-    with pytest.raises(ValueError, match="keep must be in"):
-        model.select(torch.randn(2, N, D), N + 1)
+    _, idx, _ = model.select(torch.randn(2, N, D), N + 1)  # a count above N keeps all N (keep_count)
+    assert torch.equal(idx, torch.arange(N).expand(2, N))
     with pytest.raises(ValueError, match="keep as a fraction"):
         keep_count(1.5, N)
-    with pytest.raises(ValueError, match="keep must be an int"):
+    with pytest.raises(ValueError, match=re.escape("keep must be a fraction in (0, 1] or a positive count")):
         keep_count(True, N)
 
 
 def test_keep_count_and_schedule():
     assert keep_count(0.1, 256) == 26 and keep_count(0.001, 256) == 1 and keep_count(1.0, 256) == 256
+    # The methods' rule (one function): fractions round half up, a count above N keeps all N.
+    assert keep_count(0.25, 26) == 7 and keep_count(N + 1, N) == N
     np = pytest.importorskip("numpy")
     assert keep_count(np.int64(4), 256) == 4 and type(keep_count(np.int64(4), 256)) is int
     assert keep_count(np.float32(0.5), 256) == 128
     assert cosine_tau(0, 100) == 1.0 and abs(cosine_tau(99, 100) - 0.2) < 1e-12
 
 
-SHIPPED = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "selector" / "selector.safetensors"
+SHIPPED = Path(__file__).resolve().parents[1] / "examples" / "results" / "selector" / "selector.safetensors"
 
 
 def test_shipped_selector_beats_random_on_dinov2_tokens(dinov2_patch_tokens, photos, gen, report):
-    """The weights benchmarks/train_selector.py wrote (trained on other crops of astronaut,
+    """The weights examples/train_selector.py wrote (trained on other crops of astronaut,
     coffee and rocket; chelsea held out) against random subsets on the centered crops."""
     model = ReconstructionSelector.load(str(SHIPPED))
     x = dinov2_patch_tokens

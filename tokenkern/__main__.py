@@ -63,8 +63,14 @@ def _info() -> None:
 
     print(f"tokenkern {tokenkern.__version__}")
     print(f"torch {torch.__version__} (cuda {torch.version.cuda}), cuda available: {torch.cuda.is_available()}")
+    from . import _C
+
     names = sorted(n for n in torch._C._dispatch_get_all_op_names() if n.startswith("tokenkern::"))
-    print("ops: " + ", ".join(names))
+    print("ops: " + ", ".join(n for n in names if not n.startswith("tokenkern::_")))
+    print(f"C++ CUDA kernels built: {bool(_C.WITH_CUDA)}")
+    from .methods import registry
+
+    print("methods: " + ", ".join(f"{n} ({registry.get(n).site})" for n in registry.names()))
 
 
 def _bench(extra: list[str]) -> int:
@@ -92,7 +98,7 @@ def _demo(args: argparse.Namespace) -> int:
         return 2
     from .demo.run import main as demo_main
 
-    demo_main(args.keep, args.device, args.out)
+    demo_main(args.keep, args.device, args.out, tuple(args.method) if args.method else None)
     return 0
 
 
@@ -113,6 +119,13 @@ def _negative_values_attached(argv: list[str], parsers: list[argparse.ArgumentPa
     return out + argv[i:]
 
 
+def demo_methods() -> tuple[str, ...]:
+    """The demo's --method choices: the registry's vision methods."""
+    from .methods import registry
+
+    return registry.vision_names()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = Parser(prog="tokenkern", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -120,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--keep", type=_fraction, default=0.25, help="fraction kept in the LoFi section (default 0.25)")
     demo.add_argument("--device", type=_device, default=None, help="cpu or cuda (default: cuda if available)")
     demo.add_argument("--out", default="demo-output", help="folder for the PNG (default demo-output)")
+    demo.add_argument("--method", action="append", choices=demo_methods(), default=None,
+                      help="a vision method of section 2, repeatable (default: every one)")  # fmt: skip
     sub.add_parser("info", help="versions, devices and registered ops")
     bench = sub.add_parser("bench", help="run the benchmark suites (extra args go to pytest)")
     bench.add_argument("pytest_args", nargs=argparse.REMAINDER)

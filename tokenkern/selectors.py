@@ -17,7 +17,7 @@ At inference the scorer runs once and ``tokenkern.topk_gather`` keeps the k best
     sel = ReconstructionSelector.load("selector.safetensors")
     kept, indices, scores = sel.select(tokens, k=64)  # tokens: (B, N, D)
 
-Training loop: :func:`train_step`; the script ``benchmarks/train_selector.py`` fits a
+Training loop: :func:`train_step`; the script ``examples/train_selector.py`` fits a
 selector on DINOv2 ViT-S/14 patch tokens of real photos.
 """
 
@@ -26,26 +26,13 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import numbers
 from collections.abc import Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
 
 from . import gumbel_topk, topk_gather
-
-
-def keep_count(keep: float | int, n: int) -> int:
-    """Tokens kept out of n: keep itself when an int, else round(keep * n) clamped to [1, n]."""
-    if isinstance(keep, bool) or not isinstance(keep, numbers.Real):
-        raise ValueError(f"keep must be an int count or a float fraction, got {keep!r}")
-    if isinstance(keep, numbers.Integral):
-        if not 1 <= keep <= n:
-            raise ValueError(f"keep must be in [1, {n}] tokens, got {keep}")
-        return int(keep)
-    if not 0.0 < keep <= 1.0:
-        raise ValueError(f"keep as a fraction must be in (0, 1], got {keep}")
-    return min(n, max(1, round(float(keep) * n)))
+from .methods.base import keep_count  # the one keep rule (round half up, counts clamped to [1, n])
 
 
 @contextlib.contextmanager
@@ -215,8 +202,9 @@ class ReconstructionSelector(nn.Module):
     @torch.no_grad()
     def select(self, x: Tensor, k: float | int) -> tuple[Tensor, Tensor, Tensor]:
         """Keep the k best tokens: one scorer forward, then tokenkern.topk_gather.
-        x: (B, N, D); k: a count or a fraction of N. Returns kept (B, k, D) in x's dtype,
-        indices (B, k) int64 ascending, scores (B, N) float32. Always in eval mode (no dropout)."""
+        x: (B, N, D); k: a count (above N: all N) or a fraction of N (tokenkern.methods.keep_count).
+        Returns kept (B, k, D) in x's dtype, indices (B, k) int64 ascending, scores (B, N) float32.
+        Always in eval mode (no dropout)."""
         self._check(x)
         with _eval_mode(self):
             scores = self.scores(x)

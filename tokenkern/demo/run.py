@@ -53,7 +53,10 @@ def leverage_section(model, pixels: torch.Tensor, keep: float) -> None:
     print(f"    batch of {b}: tokenkern {t_ours * 1e3:.1f} ms, exact float64 SVD {t_exact * 1e3:.1f} ms (median)\n")
 
 
-def vision_section(model, pixels: torch.Tensor, keeps: tuple[float, ...], out_dir: Path, layer: int = 4) -> Path:
+def vision_section(
+    model, pixels: torch.Tensor, keeps: tuple[float, ...], out_dir: Path, layer: int = 4,
+    methods: tuple[str, ...] = vit_pruning.VISION_METHODS,
+) -> Path | None:
     full = vit_pruning.full_forward(model, pixels)
     print(f"[2] Vision-side methods inside DINOv2 ViT-S/14 (pruned after block {layer} of 12), {len(pixels)} photos")
     print(f"    unpruned: {full.tokens} patch tokens, {full.seconds * 1e3:.0f} ms")
@@ -62,7 +65,7 @@ def vision_section(model, pixels: torch.Tensor, keeps: tuple[float, ...], out_di
     print("    " + "-" * (len(header) - 4))
     kept_for_png: dict[str, torch.Tensor] = {}
     for keep in keeps:
-        for method in vit_pruning.VISION_METHODS:
+        for method in methods:
             run = vit_pruning.run_method(model, pixels, method, keep, layer)
             cos_cls = F.cosine_similarity(run.cls, full.cls).mean().item()
             cos_sal = F.cosine_similarity(run.saliency.flatten(1), full.saliency.flatten(1)).mean().item()
@@ -70,10 +73,13 @@ def vision_section(model, pixels: torch.Tensor, keeps: tuple[float, ...], out_di
             print(f"    {method:10s} {keep:5.0%} {run.tokens:6d} {ms:7.0f}ms {cos_cls:10.3f} {cos_sal:13.3f}")
             if keep == keeps[0] and run.kept is not None:
                 kept_for_png[method] = run.kept
+    print(f"    (time: median of 3 forward passes on {pixels.device}; ToMe merges instead of keeping patches)")
+    if not kept_for_png:  # only ToMe ran: no kept patches to draw
+        print()
+        return None
     photos = {name: load_rgb(name) for name in SKIMAGE_PHOTOS}
     grid = model.backbone.grid(pixels)[0]
     path = figures.kept_patches(photos, kept_for_png, grid, out_dir / "kept_patches.png")
-    print(f"    (time: median of 3 forward passes on {pixels.device}; ToMe merges instead of keeping patches)")
     print(f"    kept patches at {keeps[0]:.0%}: {path}\n")
     return path
 
@@ -107,11 +113,14 @@ def llava_section() -> None:
     print(f"    after remove()    generate -> {again[:, length:].tolist()} (identical: {torch.equal(again, base)})")
 
 
-def main(keep: float = 0.25, device: str | None = None, out_dir: str = "demo-output") -> None:
+def main(
+    keep: float = 0.25, device: str | None = None, out_dir: str = "demo-output", methods: tuple[str, ...] | None = None
+) -> None:
+    """methods: the vision methods of section 2 (default: every one, vit_pruning.VISION_METHODS)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     print(f"tokenkern {tokenkern.__version__} | torch {torch.__version__} | device {device}\n")
     model = load_dinov2_saliency(device)
     pixels = photo_batch().to(device)
     leverage_section(model, pixels, keep)
-    vision_section(model, pixels, (0.25, 0.10), Path(out_dir))
+    vision_section(model, pixels, (0.25, 0.10), Path(out_dir), methods=methods or vit_pruning.VISION_METHODS)
     llava_section()

@@ -21,9 +21,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import methods as M
+from ..methods import registry
 from .dinov2 import Dinov2Saliency
 
-VISION_METHODS = ("fastervlm", "visionzip", "prumerge+", "ficoco-v", "lofi", "tome", "random", "uniform")
+VISION_METHODS = registry.vision_names()  # every method reducing vision tokens, in table order
+# The demo's option choices besides keep (a 256-patch grid: PruMerge+ merges 8 neighbours).
+DEMO_OPTIONS = {"prumerge+": {"neighbours": 8}}
 
 
 @dataclass
@@ -52,24 +55,17 @@ def _layer_qk(block, x: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _reduce(method: str, x: Tensor, q: Tensor, k: Tensor, keep: float, seed: int) -> M.Reduction:
-    """x: (B, 1 + N, C) hidden states after the pruning block; q, k: that block's (B, H, 1+N, d)."""
-    patches = x[:, 1:]
-    layer = M.VisionLayer(q=q, k=k, scale=q.shape[-1] ** -0.5)
-    if method == "fastervlm":
-        return M.fastervlm(patches, layer, M.FasterVLMConfig(keep=keep))
-    if method == "visionzip":
-        return M.visionzip(patches, layer, M.VisionZipConfig(keep=keep))
-    if method == "prumerge+":
-        return M.prumerge_plus(patches, layer, M.PruMergeConfig(keep=keep, neighbours=8))[0]
-    if method == "ficoco-v":
-        return M.ficoco_v(patches, q, k, layer.scale, M.FiCoCoVConfig(keep=keep))
-    if method == "lofi":
-        return M.lofi(patches, M.LoFiConfig(keep=keep))
-    if method == "random":
-        return M.random_select(patches, M.RandomConfig(keep=keep, seed=seed))
-    if method == "uniform":
-        return M.uniform_select(patches, M.UniformConfig(keep=keep))
-    raise ValueError(f"unknown vision method {method!r}; choose from {VISION_METHODS}")
+    """x: (B, 1 + N, C) hidden states after the pruning block; q, k: that block's (B, H, 1+N, d).
+    The method's recipe from the registry, called with the inputs its spec names."""
+    spec = registry.get(method, caller="demo")
+    if spec.site not in ("vision_tower", "post_projector"):
+        raise ValueError(f"tokenkern.demo: method must be one of {VISION_METHODS} other than tome (it merges in "
+                         f"every block: pruned_forward), got {method!r}")  # fmt: skip
+    options = dict(DEMO_OPTIONS.get(method, {}))
+    if "seed" in spec.options():
+        options["seed"] = seed
+    inputs = {"features": x[:, 1:], "vision_layer": M.VisionLayer(q=q, k=k, scale=q.shape[-1] ** -0.5)}
+    return spec.recipe(*(inputs[name] for name in spec.inputs), spec.config(keep=keep, **options))
 
 
 def _nearest_kept(x: Tensor, kept: Tensor) -> Tensor:
@@ -94,7 +90,7 @@ def pruned_forward(
     for block in vit.blocks[: layer - 1]:
         x = block(x)
     n = x.shape[1] - 1
-    if method == "tome":
+    if registry.get(method, caller="demo").site == "every_block":
         return _tome_forward(model, pixels, x, keep, layer)
     scoring = vit.blocks[layer - 1]
     q, k = _layer_qk(scoring, x)
@@ -128,8 +124,8 @@ def _tome_forward(model: Dinov2Saliency, pixels: Tensor, x: Tensor, keep: float,
         if r_here > 0:
             _, keys, _ = block.attn.qkv(block.norm1(x))
             c = x.shape[-1]
-            merged, size = M.tome_merge(torch.cat([x, src], dim=-1), keys.mean(dim=1), size, M.ToMeConfig(r=r_here))
-            x, src = merged[..., :c], merged[..., c:]
+            red = M.tome_merge(torch.cat([x, src], dim=-1), keys.mean(dim=1), size, M.ToMeConfig(r=r_here))
+            x, src, size = red.tokens[..., :c], red.tokens[..., c:], red.sizes
         x = block(x, attn_bias=M.tome.attention_bias(size, x.dtype))
     final = vit.norm(x)
     owner = src[:, 1:].argmax(dim=1)  # (B, N): the output token holding most of each patch

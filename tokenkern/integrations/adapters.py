@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from ..methods.registry import ALL_VLMS
+
 
 @dataclass
 class VLMParts:
@@ -29,12 +31,7 @@ class VLMParts:
         return module.apply_rotary_pos_emb
 
 
-SUPPORTED = (
-    "LlavaForConditionalGeneration",
-    "LlavaNextForConditionalGeneration",
-    "Qwen2VLForConditionalGeneration",
-    "Qwen2_5_VLForConditionalGeneration",
-)
+SUPPORTED = ALL_VLMS  # the classes parts_of handles (the method registry lists them per method)
 
 
 def parts_of(model: nn.Module) -> VLMParts:

@@ -2,47 +2,56 @@
 
 Each recipe is a function plus a config dataclass; its docstring states the paper's rule (where
 it runs, the query, the score, the keep count, the merge). Recipes take tensors that the model
-already computed (the q/k of one attention layer, hidden states or features) and return kept
-indices and kept/merged tokens; they never call .item() and work on batches.
+already computed (the q/k of one attention layer, hidden states or features) and return a
+:class:`Reduction` (kept indices and kept/merged tokens, or a keep mask over the sequence for
+the LLM-side methods); they work on batches.
 
-| name | where | function |
-|---|---|---|
-| fastv | LLM layer K | fastv.fastv |
-| sparsevlm | LLM layer K | sparsevlm.sparsevlm |
-| ficoco-l | LLM layer K | ficoco.ficoco_l |
-| fastervlm | vision tower, penultimate layer | fastervlm.fastervlm |
-| visionzip | vision tower, penultimate layer | visionzip.visionzip |
-| prumerge+ | vision tower, last layer | prumerge.prumerge_plus |
-| ficoco-v | vision tower, layer l | ficoco.ficoco_v |
-| tome | every vision-tower block | tome.tome_merge |
-| lofi | after the projector | lofi.lofi |
-| random, uniform | anywhere | baselines |
+One registry (:mod:`tokenkern.methods.registry`) lists every method: its recipe, config, where
+it runs, whether its kept count is fixed before the model runs, the inputs it reads and the
+models prune() supports it on. prune(), the demo and the CLI read it. The table below is
+``registry.table()`` (tests check that they agree):
+
+| name | where | count fixed | inputs | function |
+|---|---|---|---|---|
+| fastv | llm_layer | no | decoder_layer | fastv.fastv |
+| sparsevlm | llm_layer | no | decoder_layer, raters | sparsevlm.sparsevlm |
+| ficoco-l | llm_layer | no | decoder_layer | ficoco.ficoco_l |
+| fastervlm | vision_tower | yes | features, vision_layer | fastervlm.fastervlm |
+| visionzip | vision_tower | yes | features, vision_layer | visionzip.visionzip |
+| prumerge+ | vision_tower | with an explicit keep | features, vision_layer | prumerge.prumerge_plus |
+| ficoco-v | vision_tower | yes | features, vision_layer | ficoco.ficoco_v |
+| lofi | post_projector | yes | features | lofi.lofi |
+| tome | every_block | no | features, keys_mean, sizes | tome.tome_merge |
+| random | post_projector | yes | features | baselines.random_select |
+| uniform | post_projector | yes | features | baselines.uniform_select |
+
+Where: ``vision_tower``: a CLIP layer scores the projector's input; ``post_projector``: each
+image's features after the projector; ``llm_layer``: inside the decoder from layer K on;
+``every_block``: after every vision-tower block. One keep rule for all: :func:`keep_count`.
 """
 
+from . import registry
 from .base import Reduction, keep_count, keep_counts, segment_topk_mask
 from .baselines import RandomConfig, UniformConfig, random_select, uniform_select
 from .fastervlm import FasterVLMConfig, fastervlm
 from .fastv import FastVConfig, fastv, fastv_scores
-from .ficoco import FiCoCoLConfig, FiCoCoVConfig, ficoco_l, ficoco_v
+from .ficoco import FiCoCoLConfig, FiCoCoVConfig, ficoco_l, ficoco_l_tokens, ficoco_v
 from .inputs import DecoderLayer, VisionLayer
 from .lofi import LoFiConfig, lofi
 from .prumerge import PruMergeConfig, adaptive_count, prumerge_plus
+from .registry import MethodSpec
 from .sparsevlm import SparseVLMConfig, raters, sparsevlm
 from .tome import ToMeConfig, tome_merge
 from .visionzip import VisionZipConfig, visionzip
 
-LLM_SIDE = ("fastv", "sparsevlm", "ficoco-l")
-VISION_SIDE = ("fastervlm", "visionzip", "prumerge+", "ficoco-v", "tome", "lofi", "random", "uniform")
-
 __all__ = [
-    "LLM_SIDE",
-    "VISION_SIDE",
     "DecoderLayer",
     "FastVConfig",
     "FasterVLMConfig",
     "FiCoCoLConfig",
     "FiCoCoVConfig",
     "LoFiConfig",
+    "MethodSpec",
     "PruMergeConfig",
     "RandomConfig",
     "Reduction",
@@ -56,6 +65,7 @@ __all__ = [
     "fastv",
     "fastv_scores",
     "ficoco_l",
+    "ficoco_l_tokens",
     "ficoco_v",
     "keep_count",
     "keep_counts",
@@ -63,6 +73,7 @@ __all__ = [
     "prumerge_plus",
     "random_select",
     "raters",
+    "registry",
     "segment_topk_mask",
     "sparsevlm",
     "tome_merge",

@@ -5,6 +5,7 @@ Everything here is batched and free of host synchronization: counts and quotas s
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -15,34 +16,48 @@ from ..ops._args import fail_type
 
 @dataclass
 class Reduction:
-    """What a method returns for a set of N tokens per sample.
+    """What every method recipe returns. Two layouts, by where the method runs:
 
-    indices: (B, k) int64, ascending positions of the kept tokens among the N.
-    tokens:  (B, k, D) the kept tokens, merged where the method merges.
-    sizes:   (B, k) float32 mass of each output token (1 + what was merged in), or None.
-    scores:  (B, N) float32 importance of every token, or None.
+    Token sets (vision tower, after the projector: N tokens per sample in, k out):
+      indices: (B, k) int64, ascending positions of the kept tokens among the N (None for
+               ToMe, whose merged tokens stand for no single position);
+      tokens:  (B, k, D) the kept tokens, merged where the method merges.
+    Sequences (LLM layer: the whole sequence of L positions, text and image tokens):
+      indices: None (the kept count differs per sample; the integration sizes it);
+      tokens:  (B, L, D) the hidden states with merged values at the kept positions, or None
+               when the method only selects;
+      keep_mask: (B, L) bool, True at every kept position (text and padding included).
+    Either layout:
+      sizes:  (B, k) float32 mass of each output token (1 + what was merged in), or None;
+      scores: (B, N) or (B, L) float32 the method's score of every token, or None;
+      extra:  (B, 1, D) PruMerge+'s extra token (already among tokens, at its slot), or None.
     """
 
-    indices: Tensor
-    tokens: Tensor
+    indices: Tensor | None
+    tokens: Tensor | None
     sizes: Tensor | None = None
     scores: Tensor | None = None
+    keep_mask: Tensor | None = None
+    extra: Tensor | None = None
 
 
 def keep_count(keep: float | int, n: int) -> int:
     """Tokens kept out of n >= 1: a float in (0, 1] is a fraction (rounded half up), an int an
-    absolute count; clamped to [1, n]. n = 0 (no tokens to keep from) is refused."""
-    if isinstance(keep, bool) or not isinstance(keep, int | float):
+    absolute count; clamped to [1, n] (a count above n keeps all n). The one rule of every
+    method, prune() and tokenkern.selectors; n = 0 (no tokens to keep from) is refused. numpy
+    scalars count as the Python numbers they hold."""
+    if isinstance(keep, bool) or not isinstance(keep, numbers.Real):
         raise ValueError(f"tokenkern.keep_count: keep must be a fraction in (0, 1] or a positive count, got {keep!r}")
     if isinstance(n, bool) or not isinstance(n, int | torch.SymInt) or n < 1:
         raise ValueError(f"tokenkern.keep_count: n must be a token count >= 1, got {n!r}")
-    if isinstance(keep, float):
+    if not isinstance(keep, numbers.Integral):
+        keep = float(keep)
         if not 0.0 < keep <= 1.0:
             raise ValueError(f"tokenkern.keep_count: keep as a fraction must be in (0, 1], got {keep}")
         return max(1, min(n, int(keep * n + 0.5)))
     if keep < 1:
         raise ValueError(f"tokenkern.keep_count: keep as a count must be >= 1, got {keep}")
-    return min(keep, n)
+    return min(int(keep), n)
 
 
 def token_matrix(method: str, x: object) -> tuple[int, int, int]:

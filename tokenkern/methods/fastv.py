@@ -26,7 +26,7 @@ from torch import Tensor
 import tokenkern
 
 from . import fields
-from .base import segment_topk_mask
+from .base import Reduction, segment_topk_mask
 from .inputs import DecoderLayer
 
 
@@ -46,6 +46,11 @@ class FastVConfig:
         if self.query not in ("last", "text"):
             raise ValueError(f"tokenkern.fastv: query must be 'last' or 'text', got {self.query!r}")
 
+    @property
+    def layers(self) -> tuple[int, ...]:
+        """The pruning steps: (K,)."""
+        return (self.layer,)
+
 
 def fastv_scores(layer: DecoderLayer, query: str = "last") -> Tensor:
     """(B, L) float32: attention received by every position from the chosen queries."""
@@ -64,9 +69,10 @@ def fastv_scores(layer: DecoderLayer, query: str = "last") -> Tensor:
     raise ValueError(f"tokenkern.fastv: query must be 'last' or 'text', got {query!r}")
 
 
-def fastv(layer: DecoderLayer, cfg: FastVConfig) -> tuple[Tensor, Tensor]:
-    """-> (keep mask (B, L) bool over the sequence: all non-image tokens plus each image's
-    top-k; scores (B, L))."""
+def fastv(layer: DecoderLayer, cfg: FastVConfig) -> Reduction:
+    """layer: the scoring decoder layer over the sequence (B, L). -> a sequence Reduction:
+    keep_mask (B, L) bool (all non-image tokens plus each image's top-k), scores (B, L); no
+    merge (tokens None)."""
     scores = fastv_scores(layer, cfg.query)
     keep = segment_topk_mask(scores, layer.image, cfg.keep) | ~layer.image_mask
-    return keep, scores
+    return Reduction(None, None, scores=scores, keep_mask=keep)

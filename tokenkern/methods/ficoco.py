@@ -56,6 +56,7 @@ import tokenkern
 
 from . import fields
 from .base import Reduction, keep_count
+from .inputs import DecoderLayer, VisionLayer
 
 TARGETS = ("all", "kept")
 CORRELATE = ("logits", "softmax")
@@ -142,9 +143,11 @@ def _spread(x: Tensor, keep_idx: Tensor, weights: Tensor, combine: str) -> Tenso
     return out.to(x.dtype)
 
 
-def ficoco_v(features: Tensor, q: Tensor, k: Tensor, scale: float, cfg: FiCoCoVConfig) -> Reduction:
-    """features: (B, N, D) patch tokens; q, k: (B, H, 1 + N, d) of the layer, [CLS] first.
-    Keeps keep_count(keep, N) patches; N must be a square (patch grid) with local_penalty."""
+def ficoco_v(features: Tensor, layer: VisionLayer, cfg: FiCoCoVConfig) -> Reduction:
+    """features: (B, N, D) patch tokens; layer: the scoring layer (q, k: (B, H, 1 + N, d),
+    [CLS] first). Keeps keep_count(keep, N) patches; N must be a square (patch grid) with
+    local_penalty."""
+    q, k, scale = layer.q, layer.k, layer.scale
     n = features.shape[1]
     if cfg.local_penalty and math.isqrt(n) ** 2 != n:
         raise ValueError(f"tokenkern.ficoco_v: the patch count N of features must be a square (a square patch "
@@ -198,11 +201,50 @@ class FiCoCoLConfig:
         fields.flag("ficoco_l", "protect_first", self.protect_first)
         fields.integer("ficoco_l", "layer", self.layer, lo=1)
 
+    @property
+    def layers(self) -> tuple[int, ...]:
+        """The pruning steps: (K,)."""
+        return (self.layer,)
 
-def ficoco_l(
+
+def ficoco_l(layer: DecoderLayer, cfg: FiCoCoLConfig) -> Reduction:
+    """FiCoCo-L on a decoder layer over the sequence (B, L): every image of every sample is
+    reduced on its own (keep is per image, merges stay inside the image) by ficoco_l_tokens,
+    with the sample's text tokens (layer.text, the instruction) as the text block; a sample
+    without text tokens keeps everything. layer.hidden (B, L, D) is required: it is what the
+    merges apply to. -> a sequence Reduction: keep_mask (B, L), tokens (B, L, D) the hidden
+    states with the merged values at the kept image tokens; scores None (each image's
+    redundancy is in ficoco_l_tokens' result). Loops over samples and images on the host
+    (their token counts differ)."""
+    if layer.hidden is None:
+        raise ValueError("tokenkern.ficoco_l: layer.hidden must be the (B, L, D) hidden states, got None")
+    if layer.text is None:
+        raise ValueError("tokenkern.ficoco_l: layer.text must be the (B, L) text token mask, got None")
+    hidden = layer.hidden
+    keep_mask = torch.ones_like(layer.valid)
+    out = hidden.clone()
+    for s in range(layer.image.shape[0]):
+        txt = layer.text[s].nonzero().flatten()
+        if len(txt) == 0:
+            continue
+        q, k = layer.q[s : s + 1], layer.k[s : s + 1]
+        for img in layer.image[s].unique().tolist():
+            if img < 0:
+                continue
+            vis = (layer.image[s] == img).nonzero().flatten()
+            red = ficoco_l_tokens(hidden[s : s + 1, vis], q[:, :, vis], k[:, :, vis], q[:, :, txt], k[:, :, txt],
+                                  layer.scale, cfg)  # fmt: skip
+            keep_mask[s, vis] = False
+            keep_mask[s, vis[red.indices[0]]] = True
+            out[s, vis[red.indices[0]]] = red.tokens[0].to(out.dtype)
+    return Reduction(None, out, keep_mask=keep_mask)
+
+
+def ficoco_l_tokens(
     visual: Tensor, q: Tensor, k: Tensor, q_text: Tensor, k_text: Tensor, scale: float, cfg: FiCoCoLConfig
 ) -> Reduction:
-    """visual: (B, V, D) decoder hidden states of the visual tokens; q, k: (B, H, V, d) their
+    """FiCoCo-L on one block of visual tokens (one image) and its text tokens.
+    visual: (B, V, D) decoder hidden states of the visual tokens; q, k: (B, H, V, d) their
     queries and keys at the layer; q_text, k_text: (B, H, T, d) those of the text tokens (the
     instruction); keys may have fewer heads (GQA: query head h reads key head h // (H / Hkv)).
     Reduces the V visual tokens to keep_count(keep, V)."""

@@ -56,7 +56,10 @@ class DecoderLayer:
     (0, 1, ... per sample) and -1 elsewhere; text: (B, L) bool, the text tokens after the
     first image (the instruction), used by methods that score with text queries; lse: optional
     (B, Hq, L) float32 log-sum-exp of the layer's scaled logits per query, as the attention
-    that ran returned it (FlashAttention/FlexAttention/SDPA): the scores then take one pass.
+    that ran returned it (FlashAttention/FlexAttention/SDPA): the scores then take one pass;
+    hidden: optional (B, L, D) hidden states that the reduction applies to (the input of the
+    first layer that sees the kept tokens), needed by the methods that merge (ficoco-l,
+    sparsevlm with recycle).
     """
 
     q: Tensor
@@ -66,6 +69,7 @@ class DecoderLayer:
     image: Tensor
     text: Tensor | None = None
     lse: Tensor | None = None
+    hidden: Tensor | None = None
 
     @property
     def image_mask(self) -> Tensor:

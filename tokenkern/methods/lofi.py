@@ -11,6 +11,7 @@ from torch import Tensor
 import tokenkern
 
 from ..ops import _args as _checks
+from ..ops import leverage as _leverage
 from . import fields
 from .base import Reduction, keep_count, token_matrix
 
@@ -29,9 +30,9 @@ class LoFiConfig:
 
     def __post_init__(self) -> None:
         fields.keep("lofi", self.keep)
-        fields.integer("lofi", "rank", self.rank, 1, _checks.SVD_MAX_RANK)
-        fields.integer("lofi", "oversample", self.oversample, 0, _checks.SVD_MAX_OVERSAMPLE)
-        fields.integer("lofi", "power_iters", self.power_iters, 0, _checks.SVD_MAX_POWER_ITERS)
+        fields.integer("lofi", "rank", self.rank, 1, _leverage.SVD_MAX_RANK)
+        fields.integer("lofi", "oversample", self.oversample, 0, _leverage.SVD_MAX_OVERSAMPLE)
+        fields.integer("lofi", "power_iters", self.power_iters, 0, _leverage.SVD_MAX_POWER_ITERS)
         fields.integer("lofi", "seed", self.seed, 0, _checks.INT64_MAX)
 
 

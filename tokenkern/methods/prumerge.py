@@ -188,15 +188,15 @@ def _add_extra(features: Tensor, attn: Tensor, keep_idx: Tensor, merged: Tensor)
     return idx, tokens, extra
 
 
-def prumerge_plus(features: Tensor, layer: VisionLayer, cfg: PruMergeConfig) -> tuple[Reduction, Tensor | None]:
+def prumerge_plus(features: Tensor, layer: VisionLayer, cfg: PruMergeConfig) -> Reduction:
     """features: (B, N, D) patch tokens; layer: the scoring layer (q, k: (B, H, 1 + N, d)).
-    -> (Reduction of the kept tokens, merged, with the extra token at its slot when there is
-    one; the extra token (B, 1, D) or None). See the module docstring for the count."""
+    -> Reduction of the kept tokens, merged, with the extra token at its slot when there is
+    one; ``extra``: that extra token (B, 1, D), or None. See the module docstring for the count."""
     attn = layer.cls_attention_full_width()  # (B, N)
     k, with_extra = _patch_count(cfg, attn, features.shape[1])
     keep_idx = _kept_patches(attn, _tiers(attn, cfg, k), k)
     merged = _knn_merge(features, layer, attn, keep_idx, cfg.neighbours)
     if not with_extra:
-        return Reduction(keep_idx, merged, scores=attn), None
+        return Reduction(keep_idx, merged, scores=attn)
     idx, tokens, extra = _add_extra(features, attn, keep_idx, merged)
-    return Reduction(idx, tokens, scores=attn), extra
+    return Reduction(idx, tokens, scores=attn, extra=extra)

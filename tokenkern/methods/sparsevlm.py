@@ -39,7 +39,7 @@ from torch import Tensor
 import tokenkern
 
 from . import fields
-from .base import keep_counts, rank_within_segments
+from .base import Reduction, keep_counts, rank_within_segments
 from .inputs import DecoderLayer
 
 # SparseVLM's released per-step counts (v1.0 defaults) for its budgets, out of 576 image tokens.
@@ -134,13 +134,39 @@ def raters(embeds: Tensor, image_mask: Tensor, text_mask: Tensor) -> Tensor:
     return text_mask & (m > mean)
 
 
+def recycle(hidden: Tensor, image: Tensor, keep_mask: Tensor) -> Tensor:
+    """SparseVLM recycling (this module's simplification): every dropped image token merges
+    into its most cosine-similar kept token of the same image, each kept token becoming the
+    mean of itself and the tokens that joined it (tokenkern.merge_tokens' defaults).
+    hidden: (B, L, D); image: (B, L) image ids (-1 elsewhere); keep_mask: (B, L) bool ->
+    (B, L, D), equal to hidden except at the kept image tokens that received. Loops over the
+    samples and images on the host (their sizes differ)."""
+    out = hidden.clone()
+    for s in range(image.shape[0]):
+        for img in image[s].unique().tolist():
+            if img < 0:
+                continue
+            pos = (image[s] == img).nonzero().flatten()
+            kept = keep_mask[s, pos].nonzero().flatten()
+            if len(kept) == len(pos):
+                continue
+            merged, _ = tokenkern.merge_tokens(hidden[s : s + 1, pos], kept[None], validate=False)
+            out[s, pos[kept]] = merged[0]
+    return out
+
+
 def sparsevlm(
     layer: DecoderLayer, rater_mask: Tensor, cfg: SparseVLMConfig, counts: Tensor | None = None
-) -> tuple[Tensor, Tensor]:
+) -> Reduction:
     """One pruning step. rater_mask: (B, L) bool; counts: (B, L) int64 the tokens each position's
     image keeps at this step (step_counts of the image's original size); None: keep_count(keep,
-    image size). -> (keep mask (B, L) over the sequence, scores (B, L)). Samples whose raters
-    are empty fall back to all text tokens as raters."""
+    image size). -> a sequence Reduction: keep_mask (B, L), scores (B, L), and with
+    cfg.recycle the hidden states (layer.hidden, required then) with the dropped image tokens
+    merged into the kept ones (see ``recycle``); tokens None without recycling. Samples whose
+    raters are empty fall back to all text tokens as raters."""
+    if cfg.recycle and layer.hidden is None:
+        raise ValueError("tokenkern.sparsevlm: layer.hidden must be the (B, L, D) hidden states with recycle=True, "
+                         "got None")  # fmt: skip
     text = layer.text if layer.text is not None else ~layer.image_mask
     has_raters = rater_mask.any(dim=1, keepdim=True)
     queries = torch.where(has_raters, rater_mask, text) & layer.valid
@@ -152,4 +178,5 @@ def sparsevlm(
     rank, size = rank_within_segments(scores, layer.image)
     counts = keep_counts(cfg.keep, size) if counts is None else counts
     keep = (layer.image_mask & (rank < counts)) | ~layer.image_mask
-    return keep, scores
+    tokens = recycle(layer.hidden, layer.image, keep) if cfg.recycle else None
+    return Reduction(None, tokens, scores=scores, keep_mask=keep)

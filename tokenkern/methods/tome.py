@@ -13,6 +13,7 @@ from torch import Tensor
 import tokenkern
 
 from . import fields
+from .base import Reduction
 
 
 @dataclass
@@ -30,15 +31,18 @@ class ToMeConfig:
         fields.flag("tome", "proportional_attention", self.proportional_attention)
 
 
-def tome_merge(x: Tensor, keys_mean: Tensor, size: Tensor, cfg: ToMeConfig) -> tuple[Tensor, Tensor]:
-    """x: (B, N, C) block output, keys_mean: (B, N, d) the block's keys averaged over heads,
-    size: (B, N) -> (x, size) with min(r, mergeable) fewer tokens, [CLS] first when protected."""
+def tome_merge(x: Tensor, keys_mean: Tensor, size: Tensor, cfg: ToMeConfig) -> Reduction:
+    """One block's merge. x: (B, N, C) block output, keys_mean: (B, N, d) the block's keys
+    averaged over heads, size: (B, N) -> Reduction with tokens (B, N - r', C) and sizes
+    (B, N - r'), r' = min(r, mergeable), [CLS] first when protected, in bipartite_merge's
+    order; indices None (a merged token stands for no single position)."""
     n = x.shape[1]
     mergeable = (n - (1 if cfg.protect_cls else 0)) // 2  # ToMe's cap: at most half of the rest
     r = max(0, min(cfg.r, mergeable))
     if r == 0:
-        return x, size
-    return tokenkern.bipartite_merge(x, keys_mean, r, size, cfg.protect_cls, validate=False)
+        return Reduction(None, x, sizes=size)
+    merged, new_size = tokenkern.bipartite_merge(x, keys_mean, r, size, cfg.protect_cls, validate=False)
+    return Reduction(None, merged, sizes=new_size)
 
 
 def attention_bias(size: Tensor, dtype: torch.dtype) -> Tensor:
