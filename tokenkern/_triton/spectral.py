@@ -48,7 +48,7 @@ from .utils import empty, flat_grid, interpreted, unflatten3
 SPECTRAL_MAX_SKETCH = 128
 SPECTRAL_MIN_OVERSAMPLE = 16
 # Power iterations of the top-r path. On flat (Gaussian) spectra the IPR error falls from
-# ~1e-3 at 4 to ~5e-4 at 6 for r = 32; on decaying spectra it is far smaller (README).
+# ~1e-3 at 4 to ~5e-4 at 6 for r = 32; on decaying spectra it is far smaller (docs/ops/spectral.md: accuracy).
 POWER_ITERS = 6
 SKETCH_SEED = 0
 BLOCK_M = 64

@@ -191,8 +191,9 @@ def attn_scores(
 
     lse: optional (B, Hq, Nq) float32 natural-log log-sum-exp of ``scale * q.k`` over the
     visible keys, as returned by the attention that already ran. With it, the op makes a
-    single pass over K. Rows whose lse is not finite contribute nothing. See the README for
-    obtaining it from FlashAttention, FlexAttention and SDPA (and the base-2 pitfall).
+    single pass over K. Rows whose lse is not finite contribute nothing. docs/integrations.md
+    ("Reusing the attention's log-sum-exp") shows how to obtain it from FlashAttention,
+    FlexAttention and SDPA (and the base-2 pitfall).
 
     Not differentiable: with grad mode on, a q, k or lse that requires grad raises a
     ValueError (pass .detach(): scores rank tokens and carry no gradient).

@@ -72,7 +72,7 @@ def spectral_ipr(x: Tensor, rank: int = -1) -> Tensor:
     (exact up to float32 rounding on CUDA, float64 on CPU). Top rank on CUDA: a randomized
     range finder (sketch ``max(2 rank, rank + 16)`` columns rounded up to a power of two, at
     most 128 and at most min(N, D); 6 power iterations) whose Ritz values slightly
-    underestimate the eigenvalues (README: accuracy); exact up to rounding when the sketch
+    underestimate the eigenvalues (docs/ops/spectral.md: accuracy); exact up to rounding when the sketch
     covers min(N, D), e.g. min(N, D) <= 128. With min(N, D) > 128 the CUDA op takes
     rank <= 112 (ValueError otherwise). On CPU the top eigenvalues are exact (eigvalsh).
     Not differentiable: with grad mode on, an x that requires grad raises a ValueError (pass
