@@ -50,4 +50,11 @@ TORCH_LIBRARY(tokenkern, m) {
   m.def(
       "_bipartite_merge_kernel(Tensor x, Tensor metric, int r, Tensor? size, bool protect_first) "
       "-> (Tensor merged, Tensor size)");
+  // Private CPU ops for the static kernel report: the launch plan the CUDA merge launchers follow
+  // (csrc/common/merge_plan.h) -> (7, 7) int64 rows (kernel id, grid x, y, z, threads, dynamic
+  // shared bytes, chunks), unused rows with kernel id -1 (csrc/cpu/merge_plan_cpu.cpp).
+  m.def(
+      "_merge_tokens_launch_plan(int batch, int n, int d, int k, int c, int topm, bool kept_mode, bool cosine) "
+      "-> Tensor");
+  m.def("_bipartite_merge_launch_plan(int batch, int n, int d, int c, int r) -> Tensor");
 }

@@ -107,6 +107,16 @@ CASES = {
     "_bipartite_merge_kernel": [
         (lambda dev: (_x(2, 15, 8, device=dev), _x(2, 15, 4, device=dev), 5), {"size": None, "protect_first": True}),
     ],
+    # The launch plans of the CUDA merge launchers (private CPU ops of the static kernel report;
+    # no tensor arguments).
+    "_merge_tokens_launch_plan": [
+        (lambda dev: (8, 2880, 4096, 720, 4096, 1, False, True), {}),
+        (lambda dev: (3, 12, 8, 5, 4, 4, True, False), {}),
+    ],
+    "_bipartite_merge_launch_plan": [
+        (lambda dev: (8, 577, 1024, 64, 144), {}),
+        (lambda dev: (1, 1, 8, 8, 0), {}),
+    ],
     "gumbel_topk": [
         (lambda dev: (_x(2, 30, device=dev).requires_grad_(), 7, 0.5, 3), {}),
         (lambda dev: (_x(3, 17, dtype=torch.float16, device=dev).requires_grad_(), 17, 2.0, 0), {"hard": False}),
@@ -123,8 +133,8 @@ CASES = {
 }
 
 
-# Ops that have kernels on some devices only (a private CPU kernel: CUDA runs Triton instead).
-CPU_ONLY = {"_topk_gather_kernel"}
+# Ops checked on CPU only: a private CPU kernel (CUDA runs Triton instead), or no tensor arguments.
+CPU_ONLY = {"_topk_gather_kernel", "_merge_tokens_launch_plan", "_bipartite_merge_launch_plan"}
 
 
 def _skip_missing_kernel(name: str, device: str) -> None:

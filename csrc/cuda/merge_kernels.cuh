@@ -17,12 +17,11 @@
 #include <type_traits>
 
 #include "common/merge_math.h"
+#include "common/merge_plan.h"
 
 namespace tokenkern {
 namespace cuda {
 
-constexpr int kThreads = 256;
-constexpr int kWarp = 32;
 constexpr int kAccTile = 4096;  // floats of a receiver's accumulator held in shared memory
 
 template <typename T>
@@ -151,7 +150,7 @@ struct RowMap {
   }
 };
 
-constexpr int kTileM = 64, kTileN = 64, kTileK = 32, kPad = 8;
+constexpr int kTileK = 32, kPad = 8;  // kTileM x kTileN output tiles: common/merge_plan.h
 
 // Token row of each row/column of the output tile (-1 past the end or out of [0, n)).
 __device__ __forceinline__ void tile_rows(RowMap qmap, RowMap kmap, int64_t b, int64_t i0, int64_t j0, int64_t n,
@@ -611,41 +610,12 @@ __global__ void bipartite_output_kernel(const TX* x, const float* size, const ui
 }
 
 // ----------------------------------------------------------------------------- launchers
+// Each chunk launches exactly the rows of its launch plan (common/merge_plan.h), in order: the
+// grids are stated there once, and the static kernel report reads the same plan.
 
-inline int64_t blocks_for(int64_t items, int64_t per_block) { return (items + per_block - 1) / per_block; }
-
-// Grid limits: axis x 2^31 - 1 blocks, axes y and z 65535.
-constexpr int64_t kMaxGridX = 2147483647;
-constexpr int64_t kMaxGridYZ = 65535;
-// Largest token count N: the similarity tiles of one sample span grid axis y (up to N rows of
-// kTileM). The launchers return cudaErrorInvalidValue above it (the torch glue raises first).
-constexpr int64_t kMaxTokens = kMaxGridYZ * kTileM;
-
-// Samples per launch: the batch sits on grid axis y or z, and inverse_norm_kernel puts one
-// warp per token of the chunk on axis x. Larger batches run in chunks.
-inline int64_t batch_per_launch(int64_t n) {
-  const int64_t by_x = kMaxGridX / blocks_for((n > 0 ? n : 1) * kWarp, kThreads);
-  return by_x < kMaxGridYZ ? (by_x > 0 ? by_x : 1) : kMaxGridYZ;
+inline dim3 grid_of(const Launch& l) {
+  return dim3(static_cast<unsigned>(l.grid[0]), static_cast<unsigned>(l.grid[1]), static_cast<unsigned>(l.grid[2]));
 }
-
-template <typename TM>
-void launch_similarity(const TM* q, RowMap qmap, const TM* m, RowMap kmap, int64_t batch, int64_t n, int64_t c,
-                       int64_t rows, int64_t cols, float* sims, cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned>(blocks_for(cols, kTileN)), static_cast<unsigned>(blocks_for(rows, kTileM)),
-                  static_cast<unsigned>(batch));
-  similarity_kernel<TM><<<grid, kThreads, 0, stream>>>(q, qmap, m, kmap, n, c, rows, cols, sims);
-}
-
-struct MergeTokensProblem {
-  int64_t batch, n, d, k, c, topm;
-  float temperature;
-  Combine combine;
-  bool kept_mode, cosine;
-  // Chooser rows: the dropped tokens (dropped mode) or the kept tokens (kept mode).
-  int64_t chooser_rows() const { return kept_mode ? k : n - k; }
-  // Candidates: the kept tokens (dropped mode) or every token (kept mode).
-  int64_t candidates() const { return kept_mode ? n : k; }
-};
 
 // Scratch buffers the caller allocates (element counts in the comments).
 struct MergeTokensScratch {
@@ -666,37 +636,51 @@ void merge_tokens_chunk(const MergeTokensProblem& p, const TX* x, const int64_t*
                         const TM* query, const float* weight, TX* merged, float* mass, const MergeTokensScratch& s,
                         cudaStream_t stream) {
   const int64_t rows_c = p.chooser_rows(), cols_c = p.candidates();
-  const dim3 per_keep(static_cast<unsigned>(blocks_for(p.k, kThreads)), static_cast<unsigned>(p.batch));
-  keep_scatter_kernel<<<per_keep, kThreads, 0, stream>>>(keep, p.k, p.n, s.kept_pos, s.invalid);
-  const dim3 per_token(static_cast<unsigned>(blocks_for(p.n, kThreads)), static_cast<unsigned>(p.batch));
-  negative_weight_kernel<<<per_token, kThreads, 0, stream>>>(weight, p.n, s.invalid);
-  if (p.n > p.k && !p.kept_mode) {
-    dropped_list_kernel<<<static_cast<unsigned>(p.batch), kThreads, 0, stream>>>(s.kept_pos, p.n, p.n - p.k,
-                                                                                  s.dropped);
+  RowMap qmap, kmap;
+  if (p.kept_mode) {
+    qmap.i64 = keep;  // choosers: the kept tokens; candidates: all tokens
+  } else {
+    qmap.i32 = s.dropped;  // choosers: the dropped tokens; candidates: the kept tokens
+    kmap.i64 = keep;
   }
-  if (p.cosine) {
-    inverse_norm_kernel<TM><<<static_cast<unsigned>(blocks_for(p.batch * p.n * kWarp, kThreads)), kThreads, 0,
-                              stream>>>(metric, p.batch * p.n, p.c, s.inv);
-  }
-  if (rows_c > 0) {
-    RowMap qmap, kmap;
-    if (p.kept_mode) {
-      qmap.i64 = keep;  // choosers: the kept tokens; candidates: all tokens
-    } else {
-      qmap.i32 = s.dropped;  // choosers: the dropped tokens; candidates: the kept tokens
-      kmap.i64 = keep;
+  const TM* chooser = query != nullptr ? query : metric;
+  const LaunchPlan plan = merge_tokens_plan(p);
+  for (int i = 0; i < plan.count; ++i) {
+    const Launch& l = plan.launch[i];
+    const dim3 grid = grid_of(l);
+    const unsigned threads = static_cast<unsigned>(l.threads);
+    const size_t smem = static_cast<size_t>(l.dynamic_smem);
+    switch (l.kernel) {
+      case MergeKernel::kKeepScatter:
+        keep_scatter_kernel<<<grid, threads, smem, stream>>>(keep, p.k, p.n, s.kept_pos, s.invalid);
+        break;
+      case MergeKernel::kNegativeWeight:
+        negative_weight_kernel<<<grid, threads, smem, stream>>>(weight, p.n, s.invalid);
+        break;
+      case MergeKernel::kDroppedList:
+        dropped_list_kernel<<<grid, threads, smem, stream>>>(s.kept_pos, p.n, p.n - p.k, s.dropped);
+        break;
+      case MergeKernel::kInverseNorm:
+        inverse_norm_kernel<TM><<<grid, threads, smem, stream>>>(metric, p.batch * p.n, p.c, s.inv);
+        break;
+      case MergeKernel::kSimilarity:
+        similarity_kernel<TM><<<grid, threads, smem, stream>>>(chooser, qmap, metric, kmap, p.n, p.c, rows_c, cols_c,
+                                                               s.sims);
+        break;
+      case MergeKernel::kSelectTargets:
+        select_targets_kernel<<<grid, threads, smem, stream>>>(s.sims, rows_c, cols_c, s.dropped, keep, p.k, p.n,
+                                                               s.inv, p.cosine, p.kept_mode, p.topm, p.temperature,
+                                                               weight, s.invalid, s.targets, s.coef);
+        break;
+      case MergeKernel::kMergeReduce:
+        merge_reduce_kernel<TX><<<grid, threads, smem, stream>>>(x, keep, weight, s.dropped, s.targets, s.coef,
+                                                                 s.invalid, p.n, p.d, p.k, rows_c, p.topm,
+                                                                 p.kept_mode, p.combine, merged, mass);
+        break;
+      default:
+        break;  // not a merge_tokens kernel
     }
-    launch_similarity<TM>(query != nullptr ? query : metric, qmap, metric, kmap, p.batch, p.n, p.c, rows_c, cols_c,
-                          s.sims, stream);
-    const dim3 gs(static_cast<unsigned>(blocks_for(rows_c * kWarp, kThreads)), static_cast<unsigned>(p.batch));
-    select_targets_kernel<<<gs, kThreads, 0, stream>>>(s.sims, rows_c, cols_c, s.dropped, keep, p.k, p.n, s.inv,
-                                                       p.cosine, p.kept_mode, p.topm, p.temperature, weight,
-                                                       s.invalid, s.targets, s.coef);
   }
-  const dim3 gr(static_cast<unsigned>(p.k), static_cast<unsigned>(p.batch));
-  merge_reduce_kernel<TX><<<gr, kThreads, 0, stream>>>(x, keep, weight, s.dropped, s.targets, s.coef, s.invalid, p.n,
-                                                       p.d, p.k, rows_c, p.topm, p.kept_mode, p.combine, merged,
-                                                       mass);
 }
 
 template <typename TX, typename TM>
@@ -742,24 +726,40 @@ void bipartite_merge_chunk(int64_t batch, int64_t n, int64_t d, int64_t c, int64
                            const TX* x, const TM* metric, const float* size, TX* out, float* out_size,
                            const BipartiteScratch& s, cudaStream_t stream) {
   const int64_t n_a = (n + 1) / 2, n_b = n / 2;
-  const dim3 per_token(static_cast<unsigned>(blocks_for(n, kThreads)), static_cast<unsigned>(batch));
-  negative_weight_kernel<<<per_token, kThreads, 0, stream>>>(size, n, s.invalid);
-  if (n_b > 0) {
-    inverse_norm_kernel<TM><<<static_cast<unsigned>(blocks_for(batch * n * kWarp, kThreads)), kThreads, 0,
-                              stream>>>(metric, batch * n, c, s.inv);
-    RowMap a_rows, b_rows;  // set A: even positions, set B: odd positions
-    a_rows.step = 2;
-    b_rows.step = 2;
-    b_rows.offset = 1;
-    launch_similarity<TM>(metric, a_rows, metric, b_rows, batch, n, c, n_a, n_b, s.sims, stream);
-    const dim3 gb(static_cast<unsigned>(blocks_for(n_a * kWarp, kThreads)), static_cast<unsigned>(batch));
-    best_match_kernel<<<gb, kThreads, 0, stream>>>(s.sims, n_a, n_b, n, s.inv, s.node_key, s.node_idx);
+  RowMap a_rows, b_rows;  // set A: even positions, set B: odd positions
+  a_rows.step = 2;
+  b_rows.step = 2;
+  b_rows.offset = 1;
+  const LaunchPlan plan = bipartite_merge_plan(batch, n, r);
+  for (int i = 0; i < plan.count; ++i) {
+    const Launch& l = plan.launch[i];
+    const dim3 grid = grid_of(l);
+    const unsigned threads = static_cast<unsigned>(l.threads);
+    const size_t smem = static_cast<size_t>(l.dynamic_smem);
+    switch (l.kernel) {
+      case MergeKernel::kNegativeWeight:
+        negative_weight_kernel<<<grid, threads, smem, stream>>>(size, n, s.invalid);
+        break;
+      case MergeKernel::kInverseNorm:
+        inverse_norm_kernel<TM><<<grid, threads, smem, stream>>>(metric, batch * n, c, s.inv);
+        break;
+      case MergeKernel::kSimilarity:
+        similarity_kernel<TM><<<grid, threads, smem, stream>>>(metric, a_rows, metric, b_rows, n, c, n_a, n_b, s.sims);
+        break;
+      case MergeKernel::kBestMatch:
+        best_match_kernel<<<grid, threads, smem, stream>>>(s.sims, n_a, n_b, n, s.inv, s.node_key, s.node_idx);
+        break;
+      case MergeKernel::kEdgeSelect:
+        edge_select_kernel<<<grid, threads, smem, stream>>>(s.node_key, n_a, r, protect_first, s.merged, s.unmerged);
+        break;
+      case MergeKernel::kBipartiteOutput:
+        bipartite_output_kernel<TX><<<grid, threads, smem, stream>>>(x, size, s.merged, s.node_idx, s.unmerged,
+                                                                     s.invalid, n, d, n_a, r, out, out_size);
+        break;
+      default:
+        break;  // not a bipartite_merge kernel
+    }
   }
-  edge_select_kernel<<<static_cast<unsigned>(batch), kThreads, 0, stream>>>(s.node_key, n_a, r, protect_first,
-                                                                           s.merged, s.unmerged);
-  const dim3 go(static_cast<unsigned>(n - r), static_cast<unsigned>(batch));
-  bipartite_output_kernel<TX><<<go, kThreads, 0, stream>>>(x, size, s.merged, s.node_idx, s.unmerged, s.invalid, n,
-                                                           d, n_a, r, out, out_size);
 }
 
 template <typename TX, typename TM>

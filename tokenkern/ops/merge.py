@@ -368,6 +368,21 @@ def _bipartite_merge_kernel_fake(x, metric, r, size, protect_first):
     return x.new_empty(b, n - r, d), x.new_empty(b, n - r, dtype=torch.float32)
 
 
+# The launch plans of the CUDA merge launchers (csrc/common/merge_plan.h), read by the static
+# kernel report: (kMaxMergeLaunches, 7) int64 CPU tensors.
+LAUNCH_PLAN_SHAPE = (7, 7)
+
+
+@register_fake("tokenkern::_merge_tokens_launch_plan")
+def _merge_tokens_launch_plan_fake(batch, n, d, k, c, topm, kept_mode, cosine):
+    return torch.empty(LAUNCH_PLAN_SHAPE, dtype=torch.int64)
+
+
+@register_fake("tokenkern::_bipartite_merge_launch_plan")
+def _bipartite_merge_launch_plan_fake(batch, n, d, c, r):
+    return torch.empty(LAUNCH_PLAN_SHAPE, dtype=torch.int64)
+
+
 def _bipartite_merge_setup_context(ctx, inputs, output) -> None:
     x, metric, r, size, protect_first = inputs
     ctx.mark_non_differentiable(output[1])
