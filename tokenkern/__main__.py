@@ -1,4 +1,4 @@
-"""Command line: ``python -m tokenkern {demo,info,bench,plan}``."""
+"""Command line: ``python -m tokenkern {demo,info,bench,plan,kernels}``."""
 
 from __future__ import annotations
 
@@ -86,6 +86,25 @@ def _bench(extra: list[str]) -> int:
     return pytest.main([str(root), "--benchmark-only", *extra])
 
 
+def _kernels(args: argparse.Namespace) -> int:
+    import os
+
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        print("tokenkern kernels: compiles for sm_90, so TRITON_INTERPRET must be unset", file=sys.stderr)
+        return 2
+    from .kernel_report import LABEL, budget, build_report, format_table, write_json
+
+    report = build_report()
+    print(format_table(report))
+    if args.json:
+        print(f"wrote {write_json(report, args.json)} ({LABEL})")
+    if not args.check:
+        return 0
+    verdict = budget.check(report)
+    print(budget.format_verdict(verdict))
+    return 0 if verdict.ok else 1
+
+
 def _demo(args: argparse.Namespace) -> int:
     try:
         Path(args.out).mkdir(parents=True, exist_ok=True)
@@ -145,6 +164,15 @@ def main(argv: list[str] | None = None) -> int:
         "the Pareto frontier and the optimum under the budget. Exit status 1 if nothing fits.",
     )
     planner_cli.add_arguments(plan_parser)
+    kernels = sub.add_parser(
+        "kernels",
+        help="static kernel report: sm_90 registers, spills, grid fill, bytes vs floor (no GPU run)",
+        description="Compile every kernel for sm_90 at the headline shapes with the launchers' own "
+        "configurations and print the static report. --check: exit status 1 on a budget breach "
+        "not in the allow-list (or an allow-list entry that no longer breaches).",
+    )
+    kernels.add_argument("--json", default=None, metavar="PATH", help="also write the report as JSON")
+    kernels.add_argument("--check", action="store_true", help="check the kernel budget against the allow-list")
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] != ["bench"]:
         argv = _negative_values_attached(argv, [demo, plan_parser])
@@ -156,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "plan":
         return planner_cli.run(args)
+    if args.command == "kernels":
+        return _kernels(args)
     return _bench(args.pytest_args)
 
 

@@ -1,0 +1,225 @@
+"""The static kernel report: its launch interception, budget checker and JSON schema."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from tokenkern.kernel_report import budget, schema
+from tokenkern.kernel_report.schema import KernelLaunch, OpCall
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _randn(gen: torch.Generator, *shape: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=gen)
+
+
+def _cases(gen: torch.Generator) -> dict[str, Callable[[], object]]:
+    """Small float32 calls of every Triton op face (the interpreter runs them)."""
+    from tokenkern.ops import attention, gumbel, leverage, select, spectral
+
+    x = _randn(gen, 2, 40, 24)
+    q, k = _randn(gen, 1, 2, 5, 16), _randn(gen, 1, 2, 21, 16)
+    xv = _randn(gen, 1, 14, 8)
+    lse = torch.logsumexp(torch.einsum("bhqd,bhkd->bhqk", q, k) * 16**-0.5, dim=-1)
+    logits, g = _randn(gen, 3, 50), _randn(gen, 3, 50)
+    return {
+        "leverage_topk": lambda: leverage.leverage_topk_triton(x, 10, 3, 4, 1, 0),
+        "spectral_ipr_top": lambda: spectral.spectral_ipr_triton(x, 2),
+        "spectral_ipr_all": lambda: spectral.spectral_ipr_triton(x, -1),
+        "attn_topk": lambda: attention.attn_topk_triton(q, k, xv, 4, key_start=3, key_end=17, causal=True),
+        "attn_topk_lse": lambda: attention.attn_topk_triton(q, k, xv, 4, lse=lse, key_start=3, key_end=17),
+        "topk_gather": lambda: select.topk_gather_triton(logits, _randn(gen, 3, 50, 8), 7),
+        "gumbel_topk": lambda: gumbel.gumbel_topk_triton(logits, 7, 0.5, 3, True),
+        "gumbel_topk_backward": lambda: gumbel.gumbel_topk_backward_cuda(g, logits, 7, 0.5, 3),
+    }
+
+
+def _interpreted_launches(run: Callable[[], object]) -> list[tuple[str, tuple[int, ...]]]:
+    """(kernel, grid) of each program grid the interpreter actually executes."""
+    from triton.runtime import interpreter
+
+    seen: list[tuple[str, tuple[int, ...]]] = []
+    original = interpreter.GridExecutor.__call__
+
+    def call(self, *args, **kwargs):
+        grid = tuple(int(n) for n in self.grid) + (1,) * (3 - len(self.grid))
+        seen.append((self.fn.__name__, grid))
+        return original(self, *args, **kwargs)
+
+    interpreter.GridExecutor.__call__ = call
+    try:
+        run()
+    finally:
+        interpreter.GridExecutor.__call__ = original
+    return seen
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="compares with the Triton interpreter")
+@pytest.mark.parametrize("case", list(_cases(torch.Generator())))
+def test_interception_records_the_launches_the_kernels_make(case, gen):
+    from tokenkern.kernel_report.triton_report import record_launches
+
+    run = _cases(gen)[case]
+    actual = _interpreted_launches(run)
+    with record_launches(execute=False) as launches:
+        run()
+    recorded = [(launch.name, launch.grid) for launch in launches if launch.backend == "triton"]
+    assert actual and recorded == actual
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="compares with the Triton interpreter")
+def test_recording_skips_execution_and_counts_torch_launches(gen):
+    from tokenkern.kernel_report.triton_report import record_launches
+    from tokenkern.ops import leverage
+
+    x = _randn(gen, 2, 40, 24)
+
+    with record_launches(execute=False) as launches:
+        _, _, scores = leverage.leverage_topk_triton(x, 10, 3, 4, 1, 0)
+    torch_ops = [launch.name for launch in launches if launch.backend == "torch"]
+    assert "torch.linalg_vector_norm" in torch_ops  # the abs-max reduction
+    # TOKENKERN_POISON fills outputs with NaN: a skipped row_scores leaves them so.
+    assert os.environ.get("TOKENKERN_POISON") != "1" or bool(torch.isnan(scores).all())
+
+
+def _kernel(**over: object) -> KernelLaunch:
+    base = KernelLaunch(
+        op="toy", shape="B=8 N=2880", kernel="_k", backend="triton", grid=[264, 1, 1], ctas=264, threads=128,
+        registers=64, spill_bytes=0, shared_bytes=1024, ctas_per_sm=8, limiter="registers", sm_fill=0.25,
+        compulsory_bytes=1000, tensor_cores=False,
+    )  # fmt: skip
+    return replace(base, **over)
+
+
+def _call(kernels: list[KernelLaunch], params: dict, op: str = "toy", floor: int = 1000, passes: float = 1) -> OpCall:
+    return OpCall(
+        op=op, shape=kernels[0].shape, params=params, launches=len(kernels), kernels=kernels,
+        bytes_moved=sum(k.compulsory_bytes for k in kernels), hbm_floor_bytes=floor, floor_formula="|x|",
+        passes_over_x=passes, passes_formula="1",
+    )  # fmt: skip
+
+
+def _report(*calls: OpCall) -> dict:
+    report = schema.report_dict(list(calls), {"triton": "test"})
+    schema.validate(report)
+    return report
+
+
+def test_budget_passes_a_clean_call():
+    report = _report(_call([_kernel()], {"B": 8, "N": 2880}))
+    assert budget.breaches(report) == []
+    assert budget.check(report, allowed={}).ok
+
+
+def test_budget_flags_synthetic_breaches():
+    spilling = _kernel(kernel="_spill", spill_bytes=96)
+    narrow = _kernel(kernel="_narrow", grid=[8, 1, 1], ctas=8)
+    tiny = _kernel(kernel="_tiny", grid=[8, 1, 1], ctas=8, compulsory_bytes=1)  # < 10% of the bytes: no grid budget
+    b8 = _call([spilling, narrow, tiny], {"B": 8, "N": 2880}, op="gumbel_topk", floor=1000)
+    b1 = _call([_kernel(shape="B=1", grid=[1, 1, 1], ctas=1)], {"B": 1, "N": 2880})
+    found = {(b.op, b.kernel, b.budget): b.value for b in budget.breaches(_report(b8, b1))}
+    assert found == {
+        ("gumbel_topk", "_spill", "spills"): 96,
+        ("gumbel_topk", "_narrow", "grid_b8"): 8,
+        ("gumbel_topk", "", "launches"): 3,  # gumbel_topk: 1 launch
+        ("gumbel_topk", "", "bytes"): 2.0,  # 2001 bytes > 1.2 x 1 pass x 1000
+        ("toy", "_k", "per_sample_b1"): 1,
+    }
+    verdict = budget.check(_report(b8, b1), allowed={})
+    assert not verdict.ok and len(verdict.new) == 5
+    assert "NEW BREACH gumbel_topk _spill spills: 96" in budget.format_verdict(verdict, {})
+
+
+def test_allow_list_holds_breaches_and_fails_when_obsolete_or_worse():
+    call = _call([_kernel(kernel="_spill", spill_bytes=96)], {"B": 8, "N": 2880})
+    report = _report(call)
+    assert budget.check(report, allowed={("toy", "_spill", "spills"): 96}).ok
+    assert budget.check(report, allowed={("toy", "_spill", "spills"): 200}).ok  # better than listed
+    worse = budget.check(report, allowed={("toy", "_spill", "spills"): 40})
+    assert not worse.ok and worse.worse[0][1] == 40
+    stale = {("toy", "_spill", "spills"): 96, ("toy", "_gone", "spills"): 8}
+    verdict = budget.check(report, allowed=stale)
+    assert not verdict.ok and verdict.obsolete == [(("toy", "_gone", "spills"), 8)]
+    assert "OBSOLETE allow-list entry toy _gone spills" in budget.format_verdict(verdict, stale)
+    # a grid breach improves as CTAs grow
+    narrow = _report(_call([_kernel(kernel="_n", grid=[64, 1, 1], ctas=64)], {"B": 8}))
+    assert budget.check(narrow, allowed={("toy", "_n", "grid_b8"): 8}).ok
+    assert not budget.check(narrow, allowed={("toy", "_n", "grid_b8"): 100}).ok
+
+
+def test_allow_list_source_round_trips():
+    call = _call([_kernel(kernel="_spill", spill_bytes=96)], {"B": 8, "N": 2880})
+    found = budget.breaches(_report(call))
+    namespace: dict = {}
+    exec(budget.allow_list_source(found), namespace)
+    assert namespace["ALLOWED"] == {("toy", "_spill", "spills"): 96}
+
+
+def test_ctas_per_sm_on_sm90():
+    assert schema.ctas_per_sm(128, 255, 57344) == (2, "registers")  # 255 -> 256 regs x 128 threads
+    assert schema.ctas_per_sm(128, 24, 0) == (16, "threads")
+    assert schema.ctas_per_sm(32, 16, 0) == (32, "ctas")
+    assert schema.ctas_per_sm(128, 64, 100 * 1024) == (2, "shared")
+    assert schema.sm_fill(132, 2) == 0.5
+
+
+@pytest.mark.parametrize(
+    "break_it",
+    [
+        lambda r: r.pop("label"),
+        lambda r: r["calls"][0].pop("floor_formula"),
+        lambda r: r["calls"][0].update(launches=2),
+        lambda r: r["calls"][0].update(bytes_moved=1),
+        lambda r: r["calls"][0]["kernels"][0].update(backend="opencl"),
+        lambda r: r["calls"][0]["kernels"][0].update(grid=[2, 1]),
+        lambda r: r["calls"][0]["kernels"][0].update(registers="many"),
+    ],
+)
+def test_schema_rejects_broken_reports(break_it):
+    report = _report(_call([_kernel()], {"B": 8}))
+    break_it(report)
+    with pytest.raises(ValueError, match=r"tokenkern\.kernel_report"):
+        schema.validate(report)
+
+
+_SMALL_REPORT = """
+import json, sys
+from tokenkern.kernel_report import budget, build_report, format_table, write_json
+report = build_report(small=True, sides=("triton_report",))
+write_json(report, sys.argv[1])
+print(format_table(report))
+"""
+
+
+def test_small_report_compiles_and_validates(tmp_path):
+    """The sm_90 compile path at tiny shapes, in a fresh interpreter (TRITON_INTERPRET unset)."""
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = tmp_path / "report.json"
+    proc = subprocess.run([sys.executable, "-c", _SMALL_REPORT, str(out)], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    schema.validate(report)
+    assert "static, no GPU run" in proc.stdout
+    kernels = {k["kernel"]: k for c in report["calls"] for k in c["kernels"]}
+    gather = kernels["_topk_gather_kernel"]
+    assert gather["registers"] > 0 and gather["threads"] == 128 and gather["spill_bytes"] == 0
+    assert gather["config"]["num_warps"] == 4 and "BLOCK_ROWS" in gather["config"]["constexprs"]
+    budget.breaches(report)  # the checker reads every record of a real report
+
+
+def test_committed_report_validates():
+    path = ROOT / "benchmarks" / "results" / "static" / "sm90.json"
+    if not path.exists():
+        pytest.skip("no committed static report (make kernel-report writes it)")
+    schema.validate(json.loads(path.read_text()))

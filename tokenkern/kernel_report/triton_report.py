@@ -1,0 +1,495 @@
+"""The Triton side of the static kernel report (static, no GPU run).
+
+Each public op's CUDA face (``tokenkern.ops.<family>.<op>_triton``) runs on CPU tensors at the
+headline shapes while every Triton launch is intercepted: the launchers are sync-free, so the
+launch sequence (kernels, grids, constexprs, num_warps, num_stages) depends on shapes only. A
+launch is recorded and skipped (outputs stay uninitialized; nothing reads them). Torch ops in
+the launchers that would launch a CUDA kernel (reductions, fills, copies) are recorded too.
+Each distinct Triton specialization is then compiled for sm_90 with Triton's own binder (the
+signature, constexprs and 16-byte divisibility attributes the JIT would derive from the same
+arguments) and ptxas reports registers, spills and shared memory.
+
+Recording must run where the kernels are JIT functions (TRITON_INTERPRET unset) for the
+compile step; ``record_launches`` also works under the interpreter (the tests compare it
+with an interpreted run).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import io
+import math
+import os
+import re
+import subprocess
+import tempfile
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from .schema import LABEL, SM90, KernelLaunch, OpCall, ctas_per_sm, sm_fill
+
+ARCH = 90
+
+# Aten ops that launch nothing on CUDA: allocations and views.
+_NO_LAUNCH = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "lift_fresh", "detach"}
+
+
+@dataclass
+class Launch:
+    """One recorded launch. Triton: fn (the JIT function), args/kwargs as passed; torch: the
+    aten op. tensors: (data_ptr, bytes) of each distinct tensor argument (and torch outputs)."""
+
+    name: str
+    backend: str
+    grid: tuple[int, int, int]
+    tensors: dict[int, int]
+    fn: Any = None
+    args: tuple = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+def _tensor_bytes(values: list[Any]) -> dict[int, int]:
+    out: dict[int, int] = {}
+    for v in values:
+        if isinstance(v, torch.Tensor):
+            ptr = v.data_ptr()
+            out[ptr] = max(out.get(ptr, 0), v.numel() * v.element_size())
+    return out
+
+
+def _grid3(grid: Any) -> tuple[int, int, int]:
+    if callable(grid):
+        raise ValueError("tokenkern.kernel_report: grid must be a tuple of ints, got a callable")
+    g = [int(n) for n in grid] + [1] * (3 - len(grid))
+    return g[0], g[1], g[2]
+
+
+class _TorchLaunches(TorchDispatchMode):
+    """Records every aten op that would launch a CUDA kernel (not views or allocations)."""
+
+    def __init__(self, sink: list[Launch]):
+        super().__init__()
+        self.sink = sink
+        self.paused = False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        if not self.paused and not func.is_view and name not in _NO_LAUNCH:
+            flat = tree_flatten((args, kwargs or {}))[0] + tree_flatten(out)[0]
+            self.sink.append(Launch(f"torch.{name}", "torch", (1, 1, 1), _tensor_bytes(flat)))
+        return out
+
+
+@contextlib.contextmanager
+def record_launches(execute: bool = False, torch_ops: bool = True) -> Iterator[list[Launch]]:
+    """Within the block, Triton launches (JIT or interpreted) are recorded into the yielded
+    list and skipped (``execute=False``) or run (``execute=True``); with ``torch_ops`` the
+    aten ops that would launch a CUDA kernel are recorded too."""
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    launches: list[Launch] = []
+    mode = _TorchLaunches(launches) if torch_ops else None
+    originals = {cls: cls.run for cls in (JITFunction, InterpretedFunction)}
+
+    def patched(cls: type) -> Callable[..., Any]:
+        def run(self, *args, grid, warmup, **kwargs):
+            if warmup:
+                return originals[cls](self, *args, grid=grid, warmup=warmup, **kwargs)
+            values = list(args) + list(kwargs.values())
+            launches.append(Launch(self.fn.__name__, "triton", _grid3(grid), _tensor_bytes(values), self, args, kwargs))
+            if not execute:
+                return None
+            if mode is not None:
+                mode.paused = True
+            try:
+                return originals[cls](self, *args, grid=grid, warmup=warmup, **kwargs)
+            finally:
+                if mode is not None:
+                    mode.paused = False
+
+        return run
+
+    for cls in originals:
+        cls.run = patched(cls)
+    try:
+        with mode if mode is not None else contextlib.nullcontext():
+            yield launches
+    finally:
+        for cls, run in originals.items():
+            cls.run = run
+
+
+# ------------------------------------------------------------------------ headline calls
+
+
+@dataclass
+class Call:
+    """One op call to record: ``run(inputs)`` calls the op's CUDA face; ``make()`` builds the
+    inputs (uninitialized CPU tensors); floor/passes are functions of the inputs and outputs."""
+
+    op: str
+    shape: str
+    params: dict[str, Any]
+    make: Callable[[], dict[str, Any]]
+    run: Callable[[dict[str, Any]], Any]
+    floor: Callable[[dict[str, Any], Any], int]
+    floor_formula: str
+    passes: float
+    passes_formula: str
+
+
+def _nbytes(*ts: torch.Tensor | None) -> int:
+    return sum(t.numel() * t.element_size() for t in ts if t is not None)
+
+
+_DT = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def _x(b: int, n: int, d: int, dtype: str) -> dict[str, Any]:
+    return {"x": torch.empty(b, n, d, dtype=_DT[dtype])}
+
+
+def _leverage_calls(b: int, n: int, d: int, dtype: str) -> list[Call]:
+    from tokenkern._triton.spectral import POWER_ITERS, spectral_sketch
+    from tokenkern.ops import leverage, spectral
+
+    k, p = n // 4, 2
+    label = f"B={b} N={n} D={d} {dtype}"
+    sel_floor = "|x| + |kept| + |indices| + |scores| (read x once, write the outputs)"
+    params = {"B": b, "N": n, "D": d, "dtype": dtype}
+    lev = Call(
+        "leverage_topk", f"{label} r=32 k={k}", {**params, "rank": 32, "k": k, "power_iters": p},
+        lambda: _x(b, n, d, dtype),
+        lambda a: leverage.leverage_topk_triton(a["x"], k, 32, 8, p, 0),
+        lambda a, out: _nbytes(a["x"], *out), sel_floor,
+        2 * p + 2, f"2 * power_iters + 2 = {2 * p + 2} products with x (sketch, 2 per power iteration, final X^T Q)",
+    )  # fmt: skip
+    ipr_floor = "|x| + |out| (read x once, write (B,) float32)"
+    pi = 0 if spectral_sketch(min(n, d), 32) == min(n, d) else POWER_ITERS
+    top = Call(
+        "spectral_ipr", f"{label} rank=32", {"B": b, "N": n, "D": d, "dtype": dtype, "rank": 32, "power_iters": pi},
+        lambda: _x(b, n, d, dtype),
+        lambda a: spectral.spectral_ipr_triton(a["x"], 32),
+        lambda a, out: _nbytes(a["x"], out), ipr_floor,
+        2 * pi + 2, f"2 * power_iters + 2 = {2 * pi + 2} products with x (power_iters = {pi})",
+    )  # fmt: skip
+    full = Call(
+        "spectral_ipr", f"{label} rank=all", {"B": b, "N": n, "D": d, "dtype": dtype, "rank": -1},
+        lambda: _x(b, n, d, dtype),
+        lambda a: spectral.spectral_ipr_triton(a["x"], -1),
+        lambda a, out: _nbytes(a["x"], out), ipr_floor,
+        1, "1: one Gram matrix of the smaller side",
+    )  # fmt: skip
+    return [lev, top, full]
+
+
+def _attn_inputs(b: int, h: int, nq: int, nk: int, d: int, dx: int, ks: int, ke: int, lse: bool) -> dict[str, Any]:
+    return {
+        "q": torch.empty(b, h, nq, d, dtype=torch.bfloat16),
+        "k": torch.empty(b, h, nk, d, dtype=torch.bfloat16),
+        "x": torch.empty(b, ke - ks, dx, dtype=torch.bfloat16),
+        "lse": torch.empty(b, h, nq, dtype=torch.float32) if lse else None,
+    }
+
+
+def _attn_calls(b: int, nq: int, lse: bool, topk: bool, dims: tuple[int, ...]) -> list[Call]:
+    from tokenkern.ops import attention
+
+    h, nk, d, dx, ks, ke = dims
+    n_keep = (ke - ks) // 4
+    label = f"B={b} H={h} Nq={nq} Nk={nk} d={d} bf16 causal{' lse' if lse else ''}"
+    params = {"B": b, "H": h, "Nq": nq, "Nk": nk, "d": d, "dtype": "bf16", "lse": lse, "key_start": ks, "key_end": ke}
+    passes = 1 if lse else 2
+    passes_formula = (
+        "1: q and k read once (lse given)" if lse else "2: q and k read by the lse pass and the column-sum pass"
+    )
+
+    def scores(a: dict[str, Any]) -> Any:
+        kw = {"lse": a["lse"], "key_start": ks, "key_end": ke, "causal": True}
+        if topk:
+            return attention.attn_topk_triton(a["q"], a["k"], a["x"], n_keep, **kw)
+        return attention.attn_scores_triton(a["q"], a["k"], **kw)
+
+    if topk:
+        floor = lambda a, out: _nbytes(a["q"], a["k"], a["lse"], out[0], *out)  # noqa: E731
+        formula = "|q| + |k| (+ |lse|) + 2 |kept| (read the kept rows, write them) + |indices| + |scores|"
+        params = {**params, "D": dx, "k": n_keep}
+        label += f" D={dx} k={n_keep}"
+    else:
+        floor = lambda a, out: _nbytes(a["q"], a["k"], a["lse"], out)  # noqa: E731
+        formula = "|q| + |k| (+ |lse|) + |scores|"
+    make = lambda: _attn_inputs(b, h, nq, nk, d, dx, ks, ke, lse)  # noqa: E731
+    op = "attn_topk" if topk else "attn_scores"
+    return [Call(op, label, params, make, scores, floor, formula, passes, passes_formula)]
+
+
+def _select_calls(b: int, n: int, d: int) -> list[Call]:
+    from tokenkern.ops import select
+
+    k = n // 4
+
+    def make() -> dict[str, Any]:
+        return {"scores": torch.empty(b, n, dtype=torch.float32), "x": torch.empty(b, n, d, dtype=torch.bfloat16)}
+
+    return [
+        Call(
+            "topk_gather", f"B={b} N={n} D={d} bf16 k={k}", {"B": b, "N": n, "D": d, "dtype": "bf16", "k": k},
+            make, lambda a: select.topk_gather_triton(a["scores"], a["x"], k),
+            lambda a, out: _nbytes(a["scores"], out[0], *out),
+            "|scores| + 2 |kept| (read the kept rows, write them) + |indices|", 1, "1: scores and the kept rows once",
+        )
+    ]  # fmt: skip
+
+
+def _gumbel_calls(b: int, n: int) -> list[Call]:
+    from tokenkern.ops import gumbel
+
+    k = n // 4
+    label = f"B={b} N={n} fp32 k={k}"
+    params = {"B": b, "N": n, "dtype": "fp32", "k": k, "tau": 0.5}
+
+    def make() -> dict[str, Any]:
+        return {"logits": torch.empty(b, n), "grad": torch.empty(b, n)}
+
+    fwd = Call(
+        "gumbel_topk", label, params, make, lambda a: gumbel.gumbel_topk_triton(a["logits"], k, 0.5, 0, True),
+        lambda a, out: _nbytes(a["logits"], out), "|logits| + |out|", 1, "1: logits once",
+    )  # fmt: skip
+    bwd = Call(
+        "gumbel_topk_backward", label, params, make,
+        lambda a: gumbel.gumbel_topk_backward_cuda(a["grad"], a["logits"], k, 0.5, 0),
+        lambda a, out: _nbytes(a["logits"], a["grad"], out), "|logits| + |grad| + |out|", 1, "1: logits and grad once",
+    )  # fmt: skip
+    return [fwd, bwd]
+
+
+LLAVA_NEXT = (32, 2950, 128, 4096, 35, 2915)  # H, Nk, d, D of x, visual key span [35, 2915)
+
+
+def headline_calls(small: bool = False) -> list[Call]:
+    """The headline shapes of the benchmark table (``small``: tiny shapes, for the tests)."""
+    if small:
+        return [*_select_calls(2, 96, 64), *_gumbel_calls(2, 96)]
+    calls: list[Call] = []
+    for b, n, d in ((8, 2880, 4096), (1, 2880, 4096), (8, 576, 1024)):
+        calls += _leverage_calls(b, n, d, "bf16")
+    for b in (1, 8):
+        for nq in (1, 2950):
+            for lse in (False, True):
+                calls += _attn_calls(b, nq, lse, True, LLAVA_NEXT)
+    calls += _attn_calls(8, 2950, False, False, LLAVA_NEXT) + _attn_calls(8, 2950, True, False, LLAVA_NEXT)
+    calls += _select_calls(8, 2880, 4096) + _select_calls(1, 2880, 4096)
+    calls += _gumbel_calls(64, 2880) + _gumbel_calls(8, 2880)
+    return calls
+
+
+# --------------------------------------------------------------------------- compiling
+
+
+# Pointer parameters that get a placeholder tensor (never read) when their flag is off.
+_PLACEHOLDERS = {"qm_ptr": "HAS_QMASK", "km_ptr": "HAS_KMASK", "noise_ptr": "STORE_NOISE"}
+
+
+def _kernel_bytes(launch: Launch) -> tuple[int, str]:
+    """Compulsory bytes: each distinct tensor argument once, placeholders (a mask pointer
+    whose HAS_ flag is off) left out. topk_gather reads only the kept rows of x: x counts as
+    the bytes of kept."""
+    if launch.backend != "triton":
+        return sum(launch.tensors.values()), ""
+    named = dict(zip(launch.fn.arg_names, launch.args, strict=False)) | launch.kwargs
+    used = [v for n, v in named.items() if not (n in _PLACEHOLDERS and not named.get(_PLACEHOLDERS[n], True))]
+    if launch.name == "_topk_gather_kernel":
+        kept = named["kept_ptr"]
+        used = [v for v in used if v is not named["x_ptr"]]
+        return sum(_tensor_bytes(used).values()) + kept.numel() * kept.element_size(), "x counted as its kept rows"
+    return sum(_tensor_bytes(used).values()), ""
+
+
+def specialization(launch: Launch) -> dict[str, Any]:
+    """What the JIT would compile this Triton launch as on sm_90: signature, constexprs and
+    attributes from Triton's binder, plus the options (num_warps, num_stages, ...)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    fn = launch.fn
+    backend = make_backend(GPUTarget("cuda", ARCH, 32))
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound, spec, options = binder(*launch.args, **launch.kwargs)
+    opts, signature, constexprs, attrs = fn._pack_args(backend, launch.kwargs, bound, spec, options)
+    keep = ("num_warps", "num_stages", "num_ctas", "maxnreg")
+    return {
+        "module": fn.fn.__module__,
+        "name": fn.fn.__name__,
+        "signature": dict(signature),
+        "constexprs": {k: v for k, v in constexprs.items()},
+        "attrs": {k: v for k, v in attrs.items()},
+        "options": {k: getattr(opts, k) for k in keep if getattr(opts, k, None) is not None},
+    }
+
+
+_PTXAS_REGS = re.compile(r"Used (\d+) registers")
+_PTXAS_SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+_TENSOR_CORE = re.compile(r"^\s*(wgmma\.mma_async|mma\.sync)", re.MULTILINE)
+
+
+def _ptxas_log(ptx: str) -> str:
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        cmd = [get_ptxas(ARCH).path, "-v", f"--gpu-name=sm_{ARCH}a", src, "-o", os.path.join(tmp, "k.cubin")]
+        return subprocess.run(cmd, check=True, capture_output=True, text=True).stderr
+
+
+def compile_one(spec: dict[str, Any]) -> dict[str, Any]:
+    """Compile one specialization for sm_90; registers, spill bytes (stores + loads, per
+    thread, from ptxas -v), shared bytes and whether the PTX has mma/wgmma."""
+    import triton
+    from triton import knobs
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = getattr(importlib.import_module(spec["module"]), spec["name"])
+    src = ASTSource(fn, spec["signature"], spec["constexprs"], spec["attrs"])
+    knobs.nvidia.dump_ptxas_log = True
+    captured = io.StringIO()
+    with contextlib.redirect_stdout(captured):
+        compiled = triton.compile(src, target=GPUTarget("cuda", ARCH, 32), options=spec["options"])
+    log = captured.getvalue()
+    if not _PTXAS_REGS.search(log):  # a Triton cache hit skips ptxas
+        log = _ptxas_log(compiled.asm["ptx"])
+    regs = int(_PTXAS_REGS.search(log).group(1))
+    spills = sum(int(n) for n in _PTXAS_SPILL.search(log).groups()) if _PTXAS_SPILL.search(log) else 0
+    return {
+        "registers": regs,
+        "spill_bytes": spills,
+        "shared_bytes": int(compiled.metadata.shared),
+        "tensor_cores": bool(_TENSOR_CORE.search(compiled.asm["ptx"])),
+    }
+
+
+def _key(spec: dict[str, Any]) -> str:
+    return repr(sorted((k, repr(v)) for k, v in spec.items()))
+
+
+def _compile_all(specs: dict[str, dict[str, Any]], workers: int) -> dict[str, dict[str, Any]]:
+    if workers <= 1 or len(specs) <= 1:
+        return {k: compile_one(s) for k, s in specs.items()}
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+        results = pool.map(compile_one, specs.values())
+        return dict(zip(specs, results, strict=True))
+
+
+# --------------------------------------------------------------------------- records
+
+
+def _kernel_record(call: Call, launch: Launch, compiled: dict[str, Any] | None, nbytes: int, note: str) -> KernelLaunch:
+    ctas = math.prod(launch.grid)
+    if compiled is None:  # a torch op: its grid is torch's business
+        note = "torch op launched by the glue; grid not known"
+        return KernelLaunch(call.op, call.shape, launch.name, "torch", list(launch.grid), ctas, 0, None, None, None,
+                            None, None, None, nbytes, None, notes=note)  # fmt: skip
+    threads = int(compiled["config"]["num_warps"]) * 32
+    per_sm, limiter = ctas_per_sm(threads, compiled["registers"], compiled["shared_bytes"], SM90)
+    return KernelLaunch(
+        op=call.op, shape=call.shape, kernel=launch.name, backend="triton", grid=list(launch.grid), ctas=ctas,
+        threads=threads, registers=compiled["registers"], spill_bytes=compiled["spill_bytes"],
+        shared_bytes=compiled["shared_bytes"], ctas_per_sm=per_sm, limiter=limiter,
+        sm_fill=round(sm_fill(ctas, per_sm, SM90), 4), compulsory_bytes=nbytes,
+        tensor_cores=compiled["tensor_cores"], flops=None, config=compiled["config"], notes=note,
+    )  # fmt: skip
+
+
+def _config(spec: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "constexprs": {spec["signature_names"][k[0]]: v for k, v in spec["constexprs"].items() if len(k) == 1},
+        "signature": {k: v for k, v in spec["signature"].items() if v != "constexpr"},
+        **spec["options"],
+    }
+
+
+def calls(small: bool = False, workers: int | None = None) -> list[OpCall]:
+    """Record every headline call, compile its Triton specializations for sm_90 and return
+    the report's records (static, no GPU run)."""
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        raise RuntimeError("tokenkern.kernel_report: the report must run with TRITON_INTERPRET unset (it compiles)")
+    recorded = []
+    specs: dict[str, dict[str, Any]] = {}
+    with _no_poison():
+        for call in headline_calls(small):
+            recorded.append(_record(call, specs))
+    workers = workers or max(1, min(2, os.cpu_count() or 1))
+    compiled = _compile_all(specs, workers)
+    for key, spec in specs.items():
+        names = list(getattr(importlib.import_module(spec["module"]), spec["name"]).arg_names)
+        compiled[key]["config"] = _config({**spec, "signature_names": names})
+    return [_op_call(call, launches, keys, nbytes, floor, compiled) for call, launches, keys, nbytes, floor in recorded]
+
+
+@contextlib.contextmanager
+def _no_poison() -> Iterator[None]:
+    """Outputs are not NaN-filled while recording (the fill would count as a launch)."""
+    old = os.environ.get("TOKENKERN_POISON")
+    os.environ["TOKENKERN_POISON"] = "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["TOKENKERN_POISON"]
+        else:
+            os.environ["TOKENKERN_POISON"] = old
+
+
+def _record(call: Call, specs: dict[str, dict[str, Any]]) -> tuple:
+    """Run one call with its launches recorded; new Triton specializations go into specs."""
+    inputs = call.make()
+    with record_launches() as launches:
+        out = call.run(inputs)
+    keys = []
+    for launch in launches:
+        if launch.backend != "triton":
+            keys.append(None)
+            continue
+        spec = specialization(launch)
+        key = _key(spec)
+        specs.setdefault(key, spec)
+        keys.append(key)
+    nbytes = [_kernel_bytes(launch) for launch in launches]
+    return call, launches, keys, nbytes, call.floor(inputs, out)
+
+
+def _op_call(call: Call, launches: list[Launch], keys: list, nbytes: list, floor: int, compiled: dict) -> OpCall:
+    kernels = [
+        _kernel_record(call, launch, compiled[key] if key else None, n, note)
+        for launch, key, (n, note) in zip(launches, keys, nbytes, strict=True)
+    ]
+    return OpCall(
+        op=call.op, shape=call.shape, params=call.params, launches=len(kernels), kernels=kernels,
+        bytes_moved=sum(k.compulsory_bytes for k in kernels), hbm_floor_bytes=floor,
+        floor_formula=call.floor_formula, passes_over_x=call.passes, passes_formula=call.passes_formula, label=LABEL,
+    )  # fmt: skip
+
+
+def toolchain() -> dict[str, str]:
+    import triton
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    version = get_ptxas(ARCH).version
+    return {
+        "triton": triton.__version__,
+        "torch": torch.__version__,
+        "triton_ptxas": str(version).strip().splitlines()[-1],
+    }
