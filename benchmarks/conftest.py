@@ -6,6 +6,9 @@ Compare implementations within one `group` (same shape, same run). Results: run 
 ``--benchmark-json=benchmarks/results/<gpu>.json`` (``make bench`` does); the JSON's
 machine_info carries the device, its measured copy bandwidth and the library versions.
 
+Floors (``floor_info``): HBM = bytes moved / the measured copy bandwidth (read + write bytes);
+compute = FLOPs / the documented tensor-core peak (``PEAK_FLOPS``); a call's floor is the larger.
+
 Without a GPU the suites run on small CPU shapes, once each, as a smoke test
 (``make test`` passes --benchmark-disable).
 """
@@ -13,6 +16,7 @@ Without a GPU the suites run on small CPU shapes, once each, as a smoke test
 from __future__ import annotations
 
 import functools
+import os
 
 import pytest
 import torch
@@ -43,6 +47,62 @@ def copy_bandwidth() -> float | None:
     return 2 * src.numel() / times[len(times) // 2]
 
 
+# Dense tensor-core peaks in FLOP/s (no sparsity), from NVIDIA's H100 / H200 datasheets, by a
+# fragment of torch.cuda.get_device_name() (first match wins); "fp32" is the non-tensor FMA peak.
+# TOKENKERN_PEAK_TFLOPS overrides the peak of every kind.
+PEAK_FLOPS = {
+    "H100 PCIe": {"bf16": 756e12, "fp16": 756e12, "tf32": 378e12, "fp32": 51.2e12},
+    "H100 NVL": {"bf16": 835e12, "fp16": 835e12, "tf32": 417.5e12, "fp32": 60e12},
+    "H100": {"bf16": 989.4e12, "fp16": 989.4e12, "tf32": 494.7e12, "fp32": 66.9e12},  # SXM5
+    "H200": {"bf16": 989.4e12, "fp16": 989.4e12, "tf32": 494.7e12, "fp32": 66.9e12},
+}
+# The tensor-core kind a GEMM on inputs of this dtype runs at its best.
+GEMM_KIND = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "tf32"}
+
+
+def peak_flops(kind: str = "bf16") -> float | None:
+    """The documented peak of this GPU for `kind` ("bf16", "fp16", "tf32", "fp32") in FLOP/s;
+    None without a GPU or for a device missing from PEAK_FLOPS."""
+    override = os.environ.get("TOKENKERN_PEAK_TFLOPS")
+    if override:
+        return float(override) * 1e12
+    if not HAS_CUDA:
+        return None
+    name = torch.cuda.get_device_name()
+    for fragment, peaks in PEAK_FLOPS.items():
+        if fragment in name:
+            return peaks[kind]
+    return None
+
+
+def hbm_floor_us(nbytes: int) -> float | None:
+    """Time to move nbytes (reads + writes) at the measured copy bandwidth, which already
+    counts both the read and the write of a copy. None without a GPU."""
+    bw = copy_bandwidth()
+    return nbytes / bw * 1e6 if bw else None
+
+
+def compute_floor_us(flops: int, kind: str = "bf16") -> float | None:
+    """Time of flops at the documented peak of `kind`; None when the peak is unknown."""
+    peak = peak_flops(kind)
+    return flops / peak * 1e6 if peak else None
+
+
+def floor_info(nbytes: int, flops: int | None = None, kind: str = "bf16") -> dict[str, float]:
+    """extra_info entries of a call's floors: hbm_floor_us, compute_floor_us (when flops and
+    the peak are known) and floor_us = the larger of the two. Empty without a GPU."""
+    info: dict[str, float] = {}
+    hbm = hbm_floor_us(nbytes)
+    if hbm is None:
+        return info
+    info["hbm_floor_us"] = round(hbm, 2)
+    compute = compute_floor_us(flops, kind) if flops else None
+    if compute is not None:
+        info["compute_floor_us"] = round(compute, 2)
+    info["floor_us"] = round(max(hbm, compute or 0.0), 2)
+    return info
+
+
 def pytest_benchmark_update_machine_info(config, machine_info):
     import triton
 
@@ -52,6 +112,8 @@ def pytest_benchmark_update_machine_info(config, machine_info):
     machine_info["device"] = torch.cuda.get_device_name() if HAS_CUDA else "cpu"
     if HAS_CUDA:
         machine_info["copy_bandwidth_GBps"] = round(copy_bandwidth() / 1e9, 1)
+        peak = peak_flops("bf16")
+        machine_info["peak_bf16_TFLOPS"] = round(peak / 1e12, 1) if peak else None
 
 
 def torch_topk_gather(scores: torch.Tensor, x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
