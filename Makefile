@@ -4,6 +4,8 @@
 #   make docs   the documentation site (mkdocs build --strict) into build/site
 #   make demo   the main job (python -m tokenkern demo)
 #   make bench  the benchmark suites for real (run it on a GPU; writes benchmarks/results/)
+#   make kernel-report  static sm_90 kernel report + budget check (no GPU run; benchmarks/results/static/)
+#   make gpu-check      one run on a lent H100/H200: build, GPU tests, sanitizers, bench, summary (DRY=1: on CPU)
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -18,9 +20,10 @@ STAMP := $(VENV)/.tokenkern-installed
 CSRC := $(shell find csrc -type f 2>/dev/null)
 PYTEST ?= $(PY) -m pytest
 
-.PHONY: test install check-cuda cpp-test pytest bench-smoke lint docs demo bench clean
+.PHONY: test install check-cuda cpp-test pytest bench-smoke lint docs demo bench clean kernel-report gpu-check \
+	gpu-check-dry
 
-test: install lint check-cuda cpp-test pytest docs bench-smoke
+test: install lint check-cuda cpp-test pytest docs bench-smoke kernel-report gpu-check-dry
 
 install: $(STAMP)
 
@@ -56,8 +59,25 @@ bench-smoke: install
 demo: install
 	$(PY) -m tokenkern demo
 
+# Static kernel report (sm_90 compile at the headline shapes, no GPU run): prints the table
+# and the budget allow-list, fails on a breach the allow-list does not hold.
+kernel-report: install
+	env -u TRITON_INTERPRET $(PY) -m tokenkern kernels --json benchmarks/results/static/sm90.json --check
+
 bench: install
 	$(PYTEST) benchmarks --benchmark-only --benchmark-json=benchmarks/results/last-run.json
+
+# tools/gpu_check.sh: build the CUDA extension, the GPU tests, compute-sanitizer, the benchmarks
+# and the summary (gpu-check.json / .md into $OUT or benchmarks/results/), each step with its own
+# timeout. No install prerequisite: a bare GPU image has no network (the script builds with
+# pip install --no-build-isolation --no-deps -e .). DRY=1 runs its plumbing on CPU.
+DRY ?= 0
+GPU_PY ?= $(if $(wildcard $(PY)),$(PY),python3)
+gpu-check:
+	DRY=$(DRY) PY=$(GPU_PY) tools/gpu_check.sh
+
+gpu-check-dry: install
+	DRY=1 PY=$(PY) tools/gpu_check.sh
 
 clean:
 	rm -rf build *.egg-info tokenkern/*.so
