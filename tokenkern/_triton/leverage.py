@@ -31,6 +31,10 @@ LEVERAGE_MAX_SKETCH = 256
 JACOBI_MAX_SWEEPS = 16
 # Stop when the squared off-diagonal mass is below this fraction of the squared Frobenius norm.
 JACOBI_TOL2 = 1e-13
+# Warps of the L x L kernels: with four, the Jacobi solver and the (64, L) @ (L, L) row-score
+# product spill at L = 64 (sm_90, 255-register cap); eight hold them in registers.
+JACOBI_WARPS = 8
+ROW_SCORES_WARPS = 8
 
 
 @triton.jit
@@ -155,6 +159,7 @@ def top_subspace(w: torch.Tensor, l: int, r: int) -> tuple[torch.Tensor, torch.T
         BLOCK_D=64,
         MAX_SWEEPS=JACOBI_MAX_SWEEPS,
         TOL2=JACOBI_TOL2,
+        num_warps=JACOBI_WARPS,
     )
     return vsel, evals
 
@@ -176,6 +181,7 @@ def row_scores(q: torch.Tensor, vsel: torch.Tensor) -> torch.Tensor:
         scores.stride(0),
         L=width,
         BLOCK_N=64,
+        num_warps=ROW_SCORES_WARPS,
     )
     return scores
 

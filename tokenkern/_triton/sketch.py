@@ -28,6 +28,9 @@ import triton.language as tl
 from .utils import empty, flat_grid, interpreted, next_pow2, split_dtype, unflatten2
 
 CHOLESKY_FLOOR = 1e-12
+# CholeskyQR holds three L x L float32 matrices per program: at L = 64 four warps spill ~3 KB
+# per thread (sm_90) and eight sit at the 255-register cap; sixteen need ~100 registers.
+CHOLQR_WARPS = 16
 
 
 @triton.jit
@@ -262,6 +265,7 @@ def orthonormalize(y: torch.Tensor, l: int) -> torch.Tensor:
         BLOCK_M=64,
         PASSES=2,
         FLOOR=CHOLESKY_FLOOR,
+        num_warps=CHOLQR_WARPS,
     )
     return q
 
