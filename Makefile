@@ -4,6 +4,8 @@
 #   make docs   the documentation site (mkdocs build --strict) into build/site
 #   make demo   the main job (python -m tokenkern demo)
 #   make bench  the benchmark suites for real (run it on a GPU; writes benchmarks/results/)
+#   make bench-cpu  the CPU suites (benchmarks/cpu) for real: each CPU op vs plain torch, ratios
+#               into benchmarks/results/cpu/last-run.{json,md}
 #   make kernel-report  static sm_90 kernel report + budget check (no GPU run; benchmarks/results/static/)
 #   make gpu-check      one run on a lent H100/H200: build, GPU tests, sanitizers, bench, summary (DRY=1: on CPU)
 
@@ -20,7 +22,7 @@ STAMP := $(VENV)/.tokenkern-installed
 CSRC := $(shell find csrc -type f 2>/dev/null)
 PYTEST ?= $(PY) -m pytest
 
-.PHONY: test install check-cuda cpp-test pytest bench-smoke lint docs demo bench clean kernel-report gpu-check \
+.PHONY: test install check-cuda cpp-test pytest bench-smoke lint docs demo bench bench-cpu clean kernel-report gpu-check \
 	gpu-check-dry
 
 test: install lint check-cuda cpp-test pytest docs bench-smoke kernel-report gpu-check-dry
@@ -65,7 +67,14 @@ kernel-report: install
 	env -u TRITON_INTERPRET $(PY) -m tokenkern kernels --json benchmarks/results/static/sm90.json --check
 
 bench: install
-	$(PYTEST) benchmarks --benchmark-only --benchmark-json=benchmarks/results/last-run.json
+	$(PYTEST) benchmarks --ignore=benchmarks/cpu --benchmark-only --benchmark-json=benchmarks/results/last-run.json
+
+# Medians of >= 5 rounds per side; the machine's other load shows in the IQR columns.
+bench-cpu: install
+	mkdir -p benchmarks/results/cpu
+	TOKENKERN_BENCH_CPU=full $(PYTEST) benchmarks/cpu --benchmark-only --benchmark-min-rounds=5 \
+		--benchmark-json=benchmarks/results/cpu/last-run.json
+	$(PY) benchmarks/cpu/summary.py benchmarks/results/cpu/last-run.json | tee benchmarks/results/cpu/last-run.md
 
 # tools/gpu_check.sh: build the CUDA extension, the GPU tests, compute-sanitizer, the benchmarks
 # and the summary (gpu-check.json / .md into $OUT or benchmarks/results/), each step with its own

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -116,6 +118,35 @@ def pytest_benchmark_update_machine_info(config, machine_info):
         machine_info["peak_bf16_TFLOPS"] = round(peak / 1e12, 1) if peak else None
 
 
+def pytest_benchmark_update_json(config, benchmarks, output_json):
+    """CPU suites (benchmarks/cpu): each group holds a "tokenkern" and a "torch" entry; record
+    ratio_vs_torch = torch median / tokenkern median in the tokenkern entry and in
+    output_json["cpu_ratios"]."""
+    groups: dict[str, dict[str, dict]] = {}
+    for entry in output_json["benchmarks"]:
+        impl = entry.get("extra_info", {}).get("impl")
+        if impl in ("tokenkern", "torch") and entry.get("stats"):
+            groups.setdefault(entry["group"], {})[impl] = entry
+    ratios = []
+    for group, pair in sorted(groups.items()):
+        if len(pair) != 2:
+            continue
+        tk, base = pair["tokenkern"], pair["torch"]
+        ratio = base["stats"]["median"] / tk["stats"]["median"]
+        tk["extra_info"]["ratio_vs_torch"] = round(ratio, 3)
+        ratios.append(
+            {
+                "case": group.rsplit(" threads=", 1)[0],
+                "threads": tk["extra_info"]["threads"],
+                "tokenkern_median_s": tk["stats"]["median"],
+                "torch_median_s": base["stats"]["median"],
+                "ratio": round(ratio, 3),
+            }
+        )
+    if ratios:
+        output_json["cpu_ratios"] = ratios
+
+
 def torch_topk_gather(scores: torch.Tensor, x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The baseline every suite compares the fused select+gather with: torch.topk, sort,
     gather. scores: (B, N); x: (B, N, D) -> kept (B, k, D), indices (B, k) ascending."""
@@ -150,5 +181,41 @@ def run_benchmark(benchmark):
             call()
             benchmark.extra_info["peak_extra_memory_MiB"] = round((torch.cuda.max_memory_allocated() - base) / 2**20, 2)
         return benchmark(call)
+
+    return run
+
+
+# CPU suites (benchmarks/cpu, see cpu_harness.py there): each case times "tokenkern" and "torch"
+# in one group, at 1 and 2 intra-op threads.
+CPU_IMPLS = ("tokenkern", "torch")
+
+
+@pytest.fixture(params=(1, 2), ids=lambda t: f"threads{t}")
+def threads(request) -> int:
+    """Runs the case with torch's intra-op pool at this many threads."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(params=CPU_IMPLS)
+def impl(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def compare(benchmark, impl, threads):
+    """compare(fns, check, group, **extra_info): fns maps "tokenkern" and "torch" to
+    zero-argument callables; check(tokenkern_out, torch_out) asserts they agree (run once, before
+    timing, in every mode); then this case's side is timed."""
+
+    def run(fns: dict[str, Callable[[], Any]], check: Callable[[Any, Any], None], group: str, **extra_info):
+        if set(fns) != set(CPU_IMPLS):
+            raise ValueError(f"compare: fns must have the keys {CPU_IMPLS}, got {sorted(fns)}")
+        check(fns["tokenkern"](), fns["torch"]())
+        benchmark.group = f"{group} threads={threads}"
+        benchmark.extra_info.update(extra_info, impl=impl, threads=threads, device="cpu")
+        return benchmark(fns[impl])
 
     return run
