@@ -57,4 +57,12 @@ TORCH_LIBRARY(tokenkern, m) {
       "_merge_tokens_launch_plan(int batch, int n, int d, int k, int c, int topm, bool kept_mode, bool cosine) "
       "-> Tensor");
   m.def("_bipartite_merge_launch_plan(int batch, int n, int d, int c, int r) -> Tensor");
+  // Private CPU kernels of the diversity ops (custom ops in tokenkern/ops/diversity.py, the single
+  // source of their argument and value checks; csrc/cpu/diversity_cpu.cpp): the greedy loops over
+  // float32 cosine similarities sim (B, N, N) (S_ii = 1), mask (B, N) bool -> (B, k) int64 ascending.
+  m.def("_maxmin_select_kernel(Tensor sim, Tensor? mask, int k) -> Tensor");
+  m.def("_dpp_select_kernel(Tensor sim, Tensor relevance, Tensor? mask, int k) -> Tensor");
+  m.def("_mmr_select_kernel(Tensor sim, Tensor importance, Tensor? mask, int k, float lam) -> Tensor");
+  // sim (B, P, L): each pivot's cosine with every token, candidates (B, L) bool -> (B, P * per_pivot).
+  m.def("_pivot_select_kernel(Tensor sim, Tensor candidates, int per_pivot) -> Tensor");
 }

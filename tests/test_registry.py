@@ -130,11 +130,54 @@ CASES = {
         (lambda dev: (_x(2, 40, 24, device=dev), 9), {"rank": 4, "oversample": 2, "power_iters": 1}),
         (lambda dev: (_x(1, 33, 16, dtype=torch.float16, device=dev), 1), {"rank": 4}),
     ],
+    "maxmin_select": [
+        (lambda dev: (_x(2, 30, 8, device=dev), 7, None), {}),
+        (lambda dev: (_x(2, 9, 8, dtype=torch.float16, device=dev), 3, torch.rand(2, 9, device=dev) > 0.3), {}),
+    ],
+    "dpp_select": [
+        (lambda dev: (_x(2, 30, 8, device=dev), torch.rand(2, 30, device=dev) + 0.1, 7, None), {}),
+        (lambda dev: (_x(1, 9, 8, device=dev), torch.rand(1, 9, device=dev), 9, None), {}),
+    ],
+    "mmr_select": [
+        (lambda dev: (_x(2, 30, 8, device=dev), _x(2, 30, device=dev), 7, 0.5, None), {}),
+    ],
+    "pivot_select": [
+        (
+            lambda dev: (
+                _x(2, 30, 8, device=dev),
+                torch.tensor([[3, 0, 29], [5, 6, 7]], device=dev),
+                torch.arange(30, device=dev).expand(2, 30) >= 8,
+                4,
+            ),
+            {},
+        ),
+    ],
+    # The private C++ kernels of the diversity ops: greedy loops over float32 similarities.
+    "_maxmin_select_kernel": [
+        (lambda dev: (_x(2, 12, 12, device=dev), None, 5), {}),
+    ],
+    "_dpp_select_kernel": [
+        (lambda dev: (_x(2, 12, 12, device=dev), torch.rand(2, 12, device=dev), None, 5), {}),
+    ],
+    "_mmr_select_kernel": [
+        (lambda dev: (_x(2, 12, 12, device=dev), _x(2, 12, device=dev), torch.rand(2, 12) > 0.2, 5, 0.3), {}),
+    ],
+    "_pivot_select_kernel": [
+        (lambda dev: (_x(2, 3, 12, device=dev), torch.rand(2, 12, device=dev) > 0.2, 2), {}),
+    ],
 }
 
 
 # Ops checked on CPU only: a private CPU kernel (CUDA runs Triton instead), or no tensor arguments.
-CPU_ONLY = {"_topk_gather_kernel", "_merge_tokens_launch_plan", "_bipartite_merge_launch_plan"}
+CPU_ONLY = {
+    "_topk_gather_kernel",
+    "_merge_tokens_launch_plan",
+    "_bipartite_merge_launch_plan",
+    "_maxmin_select_kernel",
+    "_dpp_select_kernel",
+    "_mmr_select_kernel",
+    "_pivot_select_kernel",
+}
 
 
 def _skip_missing_kernel(name: str, device: str) -> None:

@@ -392,3 +392,237 @@ def gumbel_topk(logits: Tensor, k: int, tau: float, noise: Tensor, hard: bool = 
     if not hard:
         return soft
     return hard_topk_mask(z32, k) + (soft - soft.detach())  # exactly hard in value
+
+
+# ------------------------------------------------------------------ diversity selection
+#
+# Shared conventions (maxmin_select, dpp_select, mmr_select): the cosine similarity of
+# tokens i != j is S_ij = u_i . u_j with u_i = x_i / ||x_i|| (u_i = 0 for a zero-norm token,
+# so it has similarity 0 with every other token) and S_ii = 1 for every token; S is exactly
+# symmetric (S_ji is S_ij); the cosine distance is 1 - S (0 on the diagonal). mask: (B, N) bool, True = candidate (None: all).
+# "First maximum" means the lowest index among the maxima; NaN ranks as -inf. A sample with
+# fewer candidates than it must select raises ValueError. The selected indices are returned
+# int64 ascending, (B, k).
+#
+# The *_order functions run the same greedy loops and also return the picks in the order they
+# were made and each sample's margin: the smallest gap, over the steps, between the winning
+# key and the best other available key (inf when there was never a competitor). Inputs whose
+# margin is within float32 rounding have more than one right answer.
+
+
+def cosine_matrix(x: Tensor) -> Tensor:
+    """x: (B, N, D) -> S (B, N, N) float64 (see the conventions above; S_ii = 1)."""
+    x64 = x.double().cpu()
+    norm = x64.norm(dim=-1, keepdim=True)
+    u = torch.where(norm > 0, x64 / torch.where(norm > 0, norm, 1.0), 0.0)
+    s = u @ u.mT
+    s = torch.triu(s) + torch.triu(s, 1).mT  # exactly symmetric: S_ji is S_ij
+    s.diagonal(dim1=-2, dim2=-1).fill_(1.0)
+    return s
+
+
+def _candidates(op: str, mask: Tensor | None, b: int, n: int, need: int) -> Tensor:
+    """(B, N) bool candidates on the CPU; ValueError if a sample has fewer than need."""
+    cand = torch.ones(b, n, dtype=torch.bool) if mask is None else mask.cpu().bool()
+    counts = cand.sum(dim=1)
+    if bool((counts < need).any()):
+        s = int(torch.nonzero(counts < need)[0, 0])
+        raise ValueError(f"tokenkern.{op}: mask must leave >= {need} candidates per sample, "
+                         f"got {int(counts[s])} in sample {s}")  # fmt: skip
+    return cand
+
+
+def _first_max(key: Tensor, avail: Tensor, twin: Tensor | None = None) -> tuple[int, float]:
+    """The index of the largest key among avail (bool, not empty), NaN as -inf, the lowest
+    index among equal maxima; and its gap to the best other available key (inf if none),
+    leaving out twin[winner] (a token whose key is the winner's by symmetry) if given."""
+    idx = avail.nonzero().flatten()
+    vals = key[idx]
+    vals = torch.where(torch.isnan(vals), float("-inf"), vals)
+    best = int(torch.argmax(vals))  # argmax returns the first maximum
+    others = torch.ones(len(idx), dtype=torch.bool)
+    others[best] = False
+    if twin is not None:
+        others &= idx != twin[idx[best]]
+    gap = float(vals[best] - vals[others].max()) if bool(others.any()) else math.inf
+    return int(idx[best]), (gap if not math.isnan(gap) else 0.0)
+
+
+def _sorted_rows(orders: list[list[int]]) -> Tensor:
+    return torch.tensor([sorted(o) for o in orders], dtype=torch.int64).reshape(len(orders), -1)
+
+
+def maxmin_order(x: Tensor, k: int, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """maxmin_select's picks in pick order (B, k) int64 and margins (B,) float64."""
+    b, n, _ = x.shape
+    cand = _candidates("maxmin_select", mask, b, n, k)
+    dist = 1.0 - cosine_matrix(x)
+    orders, margins = [], []
+    for s in range(b):
+        d = dist[s]
+        avail = cand[s].clone()
+        if int(avail.sum()) == 1:
+            first, gap = _first_max(torch.zeros(n, dtype=torch.float64), avail)
+        else:
+            others = torch.where(cand[s][None, :] & ~torch.eye(n, dtype=torch.bool), d, float("inf"))
+            nearest = others.min(dim=1)
+            # A token and its nearest neighbour tie when they are each other's nearest (d is
+            # symmetric): an exact tie, the lower index.
+            mutual = nearest.values[nearest.indices] == nearest.values
+            twin = torch.where(mutual, nearest.indices, -1)
+            first, gap = _first_max(nearest.values, avail, twin)
+        picks, gaps = [first], [gap]
+        avail[first] = False
+        to_set = d[first].clone()  # min distance of every token to the selected set
+        for _ in range(k - 1):
+            j, gap = _first_max(to_set, avail)
+            picks.append(j)
+            gaps.append(gap)
+            avail[j] = False
+            to_set = torch.minimum(to_set, d[j])
+        orders.append(picks)
+        margins.append(min(gaps))
+    return torch.tensor(orders, dtype=torch.int64), torch.tensor(margins, dtype=torch.float64)
+
+
+def maxmin_select(x: Tensor, k: int, mask: Tensor | None = None) -> Tensor:
+    """DivPrune's max-min diversity selection. x: (B, N, D), mask: (B, N) bool or None ->
+    (B, k) int64 ascending.
+
+    Cosine distance d = 1 - S (conventions above). Over the candidates of each sample: the
+    first pick is the candidate whose nearest OTHER candidate is farthest (argmax_i
+    min_{j != i} d_ij; a single candidate is picked itself); every next pick is the
+    unselected candidate farthest from the selected set (argmax_j min_{s selected} d_sj).
+    First maximum on ties; selected tokens are never picked again."""
+    return maxmin_order(x, k, mask)[0].sort(dim=1).values
+
+
+def dpp_order(x: Tensor, relevance: Tensor, k: int, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """dpp_select's picks in pick order (B, k) int64 and margins (B,) float64 (a pick whose
+    d2 is > 0 also counts d2 itself as a gap: the distance to the rank-exhausted branch)."""
+    b, n, _ = x.shape
+    cand = _candidates("dpp_select", mask, b, n, k)
+    r = relevance.double().cpu()
+    kernel = r[:, :, None] * cosine_matrix(x) * r[:, None, :]
+    orders, margins = [], []
+    for s in range(b):
+        lk = kernel[s]
+        avail = cand[s].clone()
+        d2 = torch.where(avail, lk.diagonal(), float("-inf"))
+        rows = torch.zeros(k, n, dtype=torch.float64)
+        picks, gaps = [], []
+        for i in range(k):
+            j, gap = _first_max(d2, avail)
+            if d2[j] > 0 and math.isfinite(d2[j]):
+                e = (lk[j] - rows[:i].T @ rows[:i, j]) / torch.sqrt(d2[j])
+                gaps += [gap, float(d2[j])]
+            else:  # the kernel's numerical rank is exhausted
+                j = int(avail.nonzero()[0, 0])
+                e = torch.zeros(n, dtype=torch.float64)
+            rows[i] = e
+            d2 = d2 - e * e
+            avail[j] = False
+            picks.append(j)
+        orders.append(picks)
+        margins.append(min(gaps, default=math.inf))
+    return torch.tensor(orders, dtype=torch.int64), torch.tensor(margins, dtype=torch.float64)
+
+
+def dpp_select(x: Tensor, relevance: Tensor, k: int, mask: Tensor | None = None) -> Tensor:
+    """CDPruner's DPP selection: Chen et al.'s (2018) fast greedy MAP inference of the kernel
+    ``L_ij = r_i S_ij r_j``. x: (B, N, D), relevance r: (B, N), mask: (B, N) bool or None ->
+    (B, k) int64 ascending.
+
+    Per sample: d2 = diag(L) (-inf at non-candidates), then k times: j = the first maximum
+    of d2 over the unselected candidates; if d2[j] > 0 and finite,
+    ``e = (L[j, :] - sum_t c_t[j] c_t) / sqrt(d2[j])`` (c_t: the earlier rows e), else (the
+    kernel's numerical rank is exhausted) j = the lowest-index unselected candidate and
+    e = 0; then d2 -= e**2 and j is selected (never picked again)."""
+    return dpp_order(x, relevance, k, mask)[0].sort(dim=1).values
+
+
+def pivot_cosine(x: Tensor, p: int) -> Tensor:
+    """x: (L, D) -> (L,) float64 ``cos(x_p, x_j) = x_p . x_j / (max(||x_p||, 1e-8) *
+    max(||x_j||, 1e-8))`` (torch.nn.functional.cosine_similarity with eps 1e-8)."""
+    x64 = x.double().cpu()
+    norm = x64.norm(dim=-1).clamp_min(1e-8)
+    return (x64 @ x64[p]) / (norm * norm[p])
+
+
+def pivot_order(x: Tensor, pivots: Tensor, candidates: Tensor, per_pivot: int) -> tuple[Tensor, Tensor]:
+    """pivot_select's picks in pick order (B, P * per_pivot) int64 (pivot by pivot, each
+    pivot's picks least similar first) and margins (B,) float64: the smallest gap, over the
+    pivots, between the last similarity taken and the next one left (what decides the set)."""
+    b = x.shape[0]
+    orders, margins = [], []
+    for s in range(b):
+        remaining = candidates[s].cpu().bool().clone()
+        picks: list[int] = []
+        gaps = []
+        for p in pivots[s].cpu().tolist():
+            avail = remaining.nonzero().flatten()
+            if len(avail) < per_pivot:
+                raise ValueError(f"tokenkern.pivot_select: candidates must leave >= {per_pivot} tokens "
+                                 f"for every pivot, got {len(avail)} in sample {s}")  # fmt: skip
+            sim = pivot_cosine(x[s], p)[avail]
+            sim = torch.where(torch.isnan(sim), float("inf"), sim)  # NaN ranks last
+            ranked = torch.sort(sim, stable=True)
+            chosen = avail[ranked.indices[:per_pivot]]
+            if len(avail) > per_pivot:
+                gaps.append(float(ranked.values[per_pivot] - ranked.values[per_pivot - 1]))
+            remaining[chosen] = False
+            picks += chosen.tolist()
+        orders.append(picks)
+        margins.append(min(gaps, default=math.inf))
+    return torch.tensor(orders, dtype=torch.int64), torch.tensor(margins, dtype=torch.float64)
+
+
+def pivot_select(x: Tensor, pivots: Tensor, candidates: Tensor, per_pivot: int) -> Tensor:
+    """DART's duplication-aware selection around pivot tokens. x: (B, L, D), pivots: (B, P)
+    int64 positions in [0, L), in pivot order, candidates: (B, L) bool ->
+    (B, P * per_pivot) int64 ascending.
+
+    Per sample, for each pivot p in the given order: the per_pivot remaining candidates least
+    cosine-similar to x[p] (pivot_cosine; ties to the lower index) are selected and removed
+    from the candidates. Returns the union of the selections; the pivots themselves are
+    selected only if they are candidates and get picked."""
+    return pivot_order(x, pivots, candidates, per_pivot)[0].sort(dim=1).values
+
+
+def mmr_order(
+    x: Tensor, importance: Tensor, k: int, lam: float = 0.5, mask: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """mmr_select's picks in pick order (B, k) int64 and margins (B,) float64."""
+    b, n, _ = x.shape
+    cand = _candidates("mmr_select", mask, b, n, k)
+    sim = cosine_matrix(x)
+    v = importance.double().cpu()
+    orders, margins = [], []
+    for s in range(b):
+        avail = cand[s].clone()
+        lo, hi = v[s][avail].min(), v[s][avail].max()
+        imp = (v[s] - lo) / (hi - lo) if hi > lo else torch.zeros(n, dtype=torch.float64)
+        first, _ = _first_max(v[s], avail)  # compares the inputs themselves: no rounding
+        picks, gaps = [first], [math.inf]
+        avail[first] = False
+        to_set = sim[s, first].clone()  # max similarity of every token to the selected set
+        for _ in range(k - 1):
+            j, gap = _first_max(lam * imp - (1 - lam) * to_set, avail)
+            picks.append(j)
+            gaps.append(gap)
+            avail[j] = False
+            to_set = torch.maximum(to_set, sim[s, j])
+        orders.append(picks)
+        margins.append(min(gaps))
+    return torch.tensor(orders, dtype=torch.int64), torch.tensor(margins, dtype=torch.float64)
+
+
+def mmr_select(x: Tensor, importance: Tensor, k: int, lam: float = 0.5, mask: Tensor | None = None) -> Tensor:
+    """Maximal marginal relevance. x: (B, N, D), importance: (B, N), mask: (B, N) bool or
+    None -> (B, k) int64 ascending.
+
+    Per sample, importance is min-max normalized over the candidates, imp = (v - min) /
+    (max - min) (0 everywhere when max == min); the first pick is the first maximum of importance;
+    every next pick the first maximum over the unselected candidates of
+    ``lam * imp_j - (1 - lam) * max_{s selected} S_sj``."""
+    return mmr_order(x, importance, k, lam, mask)[0].sort(dim=1).values

@@ -50,6 +50,8 @@ ALLOWED: dict[tuple[str, str, str], float] = {
     ("bipartite_merge", "", "bytes"): 1.41,
     ("bipartite_merge", "", "launches"): 7,
     ("bipartite_merge", "edge_select_kernel", "per_sample_b1"): 1,
+    # dpp/maxmin/mmr_select: the (B, N, N) float32 Gram matrix is scratch (GEMM writes, greedy reads).
+    ("dpp_select", "", "bytes"): 4.21,
     ("gumbel_topk", "_gumbel_topk_kernel", "grid_b8"): 8,
     ("gumbel_topk_backward", "_gumbel_topk_backward_kernel", "grid_b8"): 8,
     ("leverage_topk", "", "bytes"): 1.52,
@@ -58,9 +60,11 @@ ALLOWED: dict[tuple[str, str, str], float] = {
     ("leverage_topk", "_top_subspace_kernel", "per_sample_b1"): 1,
     ("leverage_topk", "_x_mm_kernel", "grid_b8"): 72,
     ("leverage_topk", "_xt_mm_kernel", "grid_b8"): 128,
+    ("maxmin_select", "", "bytes"): 3.86,
     ("merge_tokens", "", "bytes"): 3.03,
     ("merge_tokens", "", "launches"): 9,
     ("merge_tokens", "dropped_list_kernel", "per_sample_b1"): 1,
+    ("mmr_select", "", "bytes"): 3.86,
     ("spectral_ipr", "", "bytes"): 1.75,
     ("spectral_ipr", "", "launches"): 32,
     ("spectral_ipr", "_cholqr_kernel", "per_sample_b1"): 1,
@@ -81,9 +85,9 @@ def launch_limit(call: dict[str, Any]) -> int | None:
         return int(call["passes_over_x"]) + 2
     if op == "attn_topk":
         return 2 if p.get("lse") else 3
-    return {"merge_tokens": 3, "bipartite_merge": 3, "topk_gather": 1, "gumbel_topk": 1, "gumbel_topk_backward": 1}.get(
-        op
-    )
+    diversity = {"maxmin_select": 2, "dpp_select": 2, "mmr_select": 2, "pivot_select": 2}
+    return {"merge_tokens": 3, "bipartite_merge": 3, "topk_gather": 1, "gumbel_topk": 1, "gumbel_topk_backward": 1,
+            **diversity}.get(op)  # fmt: skip
 
 
 def op_key(call: dict[str, Any]) -> str:

@@ -273,6 +273,49 @@ def _gumbel_calls(b: int, n: int) -> list[Call]:
     return [fwd, bwd]
 
 
+def _diversity_calls(b: int, n: int, k: int, d: int) -> list[Call]:
+    from tokenkern.ops import diversity
+
+    label = f"B={b} N={n} D={d} bf16 k={k}"
+    params = {"B": b, "N": n, "D": d, "dtype": "bf16", "k": k}
+
+    def make() -> dict[str, Any]:
+        return {**_x(b, n, d, "bf16"), "r": torch.empty(b, n), "mask": torch.empty(b, n, dtype=torch.bool)}
+
+    floor = lambda a, out: _nbytes(a["x"], out)  # noqa: E731
+    formula = "|x| + |indices| (read x once, write the indices)"
+    passes = "1: x once (the Gram GEMM); the N x N float32 similarity is scratch"
+    return [
+        Call("maxmin_select", label, params, make, lambda a: diversity.maxmin_select_triton(a["x"], k, a["mask"]),
+             floor, formula, 1, passes),
+        Call("dpp_select", label, params, make,
+             lambda a: diversity.dpp_select_triton(a["x"], a["r"], k, a["mask"]), floor, formula, 1, passes),
+        Call("mmr_select", label, params, make,
+             lambda a: diversity.mmr_select_triton(a["x"], a["r"], k, 0.5, a["mask"]), floor, formula, 1, passes),
+    ]  # fmt: skip
+
+
+def _pivot_calls(b: int, length: int, d: int, n_piv: int, per_pivot: int) -> list[Call]:
+    from tokenkern.ops import diversity
+
+    label = f"B={b} L={length} D={d} bf16 P={n_piv} per_pivot={per_pivot}"
+    params = {"B": b, "L": length, "D": d, "dtype": "bf16", "P": n_piv, "per_pivot": per_pivot}
+
+    def make() -> dict[str, Any]:
+        return {
+            **_x(b, length, d, "bf16"),
+            "pivots": torch.zeros(b, n_piv, dtype=torch.int64),
+            "candidates": torch.empty(b, length, dtype=torch.bool),
+        }
+
+    return [
+        Call("pivot_select", label, params, make,
+             lambda a: diversity.pivot_select_triton(a["x"], a["pivots"], a["candidates"], per_pivot),
+             lambda a, out: _nbytes(a["x"], out), "|x| + |indices| (read x once, write the indices)",
+             1, "1: x once (the P x L cosines)"),
+    ]  # fmt: skip
+
+
 LLAVA_NEXT = (32, 2950, 128, 4096, 35, 2915)  # H, Nk, d, D of x, visual key span [35, 2915)
 
 
@@ -290,6 +333,9 @@ def headline_calls(small: bool = False) -> list[Call]:
     calls += _attn_calls(8, 2950, False, False, LLAVA_NEXT) + _attn_calls(8, 2950, True, False, LLAVA_NEXT)
     calls += _select_calls(8, 2880, 4096) + _select_calls(1, 2880, 4096)
     calls += _gumbel_calls(64, 2880) + _gumbel_calls(8, 2880)
+    for b in (8, 1):
+        calls += _diversity_calls(b, 576, 144, 4096) + _diversity_calls(b, 2880, 720, 4096)
+        calls += _pivot_calls(b, 650, 4096, 8, 16) + _pivot_calls(b, 3000, 4096, 8, 16)
     return calls
 
 

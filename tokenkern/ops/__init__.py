@@ -6,6 +6,7 @@
     attention  attn_scores, attn_topk
     gumbel     gumbel_topk (and its backward op)
     merge      merge_tokens, bipartite_merge
+    diversity  maxmin_select, dpp_select, pivot_select, mmr_select
 
 Each family module holds the public function(s) with their shape docstrings, the schema
 (``torch.library.custom_op``, or the fake kernel of an op declared in csrc/tokenkern.cpp), the
@@ -20,6 +21,7 @@ import torch  # noqa: F401  (loads libtorch, which _C links against)
 
 from .. import _C  # noqa: F401  (loads the C++ op schemas and kernels)
 from .attention import attn_scores, attn_topk
+from .diversity import dpp_select, maxmin_select, mmr_select, pivot_select
 from .gumbel import gumbel_topk
 from .leverage import leverage_scores, leverage_topk
 from .merge import bipartite_merge, merge_tokens
@@ -30,10 +32,14 @@ __all__ = [
     "attn_scores",
     "attn_topk",
     "bipartite_merge",
+    "dpp_select",
     "gumbel_topk",
     "leverage_scores",
     "leverage_topk",
+    "maxmin_select",
     "merge_tokens",
+    "mmr_select",
+    "pivot_select",
     "spectral_ipr",
     "topk_gather",
 ]
