@@ -349,6 +349,17 @@ def test_remove_restores_bit_identical_outputs(tiny, gen):
     assert "get_image_features" not in tiny.model.model.__dict__
 
 
+def tiny_clip(model) -> transformers.CLIPModel:
+    """A random CLIPModel whose vision tower has the LLaVA tower's shape (the projection pairs
+    with it); the LLaVA's own tower is what prune() runs."""
+    torch.manual_seed(1)
+    text = transformers.CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                       vocab_size=99, max_position_embeddings=77, projection_dim=24, bos_token_id=97,
+                                       eos_token_id=98, pad_token_id=0)  # fmt: skip
+    cfg = transformers.CLIPConfig(text_config=text.to_dict(), vision_config=_clip().to_dict(), projection_dim=24)
+    return transformers.CLIPModel(cfg).eval()
+
+
 def test_llava_all_methods_run_and_prune(gen):
     tiny = build("llava")
     inputs = tiny.inputs(PROMPTS, gen)
@@ -356,8 +367,14 @@ def test_llava_all_methods_run_and_prune(gen):
     offered = [n for n in M.registry.names() if type(tiny.model).__name__ in M.registry.get(n).models]
     for method in offered:
         options = {"layer": 2} if method in ("ficoco-l", "sparsevlm") else {}  # defaults need deeper decoders
-        with tokenkern.prune(tiny.model, method, keep=0.25, **options):
+        if method == "cdpruner":  # conditioned on CLIP text embeddings: the paired CLIP model
+            options = {"text_encoder": tiny_clip(tiny.model)}
+        with tokenkern.prune(tiny.model, method, keep=0.25, **options) as handle:
+            if method == "cdpruner":
+                handle.set_text_embeds(torch.randn(2, 1, 24, generator=gen))
             logits = _forward(tiny.model, inputs)
+            if method == "cdpruner":
+                handle.set_text_embeds(torch.randn(2, 1, 24, generator=gen))
             tokens = _generate(tiny.model, inputs, n=3)
         assert logits.shape[1] == full - 12, method
         assert torch.isfinite(logits).all(), method

@@ -25,13 +25,16 @@ def _randn(gen: torch.Generator, *shape: int) -> torch.Tensor:
 
 def _cases(gen: torch.Generator) -> dict[str, Callable[[], object]]:
     """Small float32 calls of every Triton op face (the interpreter runs them)."""
-    from tokenkern.ops import attention, gumbel, leverage, select, spectral
+    from tokenkern.ops import attention, diversity, gumbel, leverage, select, spectral
 
     x = _randn(gen, 2, 40, 24)
     q, k = _randn(gen, 1, 2, 5, 16), _randn(gen, 1, 2, 21, 16)
     xv = _randn(gen, 1, 14, 8)
     lse = torch.logsumexp(torch.einsum("bhqd,bhkd->bhqk", q, k) * 16**-0.5, dim=-1)
     logits, g = _randn(gen, 3, 50), _randn(gen, 3, 50)
+    rel, mask = torch.rand(2, 40, generator=gen), torch.rand(2, 40, generator=gen) > 0.3
+    pivots = torch.tensor([[3, 30, 12], [0, 39, 7]])
+    candidates = torch.ones(2, 40, dtype=torch.bool).scatter_(1, pivots, False)
     return {
         "leverage_topk": lambda: leverage.leverage_topk_triton(x, 10, 3, 4, 1, 0),
         "spectral_ipr_top": lambda: spectral.spectral_ipr_triton(x, 2),
@@ -41,6 +44,10 @@ def _cases(gen: torch.Generator) -> dict[str, Callable[[], object]]:
         "topk_gather": lambda: select.topk_gather_triton(logits, _randn(gen, 3, 50, 8), 7),
         "gumbel_topk": lambda: gumbel.gumbel_topk_triton(logits, 7, 0.5, 3, True),
         "gumbel_topk_backward": lambda: gumbel.gumbel_topk_backward_cuda(g, logits, 7, 0.5, 3),
+        "maxmin_select": lambda: diversity.maxmin_select_triton(x, 6, None),
+        "dpp_select": lambda: diversity.dpp_select_triton(x, rel, 6, mask),
+        "mmr_select": lambda: diversity.mmr_select_triton(x, rel, 6, 0.5, mask),
+        "pivot_select": lambda: diversity.pivot_select_triton(x, pivots, candidates, 4),
     }
 
 

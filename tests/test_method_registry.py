@@ -17,9 +17,11 @@ import tokenkern.methods as M
 import tokenkern.selectors
 from tokenkern.methods import registry
 
-INPUTS = {"features", "vision_layer", "decoder_layer", "raters", "keys_mean", "sizes"}
-FIXED = {"lofi", "random", "uniform", "fastervlm", "visionzip", "ficoco-v"}
-NOT_FIXED = {"fastv", "sparsevlm", "ficoco-l", "tome", "prumerge+"}
+INPUTS = {"features", "vision_layer", "decoder_layer", "raters", "keys_mean", "sizes", "image_emb", "text_emb",
+          "importance", "normed_hidden"}  # fmt: skip
+FIXED = {"lofi", "random", "uniform", "fastervlm", "visionzip", "ficoco-v", "divprune", "cdpruner", "dart-embeddings",
+         "mmr"}  # fmt: skip
+NOT_FIXED = {"fastv", "sparsevlm", "ficoco-l", "tome", "prumerge+", "dart"}
 EPS32 = 2.0**-24
 
 
@@ -43,8 +45,8 @@ def test_every_spec_is_complete():
         assert registry.options(name) == tuple(f.name for f in dataclasses.fields(spec.config) if f.name != "keep")
     prumerge = registry.get("prumerge+")
     assert prumerge.fixed_with_keep and prumerge.count_is_fixed(M.PruMergeConfig(keep=0.25))
-    assert registry.names("llm_layer") == ("fastv", "sparsevlm", "ficoco-l")
-    assert set(registry.names("vision_tower")) == {"fastervlm", "visionzip", "prumerge+", "ficoco-v"}
+    assert registry.names("llm_layer") == ("fastv", "sparsevlm", "ficoco-l", "dart")
+    assert set(registry.names("vision_tower")) == {"fastervlm", "visionzip", "prumerge+", "ficoco-v", "mmr"}
 
 
 def test_unknown_method_and_site_are_refused_naming_the_valid_ones():
@@ -89,6 +91,10 @@ def spec_inputs(gen, b=2, n=16, c=8, heads=2, d=4) -> dict:
         "raters": layer.text & (torch.rand(layer.text.shape, generator=gen) < 0.5),
         "keys_mean": torch.randn(b, n, d, generator=gen),
         "sizes": torch.ones(b, n),
+        "image_emb": torch.randn(b, n, 6, generator=gen),
+        "text_emb": torch.randn(b, 2, 6, generator=gen),
+        "importance": torch.rand(b, n, generator=gen),
+        "normed_hidden": layer.hidden,
     }
 
 

@@ -399,7 +399,8 @@ def gumbel_topk(logits: Tensor, k: int, tau: float, noise: Tensor, hard: bool = 
 # Shared conventions (maxmin_select, dpp_select, mmr_select): the cosine similarity of
 # tokens i != j is S_ij = u_i . u_j with u_i = x_i / ||x_i|| (u_i = 0 for a zero-norm token,
 # so it has similarity 0 with every other token) and S_ii = 1 for every token; S is exactly
-# symmetric (S_ji is S_ij); the cosine distance is 1 - S (0 on the diagonal). mask: (B, N) bool, True = candidate (None: all).
+# symmetric (S_ji is S_ij); the cosine distance is 1 - S (0 on the diagonal).
+# mask: (B, N) bool, True = candidate (None: all).
 # "First maximum" means the lowest index among the maxima; NaN ranks as -inf. A sample with
 # fewer candidates than it must select raises ValueError. The selected indices are returned
 # int64 ascending, (B, k).

@@ -79,9 +79,10 @@ step() {
 # in three groups; the first holds opcheck / compile / CUDA-graph capture and the merge kernels.
 TESTS_CORE="tests/test_registry.py tests/test_gpu_check.py tests/test_merge.py tests/test_merge_kernels.py
   tests/test_merge_rules.py tests/test_topk_gather.py"
-TESTS_TRITON="tests/test_attention.py tests/test_leverage.py tests/test_gumbel.py"
+TESTS_TRITON="tests/test_attention.py tests/test_leverage.py tests/test_gumbel.py tests/test_diversity_triton.py
+  tests/test_diversity.py"
 TESTS_REST="tests/test_metrics.py tests/test_autograd.py tests/test_bad_inputs.py tests/test_numerics.py"
-BENCH_FAST="bench_merge bench_topk_gather bench_attention bench_gumbel bench_spectral_ipr"
+BENCH_FAST="bench_merge bench_topk_gather bench_attention bench_gumbel bench_spectral_ipr bench_diversity"
 
 pytest_step() {  # pytest_step NAME TIMEOUT FILES...
   local name=$1 limit=$2

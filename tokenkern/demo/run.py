@@ -100,7 +100,8 @@ def llava_section() -> None:
     with torch.no_grad():
         base = model.generate(**inputs, max_new_tokens=8, do_sample=False, min_new_tokens=8)
     print(f"    unpruned          generate -> {base[:, length:].tolist()}")
-    for method, options in (("fastervlm", {}), ("visionzip", {}), ("fastv", {"layer": 2})):
+    for method, options in (("fastervlm", {}), ("visionzip", {}), ("divprune", {}), ("fastv", {"layer": 2}),
+                            ("dart", {"layer": 2})):  # fmt: skip
         seen.clear()
         with tokenkern.prune(model, method, keep=0.25, **options), torch.no_grad():
             out = model.generate(**inputs, max_new_tokens=8, do_sample=False, min_new_tokens=8)

@@ -8,6 +8,13 @@ tokens after every block from `layer` on, with proportional attention.
 To decode a saliency map from a pruned run, every patch position takes the final feature of
 the output token that represents it: itself if kept, else the kept token most similar to it
 (cosine of hidden states at the pruning block), or for ToMe the token its merges ended in.
+
+Every method runs with the inputs its registry spec names: DivPrune and DART on embeddings
+(``dart-embeddings``: pivots and similarity on the block's hidden states, image pivots only,
+there being no text; its budget is sized so that it keeps keep_count(keep, N) tokens, or the
+nearest multiple of its pivots below) read the tokens alone; MMR's importance is the [CLS] attention; CDPruner,
+which needs a CLIP text embedding of a question, is conditioned on the image's own [CLS]
+token here (a stand-in: DINOv2 has no text tower).
 """
 
 from __future__ import annotations
@@ -64,8 +71,24 @@ def _reduce(method: str, x: Tensor, q: Tensor, k: Tensor, keep: float, seed: int
     options = dict(DEMO_OPTIONS.get(method, {}))
     if "seed" in spec.options():
         options["seed"] = seed
-    inputs = {"features": x[:, 1:], "vision_layer": M.VisionLayer(q=q, k=k, scale=q.shape[-1] ** -0.5)}
+    layer = M.VisionLayer(q=q, k=k, scale=q.shape[-1] ** -0.5)
+    inputs = {"features": x[:, 1:], "vision_layer": layer}
+    if "importance" in spec.inputs:  # MMR: the [CLS] attention, as prune() gives it on a CLIP tower
+        inputs["importance"] = layer.cls_attention()
+    if "text_emb" in spec.inputs:
+        # CDPruner conditions on CLIP text; DINOv2 has no text tower: the demo conditions on the
+        # image's own [CLS] token instead (relevance -cos(patch, [CLS]) in the block's space).
+        inputs["image_emb"], inputs["text_emb"] = x[:, 1:], x[:, :1]
+    if spec.recipe is M.dart_embeddings:
+        keep = _dart_budget(keep, x.shape[1] - 1, spec.config().image_pivots)
     return spec.recipe(*(inputs[name] for name in spec.inputs), spec.config(keep=keep, **options))
+
+
+def _dart_budget(keep: float, n: int, pivots: int) -> int:
+    """DART keeps its pivots plus a multiple of them: the budget M whose kept count
+    ``pivots + pivots (M // pivots)`` is the most not above keep_count(keep, n), so that every
+    method of the table keeps (about) the same number of tokens."""
+    return max(1, M.keep_count(keep, n) - pivots)
 
 
 def _nearest_kept(x: Tensor, kept: Tensor) -> Tensor:

@@ -11,6 +11,14 @@ random, uniform) on each image's features after the projector, on every supporte
 scored by a CLIP layer, on LLaVA-1.5 with a CLIP tower. ToMe (``every_block``) is not offered.
 The options of a method are its config dataclass's fields besides keep.
 
+Diversity methods (tokenkern.integrations.diversity, .relevance): dart in the decoder from
+layer K, its similarity on the final norm of layer K-1's output (a fraction keep: a budget
+per sample); dart-embeddings on each image's decoder input embeddings, the sample's text after
+its images as text pivots; divprune after the projector, per crop on LLaVA-NeXT (newline tokens
+kept); mmr on LLaVA-1.5 with the [CLS] attention as importance; cdpruner on LLaVA-1.5 with the
+paired CLIP model (``text_encoder=``, ``tokenizer=``, ``visual_projection=``) and the question
+set per call (``handle.set_text`` / ``handle.set_text_embeds``).
+
 Option `layer` (the methods' config field) picks the layer. LLM-side methods: ``layer=K`` means
 that decoder layers 0 .. K-1 (0-based) see every token, the attention that layer K-1 computed
 scores the image tokens, and layers K, K+1, ... see the kept tokens only. Defaults follow the
@@ -41,11 +49,15 @@ from ..methods import registry
 from ..methods.sparsevlm import image_sizes as sparsevlm_image_sizes
 from ..methods.sparsevlm import step_counts as sparsevlm_step_counts
 from ..methods.sparsevlm import step_drops as sparsevlm_step_drops
+from . import diversity, relevance
 from .adapters import SUPPORTED, VLMParts, clip_layers, parts_of
 from .decoder import DecoderPruner, PrefillState
 from .sequence import image_ids
 from .vision import ClipReducer, PostProjectorReducer, sequence_keep
 
+# Post-projector methods that LLaVA-NeXT runs per crop (the base crop and each high-resolution
+# crop on its own, newline tokens kept).
+PER_CROP = ("divprune",)
 ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3")
 _INSTALLED = "_tokenkern_prune_handle"  # the model attribute naming the handle installed on it
 
@@ -63,6 +75,22 @@ class PruneHandle:
     def decoder(self) -> DecoderPruner:
         """The decoder-side pruner (its `gather` describes the last pruned prefill)."""
         return next(p for p in self.parts if isinstance(p, DecoderPruner))
+
+    def set_text(self, texts: str | list[str]) -> None:
+        """CDPruner: the question of every sample of the next call with images (encoded by the
+        CLIP text tower given to prune(); see tokenkern.integrations.relevance)."""
+        self._text_part().set_text(texts)
+
+    def set_text_embeds(self, embeds: Tensor, mask: Tensor | None = None) -> None:
+        """CDPruner: embeds (B, M, E) the CLIP text embeddings of every sample's question (mask
+        (B, M) bool: its valid rows), for the next call with images."""
+        self._text_part().set_text_embeds(embeds, mask)
+
+    def _text_part(self):
+        part = next((p for p in self.parts if isinstance(p, relevance.TextRelevanceReducer)), None)
+        if part is None:
+            raise ValueError(f"tokenkern.prune: {self.method} reads no text; set_text is for cdpruner")
+        return part
 
     def remove(self) -> None:
         for part in reversed(self.parts):
@@ -110,18 +138,27 @@ def prune(model: nn.Module, method: str = "fastv", keep: float | int | None = No
         raise ValueError(f"tokenkern.prune: attention implementation {impl!r} is not supported; use one of "
                          f"{ATTENTION_IMPLEMENTATIONS}")  # fmt: skip
     _check_offered(spec, parts)
+    clip_args = relevance.pop_clip_args(spec, options)
     cfg = _config(spec, keep, options)
+    on_embeddings = _on_embeddings(spec)
+    if relevance.needs_text(spec):
+        relevance.check_clip_args(parts, clip_args)
     handle = PruneHandle(model, method, keep)
-    if spec.site == "llm_layer":
-        selector = _llm_selector(spec, cfg)
-        steps = cfg.layers
+    if on_embeddings:
+        def selector(state: PrefillState):
+            return diversity.dart_on_embeddings(spec.recipe, state.inputs_embeds, state.image, state.valid, cfg), None
+
+        decoder = DecoderPruner(parts.language_model, parts.layers, 0, selector)
+    elif spec.site == "llm_layer":
+        selector = _llm_selector(spec, cfg, parts)
+        steps = _steps(cfg)
         if not all(1 <= k < len(parts.layers) for k in steps):
             raise ValueError(f"tokenkern.prune: layer must be in [1, {len(parts.layers) - 1}] (the decoder has "
                              f"{len(parts.layers)} layers), got {cfg.layer}")  # fmt: skip
         decoder = DecoderPruner(parts.language_model, parts.layers, steps, selector, parts.rotary(steps[0] - 1),
                                 plan=getattr(selector, "plan", None))  # fmt: skip
     else:
-        reducer = _vision_reducer(parts, spec, cfg)
+        reducer = _vision_reducer(parts, spec, cfg, clip_args, handle)
         handle.parts.append(reducer)
 
         def selector(state: PrefillState, reducer=reducer):
@@ -189,9 +226,12 @@ def _config(spec: registry.MethodSpec, keep, options: dict):
     return spec.config(keep=keep, **options)
 
 
-def _vision_reducer(parts: VLMParts, spec: registry.MethodSpec, cfg):
+def _vision_reducer(parts: VLMParts, spec: registry.MethodSpec, cfg, clip_args: dict, handle: PruneHandle):
+    if relevance.needs_text(spec):
+        return relevance.TextRelevanceReducer(parts, spec, cfg, clip_args, handle)
     if spec.site == "post_projector":
-        return PostProjectorReducer(parts.core, _post_projector_fn(spec, cfg))
+        segments = _next_crops(parts) if spec.name in PER_CROP else None
+        return PostProjectorReducer(parts.core, _post_projector_fn(spec, cfg), segments)
     layers = clip_layers(parts.clip_tower)
     n = len(layers)
     feature_layer = parts.vision_feature_layer if parts.vision_feature_layer is not None else -2
@@ -202,10 +242,26 @@ def _vision_reducer(parts: VLMParts, spec: registry.MethodSpec, cfg):
                          f"layers), got {layer_idx}")  # fmt: skip
 
     def fn(features: Tensor, layer: M.VisionLayer) -> M.Reduction:
-        return spec.recipe(features, layer, cfg)
+        inputs = {"features": features, "vision_layer": layer}
+        if "importance" in spec.inputs:  # MMR: the [CLS] attention of the layer (FasterVLM's score)
+            inputs["importance"] = layer.cls_attention()
+        return spec.recipe(*(inputs[name] for name in spec.inputs), cfg)
 
     # An adaptive count differs per image: alone, each image gets the released count.
     return ClipReducer(parts.core, layers, parts.projector, layer_idx % n, fn, per_image=not spec.count_is_fixed(cfg))
+
+
+def _next_crops(parts: VLMParts):
+    """LLaVA-NeXT: the crop of every token of image i (diversity.next_crop_ids), from the
+    image_sizes of the get_image_features call; None on the other models."""
+    if parts.name != "LlavaNextForConditionalGeneration":
+        return None
+
+    def segments(features: Tensor, i: int, args: tuple, kwargs: dict) -> Tensor:
+        sizes = kwargs.get("image_sizes", args[1] if len(args) > 1 else None)
+        return diversity.next_crop_ids(parts.core.config, features.shape[0], sizes[i].tolist())
+
+    return segments
 
 
 def _post_projector_fn(spec: registry.MethodSpec, cfg):
@@ -230,16 +286,50 @@ def _decoder_layer(state: PrefillState) -> M.DecoderLayer:
     return M.DecoderLayer(state.q, state.k, state.scale, state.valid, state.image, state.text, hidden=state.hidden)
 
 
-def _llm_selector(spec: registry.MethodSpec, cfg):
-    """-> select(state) -> (keep mask, merged hidden or None), from the recipe's Reduction."""
+def _steps(cfg) -> tuple[int, ...]:
+    """The decoder layers at which an LLM-side method prunes: cfg.layers, else (cfg.layer,)."""
+    layers = getattr(cfg, "layers", None)
+    return tuple(layers) if layers is not None else (cfg.layer,)
+
+
+def _on_embeddings(spec: registry.MethodSpec) -> bool:
+    """Whether the method runs on the decoder's input embeddings (dart-embeddings, DART's
+    fixed-count form): each image is reduced before the LLM, with the embeddings of the
+    sample's tokens after its last image as the text pivots' candidates."""
+    return spec.recipe is M.dart_embeddings
+
+
+def _llm_selector(spec: registry.MethodSpec, cfg, parts: VLMParts):
+    """-> select(state) -> (keep mask, merged hidden or None), from the recipe's Reduction (or
+    its (keep mask, scores) pair). Inputs by name: ``decoder_layer`` (the captured layer K-1)
+    and ``normed_hidden`` (layer K-1's output hidden states after the decoder's final norm, DART's
+    similarity features)."""
     if "raters" in spec.inputs:
         return _rater_selector(spec, cfg)
+    unknown = set(spec.inputs) - {"decoder_layer", "normed_hidden"}
+    if unknown:
+        raise ValueError(f"tokenkern.prune: {spec.name} reads {sorted(unknown)}, which prune() does not provide "
+                         "inside the decoder")  # fmt: skip
 
     def select(state: PrefillState):
-        red = spec.recipe(_decoder_layer(state), cfg)
+        inputs = {"decoder_layer": _decoder_layer(state)}
+        if "normed_hidden" in spec.inputs:
+            inputs["normed_hidden"] = _final_norm(parts, state.hidden)
+        args = [inputs[name] for name in spec.inputs]
+        if "normed_hidden" in spec.inputs:  # DART: its budget is a count; a fraction sizes it per sample
+            return diversity.dart_in_decoder(spec.recipe, *args, cfg), None
+        red = spec.recipe(*args, cfg)
         return red.keep_mask, red.tokens
 
     return select
+
+
+def _final_norm(parts: VLMParts, hidden: Tensor) -> Tensor:
+    """hidden: (B, L, D) a decoder layer's output -> the decoder's final norm of it (with its
+    weight), as the LM head would see it."""
+    if parts.final_norm is None:
+        raise ValueError(f"tokenkern.prune: this {parts.name}'s decoder has no final norm (`norm`)")
+    return parts.final_norm(hidden)
 
 
 def _rater_selector(spec: registry.MethodSpec, cfg):

@@ -21,6 +21,8 @@ class VLMParts:
     clip_tower: nn.Module | None  # a CLIPVisionModel tower ([CLS] first) feeding the projector (LLaVA-1.5)
     projector: nn.Module | None  # the module that maps tower features to the LLM (LLaVA)
     vision_feature_layer: int | None
+    final_norm: nn.Module | None = None  # the decoder's final norm (before the LM head)
+    image_newline: nn.Parameter | None = None  # LLaVA-NeXT's row-end token of the high-resolution grid
 
     def attention(self, layer_idx: int) -> nn.Module:
         return self.layers[layer_idx].self_attn
@@ -48,8 +50,11 @@ def parts_of(model: nn.Module) -> VLMParts:
         tower = core.vision_tower
         clip = tower if type(tower).__name__ == "CLIPVisionModel" else None  # SigLIP has no [CLS]
         feature_layer = cfg.vision_feature_layer if isinstance(cfg.vision_feature_layer, int) else None
-        return VLMParts(name, core, lm, lm.layers, int(image_token_id), clip, core.multi_modal_projector, feature_layer)
-    return VLMParts(name, core, lm, lm.layers, int(image_token_id), None, None, None)
+        return VLMParts(name, core, lm, lm.layers, int(image_token_id), clip, core.multi_modal_projector, feature_layer,
+                        getattr(lm, "norm", None))  # fmt: skip
+    newline = getattr(core, "image_newline", None) if name == "LlavaNextForConditionalGeneration" else None
+    return VLMParts(name, core, lm, lm.layers, int(image_token_id), None, None, None, getattr(lm, "norm", None),
+                    newline)  # fmt: skip
 
 
 def clip_layers(tower: nn.Module) -> nn.ModuleList:

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from ..methods import Reduction, VisionLayer
 from .capture import QKCapture
+from .diversity import per_segment
 
 
 def apply_reduction(features: Tensor, red: Reduction) -> tuple[Tensor, Tensor]:
@@ -34,11 +35,15 @@ def apply_reduction(features: Tensor, red: Reduction) -> tuple[Tensor, Tensor]:
 
 
 class PostProjectorReducer:
-    """Wraps core.get_image_features; `method(features (B, n, D)) -> Reduction` per image."""
+    """Wraps core.get_image_features; `method(features (B, n, D)) -> Reduction` per image.
+    segments: optional ``segments(features (n, D), image index, the call's args, kwargs) ->
+    (n,) int64`` splitting an image into parts reduced separately (-1: always kept), e.g.
+    LLaVA-NeXT's crops and newline tokens."""
 
-    def __init__(self, core: nn.Module, method: Callable[[Tensor], Reduction]):
+    def __init__(self, core: nn.Module, method: Callable[[Tensor], Reduction], segments: Callable | None = None):
         self.core = core
         self.method = method
+        self.segments = segments
         self.keeps: list[Tensor] = []
         self._patch = _MethodPatch(core, "get_image_features", self._wrapped)
         self._original = self._patch.original
@@ -47,8 +52,10 @@ class PostProjectorReducer:
         out = self._original(*args, **kwargs)
         feats = out.pooler_output if hasattr(out, "pooler_output") else out
         new, keeps = [], []
-        for f in feats:
-            reduced, keep = apply_reduction(f[None], self.method(f[None]))
+        for i, f in enumerate(feats):
+            seg = None if self.segments is None else self.segments(f, i, args, kwargs)
+            red = self.method(f[None]) if seg is None else per_segment(self.method, f[None], seg)
+            reduced, keep = apply_reduction(f[None], red)
             new.append(reduced[0])
             keeps.append(keep[0])
         self.keeps = keeps

@@ -14,7 +14,14 @@ input names:
   merges);
 * ``raters``: (B, L) bool, SparseVLM's rater text tokens (``sparsevlm.raters`` of the decoder's
   input embeddings);
-* ``keys_mean``: (B, N, d) a block's keys averaged over heads; ``sizes``: (B, N) token sizes.
+* ``keys_mean``: (B, N, d) a block's keys averaged over heads; ``sizes``: (B, N) token sizes;
+* ``image_emb``: (B, N, E) CDPruner's CLIP-projected patch features (``visual_projection`` of the
+  post-layernormed features the projector reads); ``text_emb``: (B, M, E) the CLIP text tower's
+  embeddings of the question (one row per 77-token segment);
+* ``importance``: (B, N) a score per token (MMR; prune(): the [CLS] attention of the CLIP layer
+  feeding the projector, head mean);
+* ``normed_hidden``: (B, L, D) DART's similarity features: the final RMSNorm (with its weight)
+  applied to decoder layer K-1's output hidden states.
 """
 
 from __future__ import annotations
@@ -25,10 +32,14 @@ from dataclasses import dataclass
 from typing import Literal
 
 from .baselines import RandomConfig, UniformConfig, random_select, uniform_select
+from .cdpruner import CDPrunerConfig, cdpruner
+from .dart import DARTConfig, dart, dart_embeddings
+from .divprune import DivPruneConfig, divprune
 from .fastervlm import FasterVLMConfig, fastervlm
 from .fastv import FastVConfig, fastv
 from .ficoco import FiCoCoLConfig, FiCoCoVConfig, ficoco_l, ficoco_v
 from .lofi import LoFiConfig, lofi
+from .mmr import MMRConfig, mmr
 from .prumerge import PruMergeConfig, prumerge_plus
 from .sparsevlm import SparseVLMConfig, sparsevlm
 from .tome import ToMeConfig, tome_merge
@@ -96,6 +107,9 @@ _SPECS = (
     MethodSpec("ficoco-l", ficoco_l, FiCoCoLConfig, "llm_layer", False,
                f"{_IN_DECODER}; each image keeps keep_count(keep, its tokens) from layer K on",
                ("decoder_layer",), ALL_VLMS, "redundancy filter, correlate, merge into the kept"),
+    MethodSpec("dart", dart, DARTConfig, "llm_layer", False,
+               f"{_IN_DECODER}; each sample keeps 4 + 8 (keep // 8) image tokens (all when fewer) from layer K on",
+               ("decoder_layer", "normed_hidden"), ALL_VLMS, "L1-key-norm pivots, least similar tokens per pivot"),
     MethodSpec("fastervlm", fastervlm, FasterVLMConfig, "vision_tower", True, _SHAPE,
                ("features", "vision_layer"), CLIP_VLMS, "[CLS] attention (head mean), top-k"),
     MethodSpec("visionzip", visionzip, VisionZipConfig, "vision_tower", True, _SHAPE,
@@ -107,8 +121,19 @@ _SPECS = (
                fixed_with_keep=True),
     MethodSpec("ficoco-v", ficoco_v, FiCoCoVConfig, "vision_tower", True, _SHAPE,
                ("features", "vision_layer"), CLIP_VLMS, "filter by [CLS] and redundancy, merge into the kept"),
+    MethodSpec("mmr", mmr, MMRConfig, "vision_tower", True, _SHAPE,
+               ("features", "importance"), CLIP_VLMS, "[CLS]-attention importance vs. similarity to the kept"),
     MethodSpec("lofi", lofi, LoFiConfig, "post_projector", True, _SHAPE,
                ("features",), ALL_VLMS, "SVD leverage scores of the token matrix, top-k"),
+    MethodSpec("divprune", divprune, DivPruneConfig, "post_projector", True,
+               "round(keep N) of the N tokens (Python's round, as released): a function of the shape alone",
+               ("features",), ALL_VLMS, "max-min cosine diversity (greedy farthest token)"),
+    MethodSpec("cdpruner", cdpruner, CDPrunerConfig, "post_projector", True, _SHAPE,
+               ("features", "image_emb", "text_emb"), CLIP_VLMS, "conditional DPP: CLIP text relevance x similarity"),
+    MethodSpec("dart-embeddings", dart_embeddings, DARTConfig, "post_projector", True,
+               "4 + 8 (M // 8) of the N tokens (4 + 4 (M // 4) without text), M = keep_count(keep, N), all N "
+               "when fewer: a function of the shape alone",
+               ("features",), ALL_VLMS, "DART on the input embeddings: L1-norm pivots, least similar per pivot"),
     MethodSpec("tome", tome_merge, ToMeConfig, "every_block", False,
                "r tokens merge in every block (capped at half of the mergeable ones): the count shrinks block "
                "by block as the tower runs",
