@@ -72,7 +72,7 @@ bench: install
 # Medians of >= 5 rounds per side; the machine's other load shows in the IQR columns.
 bench-cpu: install
 	mkdir -p benchmarks/results/cpu
-	TOKENKERN_BENCH_CPU=full $(PYTEST) benchmarks/cpu --benchmark-only --benchmark-min-rounds=5 \
+	TOKENKERN_BENCH_CPU=full $(PYTEST) benchmarks/cpu --benchmark-only --benchmark-min-rounds=5 --benchmark-max-time=0.5 \
 		--benchmark-json=benchmarks/results/cpu/last-run.json
 	$(PY) benchmarks/cpu/summary.py benchmarks/results/cpu/last-run.json | tee benchmarks/results/cpu/last-run.md
 

@@ -1,123 +1,239 @@
-// CPU kernels of the private ops tokenkern::_merge_tokens_kernel and
-// tokenkern::_bipartite_merge_kernel, which the public merge ops (tokenkern/ops/merge.py) call
-// after checking every argument and value. They follow the same per-token steps as the CUDA
-// kernels (csrc/cuda/merge_kernels.cuh) and share their math (csrc/common/merge_math.h):
-// choose targets, weight them, then let every receiving token sum its contributions in
-// ascending source order.
+// CPU kernel of the private op tokenkern::_merge_tokens_kernel, which the public op
+// merge_tokens (tokenkern/ops/merge.py) calls after checking every argument and value. It
+// follows the same per-token steps as the CUDA kernels (csrc/cuda/merge_kernels.cuh) and shares
+// their math (csrc/common/merge_math.h): float32 similarities of each chooser with every
+// candidate (one GEMM per sample, cpu/merge_cpu.h), target selection per chooser row, then every
+// receiving token sums its contributions in ascending source order.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cmath>
 #include <tuple>
 #include <vector>
 
 #include "checks.h"
 #include "common/merge_math.h"
 #include "common/topk_select.h"
+#include "cpu/merge_cpu.h"
 #include "merge_args.h"
 
 namespace tokenkern {
 namespace {
 
-// The kernel indexes with keep_idx: every value must be in [0, n) (ascending order is the
-// public op's rule; an unsorted row cannot make the kernel read out of bounds).
-void assert_keep_in_range(const at::Tensor& keep, int64_t n) {
-  const int64_t* p = keep.data_ptr<int64_t>();
-  for (int64_t i = 0; i < keep.numel(); ++i) TOKENKERN_ASSERT("_merge_tokens_kernel", p[i] >= 0 && p[i] < n);
+using cpu::kOutBlock;
+using cpu::kRowBlock;
+
+// The kernel indexes with keep_idx and lists the N - K tokens it drops: every value must be in
+// [0, n) and unique within its row (ascending order is the public op's rule; an unsorted row
+// cannot make the kernel read out of bounds).
+void assert_keep_valid(const at::Tensor& keep, int64_t n) {
+  const int64_t* p = keep.const_data_ptr<int64_t>();
+  const int64_t k = keep.size(1);
+  std::vector<char> seen(static_cast<size_t>(n));
+  for (int64_t b = 0; b < keep.size(0); ++b) {
+    std::fill(seen.begin(), seen.end(), 0);
+    for (const int64_t* v = p + b * k; v < p + (b + 1) * k; ++v) {
+      TOKENKERN_ASSERT("_merge_tokens_kernel", *v >= 0 && *v < n);
+      TOKENKERN_ASSERT("_merge_tokens_kernel", !seen[*v]);
+      seen[*v] = 1;
+    }
+  }
 }
 
-double dot(const float* a, const float* b, int64_t c) {
-  double s = 0.0;
-  for (int64_t i = 0; i < c; ++i) s += static_cast<double>(a[i]) * static_cast<double>(b[i]);
-  return s;
-}
-
-std::vector<float> inverse_norms(const float* m, int64_t rows, int64_t c) {
-  std::vector<float> inv(static_cast<size_t>(rows));
-  for (int64_t i = 0; i < rows; ++i) inv[i] = inverse_norm(dot(m + i * c, m + i * c, c));
-  return inv;
-}
-
-// Contributions to the kept tokens, in ascending source order per receiver.
-struct Contribution {
-  int64_t receiver, source;
-  float c;  // a * w[source]
+// Inputs and work buffers of one merge_tokens call. Choosers: the dropped tokens (ascending) or,
+// with assign="kept", the kept tokens; candidates: the kept tokens or all tokens. The float32
+// rows and similarities live for one chunk of samples at a time (slot s = sample b - b0).
+struct MergeTokensWork {
+  MergeArgs a;
+  int64_t topm = 1;
+  float temperature = 0.0f;
+  int64_t rows = 0;  // choosers per sample
+  int64_t cols = 0;  // candidates per sample (with assign="kept", the chooser itself too)
+  int64_t chunk = 1, b0 = 0;
+  int64_t rows_stride = 0, cand_stride = 0, sims_stride = 0;  // floats per slot, multiples of 16
+  at::Tensor x, keep, metric, query, weight;
+  at::Tensor choosers;  // (B, rows) int64: token of each chooser
+  at::Tensor rows_f;    // (chunk, rows_stride) float32: the choosers' rows (rows x C) of query or metric
+  at::Tensor cand;      // (chunk, cand_stride) float32: the candidates' metric rows (cols x C)
+  at::Tensor inv_rows;  // (chunk, rows), (chunk, cols) float32: inverse metric norms (cosine)
+  at::Tensor inv_cand;
+  at::Tensor sims;      // (chunk, sims_stride) float32: rows x cols similarities
+  at::Tensor targets;   // (B, rows * topm) int64: kept slot (dropped mode) or source token (kept mode)
+  at::Tensor coef;      // (B, rows * topm) float32: a * weight[source]
+  at::Tensor offsets;   // (B, K + 1) int64: dropped mode, receiver j's contributions in [offsets[j], offsets[j+1])
+  at::Tensor src;       // (B, rows * topm) int64: their source tokens, ascending per receiver
+  at::Tensor src_coef;  // (B, rows * topm) float32: their coefficients
 };
 
-// One sample of merge_tokens. x: (N, D), metric/query: (N, C) float32, w: (N), keep: (K).
-// Writes merged (K, D) float32 and mass (K).
-void merge_one(const float* x, const float* metric, const float* query, const float* w, const int64_t* keep,
-               const MergeArgs& a, int64_t topm, float temperature, float* merged, float* mass) {
-  const int64_t n = a.n, d = a.d, k = a.k, c = a.c;
-  std::vector<int64_t> kept_pos(static_cast<size_t>(n), -1);
-  for (int64_t j = 0; j < k; ++j) kept_pos[keep[j]] = j;
-  std::vector<float> inv;
-  if (a.cosine) inv = inverse_norms(metric, n, c);
-  const float* chooser_rows = a.cosine ? metric : query;
-
-  // Contributions, summed per receiving kept token in ascending source order: first their
-  // coefficients (csum), then the rows scaled by the normalized coefficients (see
-  // merge_denominator).
-  std::vector<Contribution> contributions;
-  std::vector<float> acc(static_cast<size_t>(k * d), 0.0f), csum(static_cast<size_t>(k), 0.0f);
-  const int64_t n_candidates = a.kept_mode ? n - 1 : k;
-  std::vector<double> sims(static_cast<size_t>(n_candidates));
-  std::vector<int64_t> cand(static_cast<size_t>(n_candidates)), chosen(static_cast<size_t>(topm)),
-      scratch(static_cast<size_t>(n_candidates));
-  std::vector<float> chosen_sims(static_cast<size_t>(topm)), coef(static_cast<size_t>(topm));
-
-  auto similarity = [&](int64_t chooser, int64_t target) {
-    const double s = dot(chooser_rows + chooser * c, metric + target * c, c);
-    return a.cosine ? s * inv[chooser] * inv[target] : s;
-  };
-  auto add = [&](int64_t receiver, int64_t source, float cs) {
-    contributions.push_back({receiver, source, cs});
-    csum[receiver] += cs;
-  };
-
-  if (!a.kept_mode) {
-    for (int64_t j = 0; j < k; ++j) cand[j] = keep[j];
-    for (int64_t i = 0; i < n; ++i) {
-      if (kept_pos[i] >= 0) continue;  // choosers: the dropped tokens, ascending
-      for (int64_t j = 0; j < k; ++j) sims[j] = similarity(i, cand[j]);
-      topk_indices_ascending(sims.data(), k, topm, chosen.data(), scratch.data());
-      for (int64_t s = 0; s < topm; ++s) chosen_sims[s] = static_cast<float>(sims[chosen[s]]);
-      assignment_weights(chosen_sims.data(), topm, temperature, coef.data());
-      for (int64_t s = 0; s < topm; ++s) add(chosen[s], i, coef[s] * w[i]);
-    }
+// Sample b: the chooser list and the float32 rows and inverse norms of choosers and candidates.
+void prepare_sample(MergeTokensWork& w, int64_t b) {
+  const MergeArgs& a = w.a;
+  const int64_t slot = b - w.b0;
+  const int64_t* keep = w.keep.const_data_ptr<int64_t>() + b * a.k;
+  int64_t* choosers = w.choosers.data_ptr<int64_t>() + b * w.rows;
+  if (a.kept_mode) {
+    std::copy(keep, keep + a.k, choosers);
   } else {
-    for (int64_t j = 0; j < k; ++j) {
-      const int64_t self = keep[j];
-      int64_t t = 0;
-      for (int64_t i = 0; i < n; ++i) {
-        if (i == self) continue;
-        cand[t] = i;
-        sims[t++] = similarity(self, i);
-      }
-      topk_indices_ascending(sims.data(), n - 1, topm, chosen.data(), scratch.data());
-      for (int64_t s = 0; s < topm; ++s) chosen_sims[s] = static_cast<float>(sims[chosen[s]]);
-      assignment_weights(chosen_sims.data(), topm, temperature, coef.data());
-      for (int64_t s = 0; s < topm; ++s) add(j, cand[chosen[s]], coef[s] * w[cand[chosen[s]]]);
+    std::vector<char> kept(static_cast<size_t>(a.n), 0);
+    for (int64_t j = 0; j < a.k; ++j) kept[keep[j]] = 1;
+    int64_t t = 0;
+    for (int64_t i = 0; i < a.n; ++i) {
+      if (!kept[i]) choosers[t++] = i;
     }
   }
-  std::vector<float> denom(static_cast<size_t>(k));
-  for (int64_t j = 0; j < k; ++j) denom[j] = merge_denominator(a.combine, w[keep[j]], csum[j]);
-  for (const Contribution& t : contributions) {
-    float* r = acc.data() + t.receiver * d;
-    const float* xs = x + t.source * d;
-    const float cs = t.c / denom[t.receiver];
-    for (int64_t e = 0; e < d; ++e) r[e] += cs * xs[e];
+  float* rows = w.rows_f.data_ptr<float>() + slot * w.rows_stride;
+  float* cand = w.cand.data_ptr<float>() + slot * w.cand_stride;
+  cpu::load_rows(a.cosine ? w.metric : w.query, b, w.rows, [choosers](int64_t i) { return choosers[i]; }, rows);
+  if (a.kept_mode) {
+    cpu::load_rows(w.metric, b, a.n, [](int64_t i) { return i; }, cand);
+  } else {
+    cpu::load_rows(w.metric, b, a.k, [keep](int64_t j) { return keep[j]; }, cand);
   }
-  for (int64_t j = 0; j < k; ++j) {
+  if (!a.cosine) return;
+  float* inv_rows = w.inv_rows.data_ptr<float>() + slot * w.rows;
+  float* inv_cand = w.inv_cand.data_ptr<float>() + slot * w.cols;
+  for (int64_t i = 0; i < w.rows; ++i) inv_rows[i] = inverse_norm(cpu::sum_squares(rows + i * a.c, a.c));
+  for (int64_t j = 0; j < w.cols; ++j) inv_cand[j] = inverse_norm(cpu::sum_squares(cand + j * a.c, a.c));
+}
+
+// Scratch of one task of select_block.
+struct SelectScratch {
+  std::vector<float> row_ex, chosen_sims, weights;
+  std::vector<int64_t> chosen, scratch;
+  explicit SelectScratch(const MergeTokensWork& w)
+      : row_ex(static_cast<size_t>(w.cols)),
+        chosen_sims(static_cast<size_t>(w.topm)),
+        weights(static_cast<size_t>(w.topm)),
+        chosen(static_cast<size_t>(w.topm)),
+        scratch(static_cast<size_t>(w.cols)) {}
+};
+
+// Chooser rows [i0, i0 + count) of sample b: top-m targets and coefficients from their
+// similarity rows.
+void select_block(MergeTokensWork& w, int64_t b, int64_t i0, int64_t count, SelectScratch& s) {
+  const MergeArgs& a = w.a;
+  const int64_t cols = w.cols, topm = w.topm, slot = b - w.b0;
+  const int64_t* choosers = w.choosers.const_data_ptr<int64_t>() + b * w.rows;
+  const float* inv_rows = a.cosine ? w.inv_rows.const_data_ptr<float>() + slot * w.rows : nullptr;
+  const float* inv_cand = a.cosine ? w.inv_cand.const_data_ptr<float>() + slot * cols : nullptr;
+  const float* weight = w.weight.const_data_ptr<float>() + b * a.n;
+  float* sims = w.sims.data_ptr<float>() + slot * w.sims_stride;
+  int64_t* targets = w.targets.data_ptr<int64_t>() + b * w.rows * topm;
+  float* coef = w.coef.data_ptr<float>() + b * w.rows * topm;
+  for (int64_t r = i0; r < i0 + count; ++r) {
+    float* row = sims + r * cols;
+    const int64_t self = choosers[r];
+    if (a.cosine) {
+      const float inv_self = inv_rows[r];
+      for (int64_t j = 0; j < cols; ++j) row[j] = row[j] * inv_self * inv_cand[j];
+    }
+    // Candidate t of the selection: kept slot t, or (kept mode) token t with the chooser skipped.
+    const float* cand_sims = row;
+    int64_t n_cand = cols;
+    if (a.kept_mode) {
+      std::copy(row, row + self, s.row_ex.data());
+      std::copy(row + self + 1, row + cols, s.row_ex.data() + self);
+      cand_sims = s.row_ex.data();
+      n_cand = cols - 1;
+    }
+    if (topm == 1) {
+      s.chosen[0] = cpu::argmax_lower(cand_sims, n_cand);
+    } else {
+      topk_indices_ascending(cand_sims, n_cand, topm, s.chosen.data(), s.scratch.data());
+    }
+    for (int64_t m = 0; m < topm; ++m) s.chosen_sims[m] = cand_sims[s.chosen[m]];
+    assignment_weights(s.chosen_sims.data(), topm, w.temperature, s.weights.data());
+    for (int64_t m = 0; m < topm; ++m) {
+      const int64_t t = s.chosen[m];
+      const int64_t source = a.kept_mode ? (t < self ? t : t + 1) : self;
+      targets[r * topm + m] = a.kept_mode ? source : t;
+      coef[r * topm + m] = s.weights[m] * weight[source];
+    }
+  }
+}
+
+// Samples [b0, b0 + count): prepare, one similarity GEMM per sample (at::mm, which threads
+// itself), then the target selection over blocks of chooser rows.
+void select_targets(MergeTokensWork& w, int64_t b0, int64_t count) {
+  const MergeArgs& a = w.a;
+  w.b0 = b0;
+  at::parallel_for(b0, b0 + count, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) prepare_sample(w, b);
+  });
+  for (int64_t s = 0; s < count; ++s) {
+    cpu::similarity_block(w.rows_f.const_data_ptr<float>() + s * w.rows_stride, w.rows,
+                          w.cand.const_data_ptr<float>() + s * w.cand_stride, w.cols, a.c,
+                          w.sims.data_ptr<float>() + s * w.sims_stride);
+  }
+  const int64_t blocks = cpu::ceil_div(w.rows, kRowBlock);
+  at::parallel_for(0, count * blocks, 1, [&](int64_t begin, int64_t end) {
+    SelectScratch scratch(w);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t b = b0 + t / blocks, i0 = (t % blocks) * kRowBlock;
+      select_block(w, b, i0, std::min(kRowBlock, w.rows - i0), scratch);
+    }
+  });
+}
+
+// Dropped mode, per sample: each receiving kept slot's contributions, ascending source, by a
+// counting pass over the choosers' targets.
+void group_by_receiver(MergeTokensWork& w, int64_t b) {
+  const int64_t entries = w.rows * w.topm, k = w.a.k;
+  const int64_t* targets = w.targets.const_data_ptr<int64_t>() + b * entries;
+  const float* coef = w.coef.const_data_ptr<float>() + b * entries;
+  const int64_t* choosers = w.choosers.const_data_ptr<int64_t>() + b * w.rows;
+  int64_t* offsets = w.offsets.data_ptr<int64_t>() + b * (k + 1);
+  int64_t* src = w.src.data_ptr<int64_t>() + b * entries;
+  float* src_coef = w.src_coef.data_ptr<float>() + b * entries;
+  std::fill(offsets, offsets + k + 1, int64_t{0});
+  for (int64_t e = 0; e < entries; ++e) ++offsets[targets[e] + 1];
+  for (int64_t j = 0; j < k; ++j) offsets[j + 1] += offsets[j];
+  std::vector<int64_t> fill(offsets, offsets + k);
+  for (int64_t e = 0; e < entries; ++e) {
+    const int64_t pos = fill[targets[e]]++;
+    src[pos] = choosers[e / w.topm];
+    src_coef[pos] = coef[e];
+  }
+}
+
+// merged[b, j] and mass[b, j] for the kept slots [j0, j0 + count) of sample b.
+template <typename T>
+void reduce_block(const MergeTokensWork& w, int64_t b, int64_t j0, int64_t count, std::vector<float>& acc,
+                  T* merged, float* mass) {
+  const MergeArgs& a = w.a;
+  const int64_t d = a.d, entries = w.rows * w.topm;
+  const T* x = w.x.const_data_ptr<T>() + b * a.n * d;
+  const int64_t* keep = w.keep.const_data_ptr<int64_t>() + b * a.k;
+  const float* weight = w.weight.const_data_ptr<float>() + b * a.n;
+  for (int64_t j = j0; j < j0 + count; ++j) {
+    const int64_t* src;
+    const float* cs;
+    int64_t n_src;
+    if (a.kept_mode) {
+      src = w.targets.const_data_ptr<int64_t>() + b * entries + j * w.topm;
+      cs = w.coef.const_data_ptr<float>() + b * entries + j * w.topm;
+      n_src = w.topm;
+    } else {
+      const int64_t* offsets = w.offsets.const_data_ptr<int64_t>() + b * (a.k + 1);
+      src = w.src.const_data_ptr<int64_t>() + b * entries + offsets[j];
+      cs = w.src_coef.const_data_ptr<float>() + b * entries + offsets[j];
+      n_src = offsets[j + 1] - offsets[j];
+    }
+    float csum = 0.0f;
+    for (int64_t s = 0; s < n_src; ++s) csum += cs[s];
     const int64_t self = keep[j];
-    const float ws = w[self];
+    const float w_self = weight[self];
+    const float denom = merge_denominator(a.combine, w_self, csum);
+    std::fill(acc.begin(), acc.end(), 0.0f);
+    for (int64_t s = 0; s < n_src; ++s) cpu::axpy_row(cs[s] / denom, x + src[s] * d, acc.data(), d);
+    const T* xs = x + self * d;
+    T* out = merged + (b * a.k + j) * d;
     for (int64_t e = 0; e < d; ++e) {
-      merged[j * d + e] = finalize_merge(a.combine, x[self * d + e], ws, acc[j * d + e], csum[j]);
+      out[e] = static_cast<T>(finalize_merge(a.combine, static_cast<float>(xs[e]), w_self, acc[e], csum));
     }
-    mass[j] = ws + csum[j];
+    mass[b * a.k + j] = w_self + csum;
   }
 }
 
@@ -127,109 +243,64 @@ std::tuple<at::Tensor, at::Tensor> merge_tokens_cpu(const at::Tensor& x, const a
                                                     double temperature, c10::string_view combine,
                                                     const std::optional<at::Tensor>& query_metric,
                                                     c10::string_view assign) {
-  const MergeArgs a = merge_tokens_args(x, keep_idx, metric, weight, topm, combine, query_metric, assign);
-  const at::Tensor keep = keep_idx.contiguous();
-  assert_keep_in_range(keep, a.n);
-  const at::Tensor xf = x.to(at::kFloat).contiguous();
-  const at::Tensor mf = metric.has_value() ? metric->to(at::kFloat).contiguous() : xf;
-  const at::Tensor qf = query_metric.has_value() ? query_metric->to(at::kFloat).contiguous() : mf;
-  const at::Tensor wf =
-      weight.has_value() ? weight->to(at::kFloat).contiguous() : at::ones({a.batch, a.n}, xf.options());
-  at::Tensor merged = at::empty({a.batch, a.k, a.d}, xf.options());
-  at::Tensor mass = at::empty({a.batch, a.k}, xf.options());
-  const float temp = static_cast<float>(temperature);
-  at::parallel_for(0, a.batch, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) {
-      merge_one(xf.data_ptr<float>() + b * a.n * a.d, mf.data_ptr<float>() + b * a.n * a.c,
-                qf.data_ptr<float>() + b * a.n * a.c, wf.data_ptr<float>() + b * a.n,
-                keep.data_ptr<int64_t>() + b * a.k, a, topm, temp, merged.data_ptr<float>() + b * a.k * a.d,
-                mass.data_ptr<float>() + b * a.k);
-    }
-  });
-  return {merged.to(x.scalar_type()), mass};
-}
-
-// One sample of bipartite_merge: A = even positions, B = odd positions. Output rows: the
-// unmerged A tokens in ascending position, then every B token in order.
-void bipartite_one(const float* x, const float* metric, const float* size, const BipartiteArgs& a, int64_t r,
-                   bool protect_first, float* out, float* out_size) {
-  const int64_t d = a.d, c = a.c, na = a.n_a, nb = a.n_b;
-  const std::vector<float> inv = inverse_norms(metric, a.n, c);
-  std::vector<double> best(static_cast<size_t>(na));
-  std::vector<int64_t> match(static_cast<size_t>(na), 0);
-  for (int64_t i = 0; i < na; ++i) {
-    double top = 0.0;
-    int64_t arg = -1;
-    for (int64_t j = 0; j < nb; ++j) {
-      const int64_t ia = 2 * i, jb = 2 * j + 1;
-      const double s = dot(metric + ia * c, metric + jb * c, c) * inv[ia] * inv[jb];
-      if (arg < 0 || selection_key(s) > selection_key(top)) {
-        top = s;
-        arg = j;
+  MergeTokensWork w;
+  w.a = merge_tokens_args(x, keep_idx, metric, weight, topm, combine, query_metric, assign);
+  const MergeArgs& a = w.a;
+  w.keep = keep_idx.contiguous();
+  assert_keep_valid(w.keep, a.n);
+  w.x = x.contiguous();
+  w.metric = metric.has_value() ? metric->contiguous() : w.x;
+  w.query = query_metric.has_value() ? query_metric->contiguous() : w.metric;
+  const auto f32 = w.x.options().dtype(at::kFloat);
+  w.weight = weight.has_value() ? weight->to(at::kFloat).contiguous() : at::ones({a.batch, a.n}, f32);
+  w.topm = topm;
+  w.temperature = static_cast<float>(temperature);
+  w.rows = a.kept_mode ? a.k : a.n - a.k;
+  w.cols = a.kept_mode ? a.n : a.k;
+  at::Tensor merged = at::empty({a.batch, a.k, a.d}, w.x.options());
+  at::Tensor mass = at::empty({a.batch, a.k}, f32);
+  if (a.batch == 0) return {merged, mass};
+  const auto i64 = f32.dtype(at::kLong);
+  w.choosers = at::empty({a.batch, std::max<int64_t>(w.rows, 1)}, i64);
+  w.rows_stride = cpu::aligned_stride(w.rows * a.c);
+  w.cand_stride = cpu::aligned_stride(w.cols * a.c);
+  w.sims_stride = cpu::aligned_stride(w.rows * w.cols);
+  w.chunk = cpu::samples_per_chunk(w.rows_stride + w.cand_stride + w.sims_stride, a.batch);
+  w.rows_f = at::empty({w.chunk, w.rows_stride}, f32);
+  w.cand = at::empty({w.chunk, w.cand_stride}, f32);
+  w.sims = at::empty({w.chunk, w.sims_stride}, f32);
+  w.inv_rows = at::empty({w.chunk, std::max<int64_t>(w.rows, 1)}, f32);
+  w.inv_cand = at::empty({w.chunk, std::max<int64_t>(w.cols, 1)}, f32);
+  const int64_t entries = std::max<int64_t>(w.rows * topm, 1);
+  w.targets = at::empty({a.batch, entries}, i64);
+  w.coef = at::empty({a.batch, entries}, f32);
+  if (!a.kept_mode) {
+    w.offsets = at::empty({a.batch, a.k + 1}, i64);
+    w.src = at::empty({a.batch, entries}, i64);
+    w.src_coef = at::empty({a.batch, entries}, f32);
+  }
+  for (int64_t b0 = 0; b0 < a.batch; b0 += w.chunk) select_targets(w, b0, std::min(w.chunk, a.batch - b0));
+  if (!a.kept_mode) {
+    at::parallel_for(0, a.batch, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) group_by_receiver(w, b);
+    });
+  }
+  const int64_t out_blocks = cpu::ceil_div(a.k, kOutBlock);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.x.scalar_type(), "tokenkern_merge_tokens", [&] {
+    at::parallel_for(0, a.batch * out_blocks, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> acc(static_cast<size_t>(a.d));
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t b = t / out_blocks, j0 = (t % out_blocks) * kOutBlock;
+        reduce_block<scalar_t>(w, b, j0, std::min(kOutBlock, a.k - j0), acc, merged.data_ptr<scalar_t>(),
+                               mass.data_ptr<float>());
       }
-    }
-    best[i] = top;
-    match[i] = arg < 0 ? 0 : arg;
-  }
-  // The r best edges among the mergeable A tokens (token 0 excluded when protected).
-  const int64_t first = protect_first ? 1 : 0;
-  std::vector<char> merged_a(static_cast<size_t>(na), 0);
-  if (r > 0) {
-    std::vector<int64_t> chosen(static_cast<size_t>(r)), scratch(static_cast<size_t>(na - first));
-    topk_indices_ascending(best.data() + first, na - first, r, chosen.data(), scratch.data());
-    for (int64_t t = 0; t < r; ++t) merged_a[chosen[t] + first] = 1;
-  }
-  int64_t row = 0;
-  for (int64_t i = 0; i < na; ++i) {
-    if (merged_a[i]) continue;
-    std::copy(x + 2 * i * d, x + (2 * i + 1) * d, out + row * d);
-    out_size[row++] = size[2 * i];
-  }
-  std::vector<float> acc(static_cast<size_t>(d));
-  for (int64_t j = 0; j < nb; ++j) {
-    const int64_t self = 2 * j + 1;
-    std::fill(acc.begin(), acc.end(), 0.0f);
-    float csum = 0.0f;
-    for (int64_t i = 0; i < na; ++i) {
-      if (merged_a[i] && match[i] == j) csum += size[2 * i];
-    }
-    const float denom = merge_denominator(Combine::kMean, size[self], csum);
-    for (int64_t i = 0; i < na; ++i) {
-      if (!merged_a[i] || match[i] != j) continue;
-      const float cs = size[2 * i] / denom;
-      for (int64_t e = 0; e < d; ++e) acc[e] += cs * x[2 * i * d + e];
-    }
-    for (int64_t e = 0; e < d; ++e) {
-      out[row * d + e] = finalize_merge(Combine::kMean, x[self * d + e], size[self], acc[e], csum);
-    }
-    out_size[row++] = size[self] + csum;
-  }
-}
-
-std::tuple<at::Tensor, at::Tensor> bipartite_merge_cpu(const at::Tensor& x, const at::Tensor& metric, int64_t r,
-                                                       const std::optional<at::Tensor>& size, bool protect_first) {
-  const BipartiteArgs a = bipartite_merge_args(x, metric, r, size, protect_first);
-  const at::Tensor xf = x.to(at::kFloat).contiguous();
-  const at::Tensor mf = metric.to(at::kFloat).contiguous();
-  const at::Tensor sf =
-      size.has_value() ? size->to(at::kFloat).contiguous() : at::ones({a.batch, a.n}, xf.options());
-  at::Tensor out = at::empty({a.batch, a.n - r, a.d}, xf.options());
-  at::Tensor out_size = at::empty({a.batch, a.n - r}, xf.options());
-  at::parallel_for(0, a.batch, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) {
-      bipartite_one(xf.data_ptr<float>() + b * a.n * a.d, mf.data_ptr<float>() + b * a.n * a.c,
-                    sf.data_ptr<float>() + b * a.n, a, r, protect_first,
-                    out.data_ptr<float>() + b * (a.n - r) * a.d, out_size.data_ptr<float>() + b * (a.n - r));
-    }
+    });
   });
-  return {out.to(x.scalar_type()), out_size};
+  return {merged, mass};
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(tokenkern, CPU, m) {
-  m.impl("_merge_tokens_kernel", &merge_tokens_cpu);
-  m.impl("_bipartite_merge_kernel", &bipartite_merge_cpu);
-}
+TORCH_LIBRARY_IMPL(tokenkern, CPU, m) { m.impl("_merge_tokens_kernel", &merge_tokens_cpu); }
 
 }  // namespace tokenkern

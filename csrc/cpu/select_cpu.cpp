@@ -4,6 +4,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstring>
 #include <tuple>
 #include <vector>
@@ -13,6 +14,8 @@
 
 namespace tokenkern {
 namespace {
+
+constexpr int64_t kGatherRows = 64;  // kept rows per copy task
 
 // The public op tokenkern::topk_gather (tokenkern/ops/select.py) checks the arguments; this
 // private kernel asserts only what its memory accesses rely on.
@@ -40,11 +43,15 @@ std::tuple<at::Tensor, at::Tensor> topk_gather_cpu(const at::Tensor& scores, con
 
   at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
     std::vector<int64_t> scratch(static_cast<size_t>(n));
-    for (int64_t b = begin; b < end; ++b) {
-      int64_t* row_idx = idx_ptr + b * k;
-      topk_indices_ascending(s_ptr + b * n, n, k, row_idx, scratch.data());
-      for (int64_t j = 0; j < k; ++j) {
-        std::memcpy(kept_bytes + (b * k + j) * row_bytes, x_bytes + (b * n + row_idx[j]) * row_bytes,
+    for (int64_t b = begin; b < end; ++b) topk_indices_ascending(s_ptr + b * n, n, k, idx_ptr + b * k, scratch.data());
+  });
+  // The copy over (sample, block of kept rows), so that a small batch still fills the threads.
+  const int64_t blocks = (k + kGatherRows - 1) / kGatherRows;
+  at::parallel_for(0, batch * blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t b = t / blocks, j0 = (t % blocks) * kGatherRows, j1 = std::min(k, j0 + kGatherRows);
+      for (int64_t j = j0; j < j1; ++j) {
+        std::memcpy(kept_bytes + (b * k + j) * row_bytes, x_bytes + (b * n + idx_ptr[b * k + j]) * row_bytes,
                     static_cast<size_t>(row_bytes));
       }
     }

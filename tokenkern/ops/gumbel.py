@@ -72,8 +72,10 @@ def gumbel_topk(logits: Tensor, k: int, tau: float = 1.0, seed: int = 0, hard: b
     (straight-through). ``hard=False``: the value is the threshold relaxation
     ``soft_i = sigmoid((z_i - lambda) / tau)`` with lambda (per row) such that
     ``sum_i soft_i = k``: in [0, 1] and summing to k by construction, tending to the hard mask
-    as tau -> 0 when the z are distinct. lambda is found without a host sync by a fixed number
-    of bisection steps over the floating-point bit patterns (32 for float32), in the shifted
+    as tau -> 0 when the z are distinct. On CUDA lambda is found without a host sync by a fixed
+    number of bisection steps over the floating-point bit patterns (32 for float32); on CPU by
+    safeguarded Newton steps over the same bit patterns to the same bracketing root (its last
+    bits may differ from the reference's; docs/ops/gumbel.md), both in the shifted
     form ``(z - a) / tau`` around the k-th largest z (never z / tau alone, so huge |z| / tau
     loses nothing). +inf entries get 1 and -inf/NaN entries 0; a row without a finite lambda
     (at least k entries +inf, or at most k above -inf, e.g. k = N) gets the hard mask and
