@@ -5,7 +5,7 @@
 #   make demo   the main job (python -m tokenkern demo)
 #   make bench  the benchmark suites for real (run it on a GPU; writes benchmarks/results/)
 #   make bench-cpu  the CPU suites (benchmarks/cpu) for real: each CPU op vs plain torch, ratios
-#               into benchmarks/results/cpu/last-run.{json,md}
+#               into benchmarks/results/cpu/ (one JSON per suite, summary.md)
 #   make kernel-report  static sm_90 kernel report + budget check (no GPU run; benchmarks/results/static/)
 #   make gpu-check      one run on a lent H100/H200: build, GPU tests, sanitizers, bench, summary (DRY=1: on CPU)
 
@@ -70,11 +70,15 @@ bench: install
 	$(PYTEST) benchmarks --ignore=benchmarks/cpu --benchmark-only --benchmark-json=benchmarks/results/last-run.json
 
 # Medians of >= 5 rounds per side; the machine's other load shows in the IQR columns.
+# One JSON per suite (a long run keeps what finished); the summary reads them all.
+CPU_SUITES ?= $(basename $(notdir $(wildcard benchmarks/cpu/bench_cpu_*.py)))
 bench-cpu: install
 	mkdir -p benchmarks/results/cpu
-	TOKENKERN_BENCH_CPU=full $(PYTEST) benchmarks/cpu --benchmark-only --benchmark-min-rounds=5 --benchmark-max-time=0.5 \
-		--benchmark-json=benchmarks/results/cpu/last-run.json
-	$(PY) benchmarks/cpu/summary.py benchmarks/results/cpu/last-run.json | tee benchmarks/results/cpu/last-run.md
+	for suite in $(CPU_SUITES); do \
+		TOKENKERN_BENCH_CPU=full $(PYTEST) -q benchmarks/cpu/$$suite.py --benchmark-only --benchmark-min-rounds=5 \
+			--benchmark-max-time=0.5 --benchmark-json=benchmarks/results/cpu/$$suite.json || exit 1; \
+	done
+	$(PY) benchmarks/cpu/summary.py benchmarks/results/cpu/bench_cpu_*.json | tee benchmarks/results/cpu/summary.md
 
 # tools/gpu_check.sh: build the CUDA extension, the GPU tests, compute-sanitizer, the benchmarks
 # and the summary (gpu-check.json / .md into $OUT or benchmarks/results/), each step with its own

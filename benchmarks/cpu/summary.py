@@ -1,7 +1,7 @@
-"""Markdown table of the CPU suites' ratios: python benchmarks/cpu/summary.py RESULTS.json
+"""Markdown table of the CPU suites' ratios: python benchmarks/cpu/summary.py RESULTS.json...
 
-RESULTS.json is pytest-benchmark's --benchmark-json output of benchmarks/cpu (make bench-cpu);
-its ``cpu_ratios`` list comes from benchmarks/conftest.py."""
+Each RESULTS.json is pytest-benchmark's --benchmark-json output of a benchmarks/cpu suite
+(make bench-cpu writes one per suite); its ``cpu_ratios`` list comes from benchmarks/conftest.py."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import json
 import sys
 
 
-def table(results: dict) -> str:
-    info = results.get("machine_info", {})
+def table(runs: list[dict]) -> str:
+    """One table over every run's cpu_ratios; the machine line comes from the first run."""
+    info = runs[0].get("machine_info", {}) if runs else {}
     cpu = info.get("cpu", {}).get("brand_raw", "unknown CPU")
     lines = [
         f"CPU: {cpu}; torch {info.get('torch', '?')}; medians of pytest-benchmark rounds, both sides in one run.",
@@ -18,7 +19,8 @@ def table(results: dict) -> str:
         "| case | threads | tokenkern (ms) | plain torch (ms) | ratio |",
         "|---|---|---|---|---|",
     ]
-    for row in sorted(results.get("cpu_ratios", []), key=lambda r: (r["case"], r["threads"])):
+    rows = [row for run in runs for row in run.get("cpu_ratios", [])]
+    for row in sorted(rows, key=lambda r: (r["case"], r["threads"])):
         lines.append(
             f"| {row['case']} | {row['threads']} | {row['tokenkern_median_s'] * 1e3:.2f} | "
             f"{row['torch_median_s'] * 1e3:.2f} | {row['ratio']:.2f}x |"
@@ -27,11 +29,14 @@ def table(results: dict) -> str:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 1:
+    if not argv:
         print(__doc__, file=sys.stderr)
         return 2
-    with open(argv[0]) as f:
-        print(table(json.load(f)), end="")
+    runs = []
+    for path in argv:
+        with open(path) as f:
+            runs.append(json.load(f))
+    print(table(runs), end="")
     return 0
 
 
