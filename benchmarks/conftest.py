@@ -124,9 +124,10 @@ def pytest_benchmark_update_json(config, benchmarks, output_json):
     output_json["cpu_ratios"]."""
     groups: dict[str, dict[str, dict]] = {}
     for entry in output_json["benchmarks"]:
-        impl = entry.get("extra_info", {}).get("impl")
-        if impl in ("tokenkern", "torch") and entry.get("stats"):
-            groups.setdefault(entry["group"], {})[impl] = entry
+        info = entry.get("extra_info", {})
+        # CPU-suite entries carry impl and threads (the GPU suites may name an impl too).
+        if "threads" in info and info.get("impl") in CPU_IMPLS and entry.get("stats"):
+            groups.setdefault(entry["group"], {})[info["impl"]] = entry
     ratios = []
     for group, pair in sorted(groups.items()):
         if len(pair) != 2:
