@@ -165,6 +165,24 @@ def _gram_kernel(
 
 
 @triton.jit
+def _program_columns(g_ptr, c_ptr, N, C, W, c_sb, c_sn, HAS_MASK: tl.constexpr, BLOCK: tl.constexpr):
+    """Program pid owns columns [c W, c W + W) of sample b (C programs per sample): their
+    indices, ownership mask, the sample's Gram, 1/||x_j|| and the candidate mask."""
+    pid = tl.program_id(0)
+    c = pid % C
+    b = (pid // C).to(tl.int64)
+    start = c * W
+    cols = start + tl.arange(0, BLOCK)
+    own = (tl.arange(0, BLOCK) < W) & (cols < N)
+    g_b = g_ptr + b * N * N
+    inv = _inv_norm(tl.load(g_b + cols * (N + 1), mask=own, other=0.0))
+    cand = own
+    if HAS_MASK:
+        cand = cand & (tl.load(c_ptr + b * c_sb + cols * c_sn, mask=own, other=0) != 0)
+    return c, b, start, cols, own, g_b, inv, cand
+
+
+@triton.jit
 def _first_pick_scores(
     g_b, N, cols, own, inv, cand, c_ptr, c_sn, HAS_MASK: tl.constexpr, BR: tl.constexpr, BLOCK: tl.constexpr
 ):
@@ -207,18 +225,8 @@ def _greedy_kernel(
     NB: tl.constexpr,
     CB: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    c = pid % C
-    b = (pid // C).to(tl.int64)
-    start = c * W
-    cols = start + tl.arange(0, BLOCK)
-    own = (tl.arange(0, BLOCK) < W) & (cols < N)
-    g_b = g_ptr + b * N * N
+    c, b, start, cols, own, g_b, inv, cand = _program_columns(g_ptr, c_ptr, N, C, W, c_sb, c_sn, HAS_MASK, BLOCK)
     slots = slot_ptr + b * k * C
-    inv = _inv_norm(tl.load(g_b + cols * (N + 1), mask=own, other=0.0))
-    cand = own
-    if HAS_MASK:
-        cand = cand & (tl.load(c_ptr + b * c_sb + cols * c_sn, mask=own, other=0) != 0)
 
     if MMR:
         # imp = (v - min) / (max - min) over the sample's candidates (0 when max == min).
@@ -280,19 +288,9 @@ def _dpp_kernel(
     TB: tl.constexpr,
     CB: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    c = pid % C
-    b = (pid // C).to(tl.int64)
-    start = c * W
-    cols = start + tl.arange(0, BLOCK)
-    own = (tl.arange(0, BLOCK) < W) & (cols < N)
-    g_b = g_ptr + b * N * N
+    c, b, start, cols, own, g_b, inv, cand = _program_columns(g_ptr, c_ptr, N, C, W, c_sb, c_sn, HAS_MASK, BLOCK)
     ct_b = ct_ptr + b * N * k  # (N, k): row j holds c_0[j], ..., c_{k-1}[j]
     slots = slot_ptr + b * k * C
-    inv = _inv_norm(tl.load(g_b + cols * (N + 1), mask=own, other=0.0))
-    cand = own
-    if HAS_MASK:
-        cand = cand & (tl.load(c_ptr + b * c_sb + cols * c_sn, mask=own, other=0) != 0)
     r = tl.load(r_ptr + b * r_sb + cols * r_sn, mask=own, other=0.0).to(tl.float32)
     d2 = tl.where(cand, r * r, float("-inf"))  # diag(L) = r_j S_jj r_j, S_jj = 1
 
@@ -513,6 +511,16 @@ def _mask_args(mask: torch.Tensor | None, placeholder: torch.Tensor) -> tuple[to
     return mask, mask.stride(0), mask.stride(1), True
 
 
+def _greedy_layout(op: str, x: torch.Tensor, k: int) -> tuple[int, int, int, torch.Tensor, torch.Tensor]:
+    """x: (B, N, D), B >= 1 -> (programs per sample, columns per program, its power-of-two
+    block, the (B, k, programs) exchange slots, the Gram G (B, N, N) by the GEMM)."""
+    batch, n, _ = x.shape
+    cps = _ctas_per_sample(batch, n, sm_count(x.device))
+    w = triton.cdiv(n, cps)
+    slots = torch.empty(batch, k, cps, dtype=torch.int64, device=x.device)
+    return cps, w, max(next_pow2(w), 16), slots, _gram(op, x, slots)
+
+
 def _greedy(
     op: str, x: torch.Tensor, k: int, mask: torch.Tensor | None, importance: torch.Tensor | None, lam: float
 ) -> torch.Tensor:
@@ -521,13 +529,9 @@ def _greedy(
     out = empty(batch, k, dtype=torch.int64, device=x.device)
     if batch == 0:
         return out
-    cps = _ctas_per_sample(batch, n, sm_count(x.device))
-    w = triton.cdiv(n, cps)
-    slots = torch.empty(batch, k, cps, dtype=torch.int64, device=x.device)
-    g = _gram(op, x, slots)
+    cps, w, block, slots, g = _greedy_layout(op, x, k)
     m, m_sb, m_sn, has_mask = _mask_args(mask, g)
     imp = importance if importance is not None else g
-    block = max(next_pow2(w), 16)
     _greedy_kernel[flat_grid(op, cps, batch)](
         g, m, imp, slots, out, n, k, cps, w, float(lam), m_sb, m_sn,
         imp.stride(0) if importance is not None else 0, imp.stride(1) if importance is not None else 0,
@@ -557,13 +561,9 @@ def dpp_select_triton(x: torch.Tensor, relevance: torch.Tensor, k: int, mask: to
     out = empty(batch, k, dtype=torch.int64, device=x.device)
     if batch == 0:
         return out
-    cps = _ctas_per_sample(batch, n, sm_count(x.device))
-    w = triton.cdiv(n, cps)
-    slots = torch.empty(batch, k, cps, dtype=torch.int64, device=x.device)
-    g = _gram("dpp_select", x, slots)
+    cps, w, block, slots, g = _greedy_layout("dpp_select", x, k)
     ct = torch.empty(batch, n, k, dtype=torch.float32, device=x.device)
     m, m_sb, m_sn, has_mask = _mask_args(mask, g)
-    block = max(next_pow2(w), 16)
     tb = max(16, min(next_pow2(k), TILE // block, 32))
     _dpp_kernel[flat_grid("dpp_select", cps, batch)](
         g, m, relevance, ct, slots, out, n, k, cps, w, m_sb, m_sn, relevance.stride(0), relevance.stride(1),
