@@ -22,14 +22,20 @@ import tokenkern
 from tokenkern import reference
 
 
-def eager_attn_topk(q, k, x, n_keep, key_start, key_end, causal):
+def eager_attn_scores(q, k, key_start, key_end, causal):
+    """q kᵀ·scale in the input dtype, the causal mask, softmax, the mean over heads and
+    queries, the image-key slice: what a user writes from the rule."""
     hq, hkv = q.shape[1], k.shape[1]
     s = (q @ k.repeat_interleave(hq // hkv, dim=1).mT).float() * q.shape[-1] ** -0.5
     if causal:
         nq, nk = q.shape[2], k.shape[2]
         keep = torch.ones(nq, nk, dtype=torch.bool, device=q.device).tril(nk - nq)
         s = s.masked_fill(~keep, float("-inf"))
-    scores = torch.softmax(s, dim=-1).mean(dim=(1, 2))[:, key_start:key_end]
+    return torch.softmax(s, dim=-1).mean(dim=(1, 2))[:, key_start:key_end]
+
+
+def eager_attn_topk(q, k, x, n_keep, key_start, key_end, causal):
+    scores = eager_attn_scores(q, k, key_start, key_end, causal)
     return *torch_topk_gather(scores, x, n_keep), scores
 
 

@@ -14,18 +14,24 @@ SHAPES = [(b, n, k) for b in (8, 64) for n in (576, 2880) for k in (n // 10, n /
 TAU = 0.5
 
 
+@torch.no_grad()
+def bisect_threshold(z: torch.Tensor, k: int, tau: float, steps: int, margin: float) -> torch.Tensor:
+    """z: (B, N) -> lam (B, 1) with sum sigmoid((z - lam) / tau) = k, by `steps` bisection steps
+    over [min z - margin tau, max z + margin tau], in z's dtype."""
+    lo = z.amin(-1, keepdim=True) - margin * tau
+    hi = z.amax(-1, keepdim=True) + margin * tau
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        above = torch.sigmoid((z - mid) / tau).sum(-1, keepdim=True) > k
+        lo, hi = torch.where(above, mid, lo), torch.where(above, hi, mid)
+    return (lo + hi) / 2
+
+
 def torch_gumbel_topk(logits: torch.Tensor, k: int, tau: float, seed: int, steps: int = 40) -> torch.Tensor:
     gen = torch.Generator(device=logits.device).manual_seed(seed)
     u = torch.rand(logits.shape, generator=gen, device=logits.device).clamp_min(2.0**-126)
     z = logits.float() - torch.log(-torch.log(u))
-    with torch.no_grad():  # soft = sigmoid((z - lam) / tau) sums to k: bisection on lam
-        lo = z.amin(-1, keepdim=True) - tau * 20
-        hi = z.amax(-1, keepdim=True) + tau * 20
-        for _ in range(steps):
-            mid = (lo + hi) / 2
-            above = torch.sigmoid((z - mid) / tau).sum(-1, keepdim=True) > k
-            lo, hi = torch.where(above, mid, lo), torch.where(above, hi, mid)
-        lam = (lo + hi) / 2
+    lam = bisect_threshold(z, k, tau, steps, margin=20)
     s = torch.sigmoid((z - lam) / tau)
     ds = s * (1 - s) / tau
     lam = lam + (s.sum(-1, keepdim=True) - k) / ds.sum(-1, keepdim=True).clamp_min(1e-30)  # Newton: exact grad

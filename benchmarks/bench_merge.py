@@ -45,12 +45,18 @@ def torch_merge_mean(x, keep, metric, weight):
     return (num / (wk + den)[..., None]).to(x.dtype), wk + den
 
 
-def tome_merge_wavg(x, metric, r, size):
+def tome_merge_wavg(x, metric, r, size, class_token: bool = False):
+    """ToMe's bipartite_soft_matching + merge_wavg; class_token: its protected [CLS] (token 0's
+    score row is -inf, the unmerged A tokens are sorted by position)."""
     m = torch.nn.functional.normalize(metric.float(), dim=-1)
     scores = m[:, ::2] @ m[:, 1::2].mT
+    if class_token:
+        scores[:, 0, :] = -torch.inf
     node_max, node_idx = scores.max(dim=-1)
     edge_idx = node_max.argsort(dim=-1, descending=True)
     unm_idx, src_idx = edge_idx[:, r:], edge_idx[:, :r]
+    if class_token:
+        unm_idx = unm_idx.sort(dim=-1).values
     dst_idx = node_idx.gather(1, src_idx)
 
     def merge(t):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from bench_attention import eager_attn_topk
+from bench_attention import eager_attn_scores, eager_attn_topk
 from cpu_harness import DTYPES, dtype_id, shapes
 
 import tokenkern
@@ -32,17 +32,6 @@ LAST_TOKEN = shapes(
     smoke={"small-last": (1, 4, 4, 1, 40, 32, 5, 33)},
 )
 D_X = 4096  # hidden size of the gathered tokens (LLaVA's LLM)
-
-
-def eager_attn_scores(q, k, key_start, key_end, causal):
-    """The scores of bench_attention.eager_attn_topk, without its top-k."""
-    hq, hkv = q.shape[1], k.shape[1]
-    s = (q @ k.repeat_interleave(hq // hkv, dim=1).mT).float() * q.shape[-1] ** -0.5
-    if causal:
-        nq, nk = q.shape[2], k.shape[2]
-        keep = torch.ones(nq, nk, dtype=torch.bool, device=q.device).tril(nk - nq)
-        s = s.masked_fill(~keep, float("-inf"))
-    return torch.softmax(s, dim=-1).mean(dim=(1, 2))[:, key_start:key_end]
 
 
 def tolerance(dtype: torch.dtype) -> float:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from bench_gumbel import bisect_threshold
 from cpu_harness import DTYPES, dtype_id, shapes
 
 import tokenkern
@@ -36,14 +37,7 @@ def torch_perturbed(logits: torch.Tensor, seed: int) -> torch.Tensor:
 def torch_relaxed_topk(z: torch.Tensor, k: int, tau: float, steps: int = 64) -> torch.Tensor:
     """soft (B, N) float32 for z (B, N) float32, gradients by autograd (float64 inside)."""
     z = z.double()
-    with torch.no_grad():
-        lo = z.amin(-1, keepdim=True) - 30 * tau
-        hi = z.amax(-1, keepdim=True) + 30 * tau
-        for _ in range(steps):
-            mid = (lo + hi) / 2
-            above = torch.sigmoid((z - mid) / tau).sum(-1, keepdim=True) > k
-            lo, hi = torch.where(above, mid, lo), torch.where(above, hi, mid)
-        lam = (lo + hi) / 2
+    lam = bisect_threshold(z, k, tau, steps, margin=30)
     s = torch.sigmoid((z - lam) / tau)
     ds = s * (1 - s) / tau
     lam = lam + (s.sum(-1, keepdim=True) - k) / ds.sum(-1, keepdim=True)  # Newton: the exact gradient

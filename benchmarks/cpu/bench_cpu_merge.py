@@ -1,6 +1,6 @@
 """merge_tokens and bipartite_merge on CPU against the plain torch of the same rules: normalize +
 bmm + argmax + scatter_reduce (bench_merge.torch_merge_mean) and ToMe's bipartite soft matching
-+ merge_wavg (bench_merge.tome_merge_wavg; with [CLS] protected, ToMe's class-token variant)."""
++ merge_wavg (bench_merge.tome_merge_wavg; with [CLS] protected: its class_token variant)."""
 
 from __future__ import annotations
 
@@ -20,30 +20,6 @@ BIPARTITE_SHAPES = shapes(full=[(8, 577, 1024, 144, True), (2, 2880, 1024, 720, 
 def tolerance(dtype: torch.dtype) -> dict[str, float]:
     """Both sides accumulate in float32 in different orders; 16-bit outputs may round one ulp apart."""
     return dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2**-7, atol=2**-7)
-
-
-def tome_protect_wavg(x: torch.Tensor, metric: torch.Tensor, r: int, size: torch.Tensor):
-    """ToMe's matching with its class token protected (its score row set to -inf, the unmerged A
-    tokens sorted by position), then merge_wavg."""
-    m = torch.nn.functional.normalize(metric.float(), dim=-1)
-    scores = m[:, ::2] @ m[:, 1::2].mT
-    scores[:, 0, :] = -torch.inf
-    node_max, node_idx = scores.max(dim=-1)
-    edge_idx = node_max.argsort(dim=-1, descending=True)
-    unm_idx, src_idx = edge_idx[:, r:].sort(dim=-1).values, edge_idx[:, :r]
-    dst_idx = node_idx.gather(1, src_idx)
-
-    def merge(t: torch.Tensor) -> torch.Tensor:
-        c = t.shape[-1]
-        src, dst = t[:, ::2], t[:, 1::2]
-        unm = src.gather(1, unm_idx[..., None].expand(-1, -1, c))
-        moved = src.gather(1, src_idx[..., None].expand(-1, -1, c))
-        return torch.cat([unm, dst.scatter_reduce(1, dst_idx[..., None].expand(-1, -1, c), moved, reduce="sum")], 1)
-
-    s = size[..., None]
-    merged = merge(x.float() * s)
-    s = merge(s)
-    return (merged / s).to(x.dtype), s[..., 0]
 
 
 def check_merge(dtype: torch.dtype):
@@ -97,11 +73,10 @@ def test_bipartite_merge(compare, shape, dtype):
     x = torch.randn(b, n, d, generator=gen).to(dtype)
     metric = torch.randn(b, n, 64, generator=gen).to(dtype)
     size = torch.ones(b, n)
-    baseline = tome_protect_wavg if protect else tome_merge_wavg
     compare(
         {
             "tokenkern": lambda: tokenkern.bipartite_merge(x, metric, r, size, protect_first=protect),
-            "torch": lambda: baseline(x, metric, r, size),
+            "torch": lambda: tome_merge_wavg(x, metric, r, size, class_token=protect),
         },
         check_bipartite(dtype, (n + 1) // 2 - r),
         group=f"bipartite_merge B={b} N={n} D={d} r={r}{' [CLS]' if protect else ''} {dtype_id(dtype)}",
