@@ -89,8 +89,9 @@ def _image_keep(image: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
 
 
 def _check(model, inputs, method, keep_by_hand, start=0, text=None, **options):
+    """The by-hand run keeps the original position ids: so does the pruned model here."""
     embeds = _decoder_inputs(model, inputs)
-    logits, tokens, kept = _pruned_generate(model, inputs, method, text, **options)
+    logits, tokens, kept = _pruned_generate(model, inputs, method, text, positions="original", **options)
     assert torch.equal(_mask(embeds.shape[1], kept), keep_by_hand), (kept.tolist(), keep_by_hand.nonzero().tolist())
     assert_rel_close(logits, _run_by_hand(model, embeds, keep_by_hand, start, tokens), TOL, f"{method} logits")
 

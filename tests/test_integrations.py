@@ -301,7 +301,10 @@ def test_keep_is_per_image_with_two_images(method, options, keep, gen):
     assert int(first.sum()) == 4 and int((~first).sum()) == 4, kept_image.tolist()
 
 
-def test_random_draws_differ_per_image_and_replay_per_prune(gen):
+def test_random_draws_differ_per_image_and_replay_per_call(gen):
+    """The draw is a function of (seed, the image's pixels): the two images of a sample draw
+    differently, a second call and a new prune() with the same seed replay it (the replay at
+    any batch position: tests/test_prune_positions.py)."""
     tiny = build("llava")
     prompt = [1, 5, 6] + [IMAGE] * 16 + [7, 8] + [IMAGE] * 16 + [9, 10]
     ids, mask = _left_pad([prompt])
@@ -317,7 +320,7 @@ def test_random_draws_differ_per_image_and_replay_per_prune(gen):
         first, second = kept_positions(handle), kept_positions(handle)
     offsets = [[p - 3 for p in first[:4]], [p - 21 for p in first[4:]]]
     assert offsets[0] != offsets[1], "both images kept the same patches"
-    assert first != second, "every call drew the same patches"
+    assert first == second, "a second call on the same images drew other patches"
     with tokenkern.prune(tiny.model, "random", keep=4, seed=3) as handle:
         assert kept_positions(handle) == first
 
@@ -469,8 +472,8 @@ def _rotary_seen(model, layer_idx):
 
 @pytest.mark.parametrize("which", [0, 1])
 def test_kept_tokens_keep_their_original_positions(tiny, which, gen):
-    """The rotary embedding a pruned layer applies to each kept token is the one of that token's
-    original position (for Qwen2-VL: its 3-D M-RoPE position)."""
+    """With positions="original", the rotary embedding a pruned layer applies to each kept token
+    is the one of that token's original position (for Qwen2-VL: its 3-D M-RoPE position)."""
     method = _methods(tiny)[which]
     layer_idx = 0 if which == 0 else 3
     inputs = tiny.inputs(PROMPTS[:1], gen)
@@ -478,7 +481,7 @@ def test_kept_tokens_keep_their_original_positions(tiny, which, gen):
     _forward(tiny.model, inputs)
     h.remove()
     pruned, h = _rotary_seen(tiny.model, layer_idx)
-    with tokenkern.prune(tiny.model, method, keep=0.25, **_options(tiny, method)) as handle:
+    with tokenkern.prune(tiny.model, method, keep=0.25, positions="original", **_options(tiny, method)) as handle:
         _forward(tiny.model, inputs)
         kept = handle.decoder.gather.idx[0]
     h.remove()

@@ -30,9 +30,18 @@ the model's vision_feature_layer; prumerge+: the last).
 The model keeps its attention implementation (SDPA, FlashAttention 2 or eager): scores come
 from tokenkern's ops on the q/k that the layer computed anyway, captured by hooks. Pruning
 happens at prefill; generate() works (the KV cache of the pruned layers holds only kept tokens;
-decoding steps see the same cache). Kept tokens keep their original position ids (Qwen2-VL's
-3-D M-RoPE positions included). Batches with padding work per sample. ``handle.remove()``
+decoding steps see the same cache). Batches with padding work per sample. ``handle.remove()``
 restores the model exactly. Output logits of a pruned prefill cover the kept positions only.
+
+Positions (option ``positions``): ``"packed"`` gives the decoder what the model computes when
+handed only the kept image features (as if input_ids had k placeholders per image): position
+ids consecutive over the kept sequence and decoding steps continuing from the kept length, per
+sample; ``"original"``: the kept tokens keep their original position ids (Qwen2-VL's 3-D M-RoPE
+positions included). None follows the released code: packed for a method that reduces the
+image before the decoder on LLaVA-1.5 / LLaVA-NeXT (the released code hands LLaVA fewer
+features, as vLLM does); original for an LLM-side method (layers 0 .. K-1 saw the original
+positions) and on Qwen2-VL / Qwen2.5-VL (the kept tokens keep their M-RoPE positions, as vLLM's
+EVS does), where packed is refused.
 """
 
 from __future__ import annotations
@@ -46,11 +55,12 @@ from torch import Tensor, nn
 
 from .. import methods as M
 from ..methods import registry
+from ..methods.baselines import image_seed
 from ..methods.sparsevlm import image_sizes as sparsevlm_image_sizes
 from ..methods.sparsevlm import step_counts as sparsevlm_step_counts
 from ..methods.sparsevlm import step_drops as sparsevlm_step_drops
 from . import diversity, relevance
-from .adapters import SUPPORTED, VLMParts, clip_layers, parts_of
+from .adapters import MROPE_VLMS, SUPPORTED, VLMParts, clip_layers, image_pixels, parts_of
 from .decoder import DecoderPruner, PrefillState
 from .sequence import image_ids
 from .vision import ClipReducer, PostProjectorReducer, sequence_keep
@@ -59,6 +69,7 @@ from .vision import ClipReducer, PostProjectorReducer, sequence_keep
 # crop on its own, newline tokens kept).
 PER_CROP = ("divprune",)
 ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3")
+POSITIONS = ("packed", "original")
 _INSTALLED = "_tokenkern_prune_handle"  # the model attribute naming the handle installed on it
 
 
@@ -70,6 +81,7 @@ class PruneHandle:
     method: str
     keep: float | int | None
     parts: list = field(default_factory=list)
+    positions: str = "original"  # "packed" or "original": what the decoder's position ids are
 
     @property
     def decoder(self) -> DecoderPruner:
@@ -114,15 +126,23 @@ class _Hook:
         self.handle.remove()
 
 
-def prune(model: nn.Module, method: str = "fastv", keep: float | int | None = None, **options) -> PruneHandle:
+def prune(
+    model: nn.Module, method: str = "fastv", keep: float | int | None = None, *, positions: str | None = None,
+    **options,
+) -> PruneHandle:  # fmt: skip
     """Make a transformers VLM prune its visual tokens.
 
     keep: a fraction in (0, 1] or an absolute token count, per image; None (the default): 0.25,
     except for a method whose config's keep defaults to None (prumerge+: its released adaptive
-    count, per image). options: the method's config fields besides keep
-    (``tokenkern.methods.registry.options(method)``; e.g. layer=2 and query="last" for fastv;
-    rank for lofi; seed for random; recycle for sparsevlm). One method per model: remove() the
-    handle before installing another."""
+    count, per image). positions: "packed" (the decoder gets the position ids it computes when
+    handed only the kept image features: consecutive over the kept sequence, decoding steps
+    continuing from the kept length, per sample; vision-side methods on LLaVA-1.5 / LLaVA-NeXT
+    only), "original" (the kept tokens keep their original position ids, M-RoPE ones included)
+    or None: the released code's choice (resolve_positions). options: the method's config
+    fields besides keep (``tokenkern.methods.registry.options(method)``; e.g. layer=2 and
+    query="last" for fastv; rank for lofi; seed for random, whose draw per image is seeded by
+    ``methods.baselines.image_seed(seed, its pixels)``; recycle for sparsevlm). One method per
+    model: remove() the handle before installing another."""
     spec = registry.get(method, caller="prune")
     if keep is None and _default_keep(spec) is not None:
         keep = 0.25
@@ -138,17 +158,19 @@ def prune(model: nn.Module, method: str = "fastv", keep: float | int | None = No
         raise ValueError(f"tokenkern.prune: attention implementation {impl!r} is not supported; use one of "
                          f"{ATTENTION_IMPLEMENTATIONS}")  # fmt: skip
     _check_offered(spec, parts)
+    positions = resolve_positions(spec.name, parts.name, positions)
+    packed = positions == "packed"
     clip_args = relevance.pop_clip_args(spec, options)
     cfg = _config(spec, keep, options)
     on_embeddings = _on_embeddings(spec)
     if relevance.needs_text(spec):
         relevance.check_clip_args(parts, clip_args)
-    handle = PruneHandle(model, method, keep)
+    handle = PruneHandle(model, method, keep, positions=positions)
     if on_embeddings:
         def selector(state: PrefillState):
             return diversity.dart_on_embeddings(spec.recipe, state.inputs_embeds, state.image, state.valid, cfg), None
 
-        decoder = DecoderPruner(parts.language_model, parts.layers, 0, selector)
+        decoder = DecoderPruner(parts.language_model, parts.layers, 0, selector, packed=packed)
     elif spec.site == "llm_layer":
         selector = _llm_selector(spec, cfg, parts)
         steps = _steps(cfg)
@@ -164,11 +186,34 @@ def prune(model: nn.Module, method: str = "fastv", keep: float | int | None = No
         def selector(state: PrefillState, reducer=reducer):
             return sequence_keep(state.image, reducer.keeps), None
 
-        decoder = DecoderPruner(parts.language_model, parts.layers, 0, selector)
+        decoder = DecoderPruner(parts.language_model, parts.layers, 0, selector, packed=packed)
     handle.parts.append(decoder)
     handle.parts.append(_Hook(parts.core.register_forward_pre_hook(_image_finder(parts, decoder), with_kwargs=True)))
     object.__setattr__(model, _INSTALLED, handle)  # a plain attribute: not a submodule, not in state_dict
     return handle
+
+
+def resolve_positions(method: str, model: str, positions: str | None = None) -> str:
+    """The position ids prune(model, method, positions=positions) gives the decoder: "packed"
+    or "original". model: the transformers class name (e.g. "LlavaForConditionalGeneration").
+    None resolves to the released code's choice: "packed" for a method that reduces the image
+    before the decoder (registry site vision_tower or post_projector) on a 1-D RoPE model
+    (LLaVA-1.5, LLaVA-NeXT); "original" for an LLM-side method (site llm_layer) and on an
+    M-RoPE model (Qwen2-VL, Qwen2.5-VL), where "packed" is refused."""
+    spec = registry.get(method, caller="prune")
+    inside = spec.site == "llm_layer"
+    mrope = model in MROPE_VLMS
+    if positions is None:
+        return "original" if inside or mrope else "packed"
+    if positions not in POSITIONS:
+        raise ValueError(f"tokenkern.prune: positions must be 'packed', 'original' or None, got {positions!r}")
+    if positions == "packed" and inside:
+        raise ValueError(f"tokenkern.prune: positions must be 'original' (or None) for {spec.name}, which prunes "
+                         "inside the decoder (layers 0 .. K-1 saw the original positions), got 'packed'")  # fmt: skip
+    if positions == "packed" and mrope:
+        raise ValueError(f"tokenkern.prune: positions must be 'original' (or None) on {model}: the kept tokens keep "
+                         "their M-RoPE (t, h, w) positions, got 'packed'")  # fmt: skip
+    return positions
 
 
 def _default_keep(spec: registry.MethodSpec):
@@ -231,7 +276,8 @@ def _vision_reducer(parts: VLMParts, spec: registry.MethodSpec, cfg, clip_args: 
         return relevance.TextRelevanceReducer(parts, spec, cfg, clip_args, handle)
     if spec.site == "post_projector":
         segments = _next_crops(parts) if spec.name in PER_CROP else None
-        return PostProjectorReducer(parts.core, _post_projector_fn(spec, cfg), segments)
+        pixels = image_pixels(parts) if _draws(spec) else None
+        return PostProjectorReducer(parts.core, _post_projector_fn(spec, cfg), segments, pixels)
     layers = clip_layers(parts.clip_tower)
     n = len(layers)
     feature_layer = parts.vision_feature_layer if parts.vision_feature_layer is not None else -2
@@ -264,19 +310,22 @@ def _next_crops(parts: VLMParts):
     return segments
 
 
+def _draws(spec: registry.MethodSpec) -> bool:
+    """Whether the recipe draws (takes a generator)."""
+    return "generator" in inspect.signature(spec.recipe).parameters
+
+
 def _post_projector_fn(spec: registry.MethodSpec, cfg):
     """features (1, n, D) of one image -> Reduction. Features are reduced in float32. A recipe
-    that draws (takes a generator) gets one generator per device, seeded with cfg.seed when
-    prune() installs the hook: every image of every call gets its own draw, and the sequence of
-    draws replays after a new prune()."""
-    if "generator" not in inspect.signature(spec.recipe).parameters:
+    that draws (takes a generator) gets, per image, ``fn(features, pixels=that image's pixel
+    values)`` and a generator seeded with image_seed(cfg.seed, pixels): the draw is a function
+    of the seed and the image's content alone, whatever the batch, the image's place in it or
+    the call (a serving engine replays it)."""
+    if not _draws(spec):
         return lambda features: spec.recipe(features.float(), cfg)
-    generators: dict[torch.device, torch.Generator] = {}
 
-    def fn(features: Tensor) -> M.Reduction:
-        gen = generators.get(features.device)
-        if gen is None:
-            gen = generators[features.device] = torch.Generator(device=features.device).manual_seed(cfg.seed)
+    def fn(features: Tensor, pixels: Tensor) -> M.Reduction:
+        gen = torch.Generator(device=features.device).manual_seed(image_seed(cfg.seed, pixels))
         return spec.recipe(features.float(), cfg, generator=gen)
 
     return fn
@@ -350,4 +399,4 @@ def _rater_selector(spec: registry.MethodSpec, cfg):
     return select
 
 
-__all__ = ["SUPPORTED", "PruneHandle", "prune"]
+__all__ = ["POSITIONS", "SUPPORTED", "PruneHandle", "prune", "resolve_positions"]

@@ -14,6 +14,12 @@ kept positions:
 * decode: the mask of a pruned layer keeps the columns of the kept prefix plus the new
   tokens. When the pruning point is layer 0 (vision-side methods) the whole cache is pruned,
   so the decoder's own 2-D attention mask and position ids are translated once per step.
+* positions: the kept tokens keep their original position ids, or, ``packed`` (a selection
+  made before the decoder), get the ones the model computes when handed the kept tokens
+  only: the position ids the decoder would derive itself stay underived (it numbers the
+  shorter sequence), given ones (generate()'s, from the attention mask) move down by the
+  tokens dropped before each kept token, and every decoding step by all that its sample
+  dropped; the kept sequences are left-padded to the longest of them, as a processor pads.
 
 One host synchronization per prefill sizes the pruned sequences: a single step syncs once; a
 multi-step selector comes with a plan (the positions each step drops in each sample, known
@@ -81,11 +87,12 @@ class DecoderPruner:
     layer K (0 for a selection made before the decoder), or increasing layers K1 < K2 < ...
     for several steps; the selector is called once per step (state.step tells which). plan:
     for several steps, what they drop (sizes all of them with one host sync); without it each
-    step syncs once."""
+    step syncs once. packed (start 0 only): consecutive position ids over the kept sequence
+    instead of the original ones."""
 
     def __init__(
         self, language_model: nn.Module, layers: nn.ModuleList, start: int | Sequence[int], selector: Selector,
-        rotary=None, plan: Plan | None = None,
+        rotary=None, plan: Plan | None = None, packed: bool = False,
     ):  # fmt: skip
         self.lm = language_model
         self.layers = layers
@@ -93,6 +100,11 @@ class DecoderPruner:
         self.start = self.starts[0]
         self.selector = selector
         self.plan = plan
+        if packed and self.start != 0:
+            raise ValueError("tokenkern.prune: positions must be 'original' for a pruning inside the decoder, "
+                             "got 'packed'")  # fmt: skip
+        self.packed = packed
+        self.dropped: Tensor | None = None  # (B,) valid tokens each sample dropped in the last prefill
         self.sizes: list[tuple[int, bool]] | None = None  # every step's (kept length, padded), from the plan
         self.pending_image: Tensor | None = None  # set by the VLM for the next prefill
         self.prefill: PrefillState | None = None
@@ -170,6 +182,8 @@ class DecoderPruner:
     def _prune_inputs(self, state: PrefillState, kwargs: dict) -> dict:
         keep, new_embeds = self.selector(state)
         embeds = new_embeds if new_embeds is not None else state.inputs_embeds
+        if self.packed:  # padding too is re-made: the kept sequences left-padded to the longest, as a processor pads
+            keep = keep & state.valid
         g = Gather.from_mask(keep, state.valid)
         self.gathers = [g]
         out = dict(kwargs)
@@ -180,6 +194,12 @@ class DecoderPruner:
         elif g.padded:
             out["attention_mask"] = g.valid.long()
         pos = kwargs.get("position_ids")
+        if self.packed:
+            dropped = torch.cumsum((state.valid & ~keep).long(), dim=1)  # (B, L) drops up to each position
+            self.dropped = dropped[:, -1]
+            if pos is not None:
+                out["position_ids"] = _packed_positions(pos, dropped, g)
+            return out
         if pos is None:
             pos = torch.arange(g.length, device=embeds.device)[None]
         out["position_ids"] = g.positions(pos)
@@ -221,7 +241,13 @@ class DecoderPruner:
             out["attention_mask"] = torch.cat([g.valid.to(mask.dtype), mask[:, g.length :]], dim=1)[
                 :, -(g.kept_length + extra) :
             ]
-        if kwargs.get("position_ids") is None:
+        pos = kwargs.get("position_ids")
+        if self.packed:
+            # Underived ones: the decoder numbers from its (pruned) cache length, as it would.
+            if pos is not None:
+                out["position_ids"] = pos - self.dropped.view(-1, *([1] * (pos.dim() - 1)))
+            return out
+        if pos is None:
             start = self._full_past(past)
             out["position_ids"] = torch.arange(start, start + q_len, device=g.idx.device)[None]
         return out
@@ -302,3 +328,13 @@ class DecoderPruner:
             return (hidden, *args[1:]), kwargs
         kwargs["hidden_states"] = hidden
         return args, kwargs
+
+
+def _packed_positions(pos: Tensor, dropped: Tensor, g: Gather) -> Tensor:
+    """pos (B or 1, L) the position ids given for the unpruned sequence; dropped (B, L) the
+    valid tokens dropped up to each position -> (B, L') for the kept sequence: each kept token's
+    position less the tokens dropped before it (a kept token is not dropped itself), and at
+    padding the position the sample's first slot had (generate() gives padding 0)."""
+    shifted = g.positions(pos - dropped)
+    first = pos[..., :1].expand(*pos.shape[:-2], g.idx.shape[0], 1)
+    return torch.where(g.valid, shifted, first)

@@ -15,6 +15,7 @@ decoder pruner, which drops the other positions at the decoder input.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 import torch
 from torch import Tensor, nn
@@ -38,12 +39,16 @@ class PostProjectorReducer:
     """Wraps core.get_image_features; `method(features (B, n, D)) -> Reduction` per image.
     segments: optional ``segments(features (n, D), image index, the call's args, kwargs) ->
     (n,) int64`` splitting an image into parts reduced separately (-1: always kept), e.g.
-    LLaVA-NeXT's crops and newline tokens."""
+    LLaVA-NeXT's crops and newline tokens. pixels: optional ``pixels(image index, args,
+    kwargs) -> Tensor``, that image's pixel values, then passed as ``method(features,
+    pixels=...)`` (a draw seeded by the image's content)."""
 
-    def __init__(self, core: nn.Module, method: Callable[[Tensor], Reduction], segments: Callable | None = None):
+    def __init__(self, core: nn.Module, method: Callable[..., Reduction], segments: Callable | None = None,
+                 pixels: Callable | None = None):  # fmt: skip
         self.core = core
         self.method = method
         self.segments = segments
+        self.pixels = pixels
         self.keeps: list[Tensor] = []
         self._patch = _MethodPatch(core, "get_image_features", self._wrapped)
         self._original = self._patch.original
@@ -54,7 +59,8 @@ class PostProjectorReducer:
         new, keeps = [], []
         for i, f in enumerate(feats):
             seg = None if self.segments is None else self.segments(f, i, args, kwargs)
-            red = self.method(f[None]) if seg is None else per_segment(self.method, f[None], seg)
+            method = self.method if self.pixels is None else partial(self.method, pixels=self.pixels(i, args, kwargs))
+            red = method(f[None]) if seg is None else per_segment(method, f[None], seg)
             reduced, keep = apply_reduction(f[None], red)
             new.append(reduced[0])
             keeps.append(keep[0])

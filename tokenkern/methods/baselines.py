@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +25,24 @@ class RandomConfig:
     def __post_init__(self) -> None:
         fields.keep("random", self.keep)
         fields.integer("random", "seed", self.seed, 0, _checks.INT64_MAX)
+
+
+def image_seed(seed: int, pixels: Tensor) -> int:
+    """A generator seed in [0, 2**63 - 1] that is a function of (seed, the image's content)
+    only: the 8-byte BLAKE2b digest of the seed, the shape of ``pixels`` and its values rounded
+    to bfloat16 (so that float32 pixels and the bf16 copy a bf16 model receives give the same
+    seed). A serving engine replays the draw of an image whatever the batch, call or cache it
+    meets it in. pixels: any shape, floating point (one image: its crops or rows included)."""
+    _checks.int_range("image_seed", "seed", seed, 0, _checks.INT64_MAX)
+    _checks.tensor("image_seed", "pixels", pixels)
+    if not pixels.is_floating_point():
+        _checks.fail_type("image_seed", f"pixels must be a floating-point tensor, got {pixels.dtype}")
+    values = pixels.detach().to(torch.bfloat16).contiguous().cpu().view(torch.int16)
+    digest = hashlib.blake2b(digest_size=8)
+    digest.update(seed.to_bytes(8, "little"))
+    digest.update(repr(tuple(pixels.shape)).encode())
+    digest.update(values.numpy().tobytes())
+    return int.from_bytes(digest.digest(), "little") >> 1
 
 
 def random_select(x: Tensor, cfg: RandomConfig, generator: torch.Generator | None = None) -> Reduction:
