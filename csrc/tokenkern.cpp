@@ -59,7 +59,9 @@ TORCH_LIBRARY(tokenkern, m) {
   m.def("_bipartite_merge_launch_plan(int batch, int n, int d, int c, int r) -> Tensor");
   // Private CPU kernels of the diversity ops (custom ops in tokenkern/ops/diversity.py, the single
   // source of their argument and value checks; csrc/cpu/diversity_cpu.cpp): the greedy loops over
-  // float32 cosine similarities sim (B, N, N) (S_ii = 1), mask (B, N) bool -> (B, k) int64 ascending.
+  // float32 cosine similarities sim (B, N, N) (exactly symmetric, S_ii = 1), mask (B, N) bool ->
+  // (B, k) int64 ascending; x (B, N, D) float32/float16/bfloat16 -> that sim.
+  m.def("_cosine_sim_kernel(Tensor x) -> Tensor");
   m.def("_maxmin_select_kernel(Tensor sim, Tensor? mask, int k) -> Tensor");
   m.def("_dpp_select_kernel(Tensor sim, Tensor relevance, Tensor? mask, int k) -> Tensor");
   m.def("_mmr_select_kernel(Tensor sim, Tensor importance, Tensor? mask, int k, float lam) -> Tensor");

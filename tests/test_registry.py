@@ -152,7 +152,11 @@ CASES = {
             {},
         ),
     ],
-    # The private C++ kernels of the diversity ops: greedy loops over float32 similarities.
+    # The private C++ kernels of the diversity ops: the float32 cosine similarities and the
+    # greedy loops over them.
+    "_cosine_sim_kernel": [
+        (lambda dev: (_x(2, 12, 5, device=dev),), {}),
+    ],
     "_maxmin_select_kernel": [
         (lambda dev: (_x(2, 12, 12, device=dev), None, 5), {}),
     ],
@@ -173,6 +177,7 @@ CPU_ONLY = {
     "_topk_gather_kernel",
     "_merge_tokens_launch_plan",
     "_bipartite_merge_launch_plan",
+    "_cosine_sim_kernel",
     "_maxmin_select_kernel",
     "_dpp_select_kernel",
     "_mmr_select_kernel",

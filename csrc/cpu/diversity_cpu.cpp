@@ -1,14 +1,16 @@
-// CPU kernels of the diversity family (tokenkern/ops/diversity.py): the greedy loops of
-// maxmin_select, dpp_select, mmr_select and pivot_select, as the private ops
-// tokenkern::_<op>_kernel. The public ops compute the float32 similarities with torch and
+// CPU kernels of the diversity family (tokenkern/ops/diversity.py): the float32 cosine
+// similarities of maxmin_select, dpp_select and mmr_select (tokenkern::_cosine_sim_kernel) and
+// the greedy loops of the four ops, as the private ops tokenkern::_<op>_kernel. The public ops
 // check the arguments and values; these kernels assert only what their memory accesses rely
 // on, and stay in range whatever the values (a sample short of candidates is padded with the
 // lowest-index unselected tokens).
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -26,20 +28,10 @@ constexpr float kInf = std::numeric_limits<float>::infinity();
 // NaN ranks as -inf.
 inline float rank_key(float v) { return std::isnan(v) ? -kInf : v; }
 
-// torch.minimum / torch.maximum: NaN propagates.
-inline float nan_min(float a, float b) {
-  if (std::isnan(a) || std::isnan(b)) return std::numeric_limits<float>::quiet_NaN();
-  return b < a ? b : a;
-}
-inline float nan_max(float a, float b) {
-  if (std::isnan(a) || std::isnan(b)) return std::numeric_limits<float>::quiet_NaN();
-  return b > a ? b : a;
-}
-
-// S_ij of a sample's (n, n) similarity, read from the upper triangle: the kernels see an
-// exactly symmetric S (a GEMM need not give S_ji == S_ij bit for bit), so the tie of two
-// mutual nearest neighbours is exact and goes to the lower index.
-inline float sym(const float* s, int64_t n, int64_t i, int64_t j) { return i <= j ? s[i * n + j] : s[j * n + i]; }
+// torch.minimum / torch.maximum: NaN propagates (a NaN a is kept: no comparison with it holds).
+// Branch-free selects, so that the loops over a row vectorize.
+inline float nan_min(float a, float b) { return (b < a || std::isnan(b)) ? b : a; }
+inline float nan_max(float a, float b) { return (b > a || std::isnan(b)) ? b : a; }
 
 // One sample's bookkeeping: candidates not yet selected (avail) and tokens selected (taken).
 struct Picker {
@@ -91,7 +83,9 @@ const bool* mask_ptr(const std::optional<at::Tensor>& mask) {
   return mask.has_value() ? mask->data_ptr<bool>() : nullptr;
 }
 
-// sim: (B, N, N) float32 CPU, scores: (B, N) float32 CPU (if defined), mask: (B, N) bool CPU.
+// sim: (B, N, N) float32 CPU, exactly symmetric (as _cosine_sim_kernel's: the kernels read row j
+// for S_jt, and two mutual nearest neighbours then tie exactly), scores: (B, N) float32 CPU (if
+// defined), mask: (B, N) bool CPU.
 #define ASSERT_GREEDY_ARGS(op, sim, scores, mask, k)                                                 \
   do {                                                                                               \
     TOKENKERN_ASSERT(op, sim.dim() == 3 && sim.size(1) == sim.size(2));                              \
@@ -113,7 +107,113 @@ std::optional<at::Tensor> contiguous(const std::optional<at::Tensor>& t) {
   return t.has_value() ? std::optional<at::Tensor>(t->contiguous()) : std::nullopt;
 }
 
+// -------------------------------------------------------------------------- similarities
+
+// Rows of one panel of a sample's similarity matrix: one single-threaded GEMM of these rows of u
+// with the rows from the panel's first on (the upper triangle: about half the FLOPs of u u^T).
+constexpr int64_t kPanelRows = 128;
+
+// sum_t v_t^2 in float32, over 16 interleaved partial sums (a fixed order, so that it vectorizes).
+float sum_squares(const float* v, int64_t d) {
+  constexpr int64_t kLanes = 16;
+  float acc[kLanes] = {};
+  int64_t t = 0;
+  for (; t + kLanes <= d; t += kLanes)
+    for (int64_t l = 0; l < kLanes; ++l) acc[l] += v[t + l] * v[t + l];
+  for (int64_t l = 0; t < d; ++t, ++l) acc[l] += v[t] * v[t];
+  for (int64_t w = kLanes / 2; w > 0; w /= 2)
+    for (int64_t l = 0; l < w; ++l) acc[l] += acc[l + w];
+  return acc[0];
+}
+
+// x: (rows, d) -> u: (rows, d) float32 unit rows x / ||x||; a row whose norm is not > 0 (zero
+// or NaN) is 0, as in reference.cosine_matrix.
+template <typename scalar_t>
+void unit_rows(const scalar_t* x, int64_t rows, int64_t d, float* u) {
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const scalar_t* xi = x + i * d;
+      float* ui = u + i * d;
+      for (int64_t t = 0; t < d; ++t) ui[t] = static_cast<float>(xi[t]);
+      const float norm = std::sqrt(sum_squares(ui, d));
+      if (norm > 0.0f) {
+        for (int64_t t = 0; t < d; ++t) ui[t] /= norm;
+      } else {
+        std::fill(ui, ui + d, 0.0f);
+      }
+    }
+  });
+}
+
+// Rows [i0, i1) of one sample's S = u u^T (u: (n, d) float32), from column i0 on: one GEMM,
+// then copied to the mirror columns (S_ji is S_ij bit for bit: a GEMM need not round both
+// alike) and S_ii = 1. Writes only S[i0:i1, i0:] and the strict lower triangle of S[i0:, i0:i1].
+void sim_panel(const at::Tensor& u, float* s, int64_t n, int64_t i0, int64_t i1) {
+  at::Tensor out = at::from_blob(s + i0 * n + i0, {i1 - i0, n - i0}, {n, 1}, u.options());
+  at::mm_out(out, u.narrow(0, i0, i1 - i0), u.narrow(0, i0, n - i0).t());
+  constexpr int64_t kBlock = 16;  // mirror in column blocks: 16 destination rows stay in cache
+  for (int64_t j0 = i0; j0 < n; j0 += kBlock) {
+    const int64_t j1 = std::min(n, j0 + kBlock);
+    for (int64_t i = i0; i < i1; ++i)
+      for (int64_t j = std::max(j0, i + 1); j < j1; ++j) s[j * n + i] = s[i * n + j];
+  }
+  for (int64_t i = i0; i < i1; ++i) s[i * n + i] = 1.0f;
+}
+
+// x: (B, N, D) float32/float16/bfloat16 -> S (B, N, N) float32: the cosine similarities of the
+// module docstring of tokenkern/ops/diversity.py, exactly symmetric, S_ii = 1.
+//
+// The panels (all samples' first panels, the largest, first) go to the threads from a shared
+// counter, each one GEMM run by the thread that takes it: BLAS runs single-threaded inside a
+// parallel region, so a panel's values depend only on its rows of u (never on the thread that
+// runs it, the thread count or the batch around it) and every rerun gives the same S.
+at::Tensor cosine_sim_kernel(const at::Tensor& x) {
+  TOKENKERN_ASSERT("_cosine_sim_kernel", x.dim() == 3 && x.device().is_cpu());
+  const auto dt = x.scalar_type();
+  TOKENKERN_ASSERT("_cosine_sim_kernel", dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16);
+  const at::Tensor xc = x.contiguous();
+  const int64_t batch = xc.size(0), n = xc.size(1), d = xc.size(2);
+  // Each sample's unit rows start on a 64-byte boundary: the GEMMs see one sample's memory
+  // layout wherever it sits in the batch.
+  constexpr int64_t kAlign = 16;
+  const int64_t stride = (n * d + kAlign - 1) / kAlign * kAlign;
+  at::Tensor u = at::empty({batch, stride}, xc.options().dtype(at::kFloat));
+  float* u_ptr = u.data_ptr<float>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dt, "_cosine_sim_kernel", [&] {
+    const scalar_t* x_ptr = xc.data_ptr<scalar_t>();
+    for (int64_t b = 0; b < batch; ++b) unit_rows(x_ptr + b * n * d, n, d, u_ptr + b * stride);
+  });
+  at::Tensor sim = at::empty({batch, n, n}, u.options());
+  const int64_t panels = (n + kPanelRows - 1) / kPanelRows;
+  const int64_t tasks = batch * panels;  // task t: panel t / batch of sample t % batch
+  float* s_ptr = sim.data_ptr<float>();
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::max<int64_t>(1, at::get_num_threads()), 1, [&](int64_t, int64_t) {
+    for (int64_t t = next.fetch_add(1); t < tasks; t = next.fetch_add(1)) {
+      const int64_t b = t % batch, i0 = (t / batch) * kPanelRows;
+      const at::Tensor ub = at::from_blob(u_ptr + b * stride, {n, d}, u.options());
+      sim_panel(ub, s_ptr + b * n * n, n, i0, std::min(n, i0 + kPanelRows));
+    }
+  });
+  return sim;
+}
+
 // ------------------------------------------------------------------------------ max-min
+
+// The NaN-propagating maximum of v[0:n] (exact in any order), over 16 lanes so that it vectorizes.
+float row_nan_max(const float* v, int64_t n) {
+  constexpr int64_t kLanes = 16;
+  float acc[kLanes];
+  std::fill(acc, acc + kLanes, -kInf);
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes)
+    for (int64_t l = 0; l < kLanes; ++l) acc[l] = nan_max(acc[l], v[j + l]);
+  for (int64_t l = 0; j < n; ++j, ++l) acc[l] = nan_max(acc[l], v[j]);
+  float m = -kInf;
+  for (int64_t l = 0; l < kLanes; ++l) m = nan_max(m, acc[l]);
+  return m;
+}
+
 
 // DivPrune: first pick = the candidate whose nearest other candidate is farthest; then the
 // candidate farthest from the selected set. Distances d = 1 - S.
@@ -124,12 +224,14 @@ void maxmin_one(const float* s, const bool* mask, int64_t n, int64_t k, int64_t*
   for (int64_t j = 0; j < n; ++j) count += pk.avail[j];
   int64_t first = -1;
   if (count >= 2) {
+    // min_j fl(1 - S_ij) = fl(1 - max_j S_ij): rounding is monotone (NaN propagates in both).
+    std::vector<float> other(static_cast<size_t>(n));  // S_ij for the candidates j, else -inf
     for (int64_t i = 0; i < n; ++i) {
       if (!pk.avail[i]) continue;
-      float nearest = kInf;
-      for (int64_t j = 0; j < n; ++j)
-        if (j != i && pk.avail[j]) nearest = nan_min(nearest, 1.0f - sym(s, n, i, j));
-      key[i] = nearest;
+      const float* row = s + i * n;
+      for (int64_t j = 0; j < n; ++j) other[j] = pk.avail[j] ? row[j] : -kInf;
+      other[i] = -kInf;
+      key[i] = 1.0f - row_nan_max(other.data(), n);
     }
     first = pk.first_max(key.data());
   } else {
@@ -137,12 +239,13 @@ void maxmin_one(const float* s, const bool* mask, int64_t n, int64_t k, int64_t*
   }
   pk.take(first);
   std::vector<float> to_set(static_cast<size_t>(n));  // min distance to the selected set
-  for (int64_t j = 0; j < n; ++j) to_set[j] = 1.0f - sym(s, n, first, j);
+  for (int64_t j = 0; j < n; ++j) to_set[j] = 1.0f - s[first * n + j];
   for (int64_t step = 1; step < k; ++step) {
     int64_t j = pk.first_max(to_set.data());
     if (j < 0) j = pk.lowest();
     pk.take(j);
-    for (int64_t t = 0; t < n; ++t) to_set[t] = nan_min(to_set[t], 1.0f - sym(s, n, j, t));
+    const float* row = s + j * n;
+    for (int64_t t = 0; t < n; ++t) to_set[t] = nan_min(to_set[t], 1.0f - row[t]);
   }
   pk.write_sorted(out);
 }
@@ -165,6 +268,11 @@ at::Tensor maxmin_select_kernel(const at::Tensor& sim, const std::optional<at::T
 
 // ---------------------------------------------------------------------------------- DPP
 
+// e[0:n] -= a * v[0:n] (distinct rows of one buffer: restrict lets the loop vectorize).
+void subtract_scaled(float* __restrict e, const float* __restrict v, float a, int64_t n) {
+  for (int64_t t = 0; t < n; ++t) e[t] -= a * v[t];
+}
+
 // Chen et al.'s fast greedy MAP of L_ij = r_i S_ij r_j; c holds the rows e of earlier steps.
 void dpp_one(const float* s, const float* r, const bool* mask, int64_t n, int64_t k, int64_t* out) {
   Picker pk(mask, n, k);
@@ -177,11 +285,11 @@ void dpp_one(const float* s, const float* r, const bool* mask, int64_t n, int64_
     const bool usable = j >= 0 && d2[j] > 0.0f && std::isfinite(d2[j]);
     if (usable) {
       const float scale = 1.0f / std::sqrt(d2[j]);
-      for (int64_t t = 0; t < n; ++t) e[t] = r[j] * sym(s, n, j, t) * r[t];
+      const float* row = s + j * n;
+      for (int64_t t = 0; t < n; ++t) e[t] = r[j] * row[t] * r[t];
       for (int64_t u = 0; u < i; ++u) {
         const float* cu = c.data() + u * n;
-        const float cj = cu[j];
-        for (int64_t t = 0; t < n; ++t) e[t] -= cj * cu[t];
+        subtract_scaled(e, cu, cu[j], n);
       }
       for (int64_t t = 0; t < n; ++t) {
         e[t] *= scale;
@@ -236,14 +344,15 @@ void mmr_one(const float* s, const float* v, const bool* mask, int64_t n, int64_
   if (first < 0) first = pk.lowest();
   pk.take(first);
   std::vector<float> to_set(static_cast<size_t>(n));  // max similarity to the selected set
-  for (int64_t t = 0; t < n; ++t) to_set[t] = sym(s, n, first, t);
+  std::copy(s + first * n, s + first * n + n, to_set.begin());
   std::vector<float> key(static_cast<size_t>(n));
   for (int64_t step = 1; step < k; ++step) {
     for (int64_t t = 0; t < n; ++t) key[t] = lam * imp[t] - (1.0f - lam) * to_set[t];
     int64_t j = pk.first_max(key.data());
     if (j < 0) j = pk.lowest();
     pk.take(j);
-    for (int64_t t = 0; t < n; ++t) to_set[t] = nan_max(to_set[t], sym(s, n, j, t));
+    const float* row = s + j * n;
+    for (int64_t t = 0; t < n; ++t) to_set[t] = nan_max(to_set[t], row[t]);
   }
   pk.write_sorted(out);
 }
@@ -320,6 +429,7 @@ at::Tensor pivot_select_kernel(const at::Tensor& sim, const at::Tensor& candidat
 }  // namespace
 
 TORCH_LIBRARY_IMPL(tokenkern, CPU, m) {
+  m.impl("_cosine_sim_kernel", &cosine_sim_kernel);
   m.impl("_maxmin_select_kernel", &maxmin_select_kernel);
   m.impl("_dpp_select_kernel", &dpp_select_kernel);
   m.impl("_mmr_select_kernel", &mmr_select_kernel);

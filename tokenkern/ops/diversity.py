@@ -24,9 +24,10 @@ The contract every op of the family shares:
   N = 4096).
 
 Faces of each op: the public function; the ``torch.library.custom_op`` schema
-``tokenkern::<op>``, its fake kernel, its CPU kernel (the similarity in float32 with torch,
-then the greedy loop in the private C++ op ``tokenkern::_<op>_kernel``,
-csrc/cpu/diversity_cpu.cpp, which asserts only its memory-safety invariants) and its CUDA
+``tokenkern::<op>``, its fake kernel, its CPU kernel (the float32 similarity in the private C++
+op ``tokenkern::_cosine_sim_kernel`` (pivot_select: with torch), then the greedy loop in the
+private C++ op ``tokenkern::_<op>_kernel``, csrc/cpu/diversity_cpu.cpp, which asserts only its
+memory-safety invariants) and its CUDA
 kernel (``<op>_triton``, tokenkern._triton.diversity, called with the public op's
 arguments), every one through ``check_<op>`` (the single source of the argument rules).
 Indices are not differentiable: an input that requires grad is refused at call time.
@@ -201,43 +202,14 @@ def mmr_select(x: Tensor, importance: Tensor, k: int, lam: float = 0.5, mask: Te
 # ------------------------------------------------------------------------ CPU similarities
 
 
-def _unit_rows(x: Tensor) -> Tensor:
-    """x: (B, N, D) -> float32 rows x / ||x|| (zero rows stay zero)."""
-    xf = x.float()
-    norm = torch.linalg.vector_norm(xf, dim=-1, keepdim=True)
-    return torch.where(norm > 0, xf / torch.where(norm > 0, norm, 1.0), 0.0)
-
-
-_CPU_SIM_TILE = 256  # rows per GEMM of the upper-triangle similarity
-
-
-def _upper_cosine(u: Tensor) -> Tensor:
-    """u: (b, N, D) float32 unit rows -> S (b, N, N) float32 holding u_i . u_j for i <= j and
-    S_ii = 1; the strict lower triangle is left unset, since the C++ kernels read S_ij from the
-    upper triangle only (so they see an exactly symmetric S). Each tile of rows meets only the
-    columns from its own diagonal on, about half the FLOPs of u u^T, one sample at a time;
-    below 4 tiles the one batched product is faster."""
-    b, n, _ = u.shape
-    if n < 4 * _CPU_SIM_TILE:
-        sim = torch.bmm(u, u.mT)
-        sim.diagonal(dim1=-2, dim2=-1).fill_(1.0)
-        return sim
-    sim = u.new_empty(b, n, n)
-    for s in range(b):
-        for i0 in range(0, n, _CPU_SIM_TILE):
-            i1 = min(n, i0 + _CPU_SIM_TILE)
-            torch.mm(u[s, i0:i1], u[s, i0:].mT, out=sim[s, i0:i1, i0:])
-    sim.diagonal(dim1=-2, dim2=-1).fill_(1.0)
-    return sim
-
-
 def _cosine_blocks(x: Tensor):
-    """Yields (start, S) over blocks of samples: S (b, N, N) float32 (upper triangle, see
-    _upper_cosine), at most _CPU_SIM_FLOATS floats per block."""
+    """Yields (start, S) over blocks of samples: S (b, N, N) float32, exactly symmetric, by the
+    C++ kernel (the upper triangle's row panels, one single-threaded GEMM each, mirrored), at
+    most _CPU_SIM_FLOATS floats per block."""
     n = x.shape[1]
     step = max(1, _CPU_SIM_FLOATS // (n * n))
     for start in range(0, x.shape[0], step):
-        yield start, _upper_cosine(_unit_rows(x[start : start + step]))
+        yield start, torch.ops.tokenkern._cosine_sim_kernel(x[start : start + step])
 
 
 def _blocked(x: Tensor, k: int, kernel) -> Tensor:
@@ -402,7 +374,13 @@ def _triton_launcher(op: str):
     return launch
 
 
-# The private C++ kernels' fakes: (B, N, N) or (B, P, L) float32 similarities -> indices.
+# The private C++ kernels' fakes: x -> (B, N, N) float32 similarities; (B, N, N) or (B, P, L)
+# float32 similarities -> indices.
+@register_fake("tokenkern::_cosine_sim_kernel")
+def _cosine_sim_kernel_fake(x: Tensor) -> Tensor:
+    return x.new_empty(x.shape[0], x.shape[1], x.shape[1], dtype=torch.float32)
+
+
 @register_fake("tokenkern::_maxmin_select_kernel")
 def _maxmin_kernel_fake(sim: Tensor, mask: Tensor | None, k: int) -> Tensor:
     return sim.new_empty(sim.shape[0], k, dtype=torch.int64)
