@@ -85,3 +85,44 @@ def test_perturbed_scores_are_logits_plus_the_noise(gen):
     logits = torch.randn(3, 33, generator=gen).to(torch.bfloat16)
     noise = cpu_gumbel.noise(3, 33, 9, logits.device)
     assert torch.equal(cpu_gumbel.perturbed_scores(logits, 9), logits.float() + noise)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+def test_hard_mask_where_nan_ties_with_minus_infinity(dtype):
+    """Rows whose k-th place is taken at -inf rank, where NaN (as -inf) ties with -inf entries
+    and the lower index wins: the selection's k-th value alone cannot tell these apart."""
+    nan, inf = float("nan"), float("inf")
+    rows = [
+        ([-inf, nan, -inf], 2),  # exactly k entries >= the k-th value -inf, but NaN at 1 wins
+        ([nan, -inf], 1),
+        ([-inf, nan], 1),
+        ([nan, 1.0, 2.0], 2),
+        ([5.0, -inf, nan, -inf], 2),
+        ([nan, nan, nan], 2),
+        ([inf, nan, inf, 3.0], 2),
+        ([-inf, -inf, -inf], 3),
+    ]
+    for values, k in rows:
+        z = torch.tensor([values], dtype=dtype)
+        want = reference.hard_topk_mask(z, k)
+        got = cpu_gumbel.hard_mask_of(z, k)
+        assert got.dtype == dtype
+        assert torch.equal(got.double(), want), (values, k, got)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(("b", "n", "k"), [(64, 576, 144), (3, 2880, 720), (5, 7, 7), (4, 1, 1)])
+def test_hard_mask_matches_topk_on_distinct_scores(dtype, b, n, k, gen):
+    """Distinct scores (no tie): the mask is the index set of torch.topk, exactly k per row."""
+    z = torch.randn(b, n, generator=gen, dtype=dtype)
+    got = cpu_gumbel.hard_mask_of(z, k)
+    want = torch.zeros_like(z).scatter_(1, z.topk(k, dim=-1).indices, 1.0)
+    assert torch.equal(got, want)
+    assert torch.equal(got.sum(-1), torch.full((b,), float(k), dtype=dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+def test_perturbed_scores_are_float32_logits_plus_the_noise(dtype, gen):
+    logits = (torch.randn(4, 129, generator=gen) * 3).to(dtype)
+    noise = cpu_gumbel.noise(4, 129, 21, logits.device)
+    assert torch.equal(cpu_gumbel.perturbed_scores(logits, 21), logits.float() + noise)

@@ -22,6 +22,7 @@ import struct
 from collections.abc import Callable
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -35,20 +36,25 @@ _NEWTON_ITERATIONS = 48
 _MAX_STRIDE = 1 << 40
 
 
-def noise(batch: int, n: int, seed: int, device: torch.device) -> Tensor:
-    """(B, N) float32 Gumbel(0, 1) noise of the CPU kernel: uniform draws of a CPU
-    ``torch.Generator`` seeded with ``seed`` in row-major order, then -log(-log(u)).
-    (The CUDA kernel draws its noise differently: a sample depends on seed and device type.)"""
+def _negated_noise(batch: int, n: int, seed: int) -> Tensor:
+    """(B, N) float32 log(-log(u)) on CPU, u the uniform draws of a CPU ``torch.Generator``
+    seeded with ``seed`` in row-major order (floored at UNIFORM_FLOOR)."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    g = torch.rand(batch, n, generator=gen, dtype=torch.float32)
-    g.clamp_min_(UNIFORM_FLOOR).log_().neg_().log_().neg_()
-    return g.to(device)
+    u = torch.rand(batch, n, generator=gen, dtype=torch.float32)
+    return u.clamp_min_(UNIFORM_FLOOR).log_().neg_().log_()
+
+
+def noise(batch: int, n: int, seed: int, device: torch.device) -> Tensor:
+    """(B, N) float32 Gumbel(0, 1) noise of the CPU kernel: -log(-log(u)) of the uniform
+    draws of a CPU ``torch.Generator`` seeded with ``seed`` in row-major order.
+    (The CUDA kernel draws its noise differently: a sample depends on seed and device type.)"""
+    return _negated_noise(batch, n, seed).neg_().to(device)
 
 
 def perturbed_scores(logits: Tensor, seed: int) -> Tensor:
-    """z = float32(logits) + noise: (B, N) float32, on logits' device."""
-    z = noise(logits.shape[0], logits.shape[1], seed, logits.device)
-    return z.add_(logits.float())
+    """z = float32(logits) + noise: (B, N) float32, on logits' device, computed as
+    float32(logits) - log(-log(u)) (the same bits: a + (-b) is a - b in IEEE arithmetic)."""
+    return torch.sub(logits.float(), _negated_noise(logits.shape[0], logits.shape[1], seed).to(logits.device))
 
 
 def _key_codec(dtype: torch.dtype) -> tuple[Callable[[float], int], Callable[[int], float]]:
@@ -114,14 +120,29 @@ def _without_nan(z: Tensor) -> Tensor:
     return torch.where(torch.isnan(z), float("-inf"), z) if bool(torch.isnan(z).any()) else z
 
 
+def _kth_value(z: Tensor, k: int) -> Tensor:
+    """z: (B, N) -> (B, 1), the k-th largest value of each row when it has no NaN (else
+    any value): numpy's selection for float32 and float64 (an introselect over the values,
+    several times faster than torch.topk, which selects (value, index) pairs), topk otherwise."""
+    n = z.shape[-1]
+    if z.dtype not in (torch.float32, torch.float64) or z.device.type != "cpu":
+        return _kth_largest(z, k)[1]
+    picked = np.partition(z.detach().numpy(), n - k, axis=-1)
+    return torch.from_numpy(picked[:, n - k : n - k + 1].copy())
+
+
 def hard_mask_of(z: Tensor, k: int) -> Tensor:
     """(B, N) mask in z's dtype of the k largest z per row (ties to the lower index, NaN as
     -inf), any floating dtype."""
-    if _all_finite(z):
-        kth = _kth_largest(z, k)[1]
-        mask = torch.ge(z, kth, out=torch.empty_like(z))
-        if bool((mask.sum(-1) == k).all()):  # no tie straddles the k-th place
-            return mask
+    kth = _kth_value(z, k)
+    mask = torch.ge(z, kth, out=torch.empty_like(z))
+    # Exactly k entries >= kth > -inf (NaN never is) outrank every other entry, NaN (as -inf)
+    # included: they are the k largest, whatever kth's source and whatever z holds.
+    exact = z.dtype == torch.float64 or (z.dtype == torch.float32 and z.shape[-1] < 2**24)  # counts of ones
+    counts = mask.sum(-1, keepdim=True, dtype=None if exact else torch.float64)
+    rows_ok = (counts == k).logical_and_(kth > float("-inf"))
+    if bool(rows_ok.all()):
+        return mask
     z = _without_nan(z)
     return _top_of(z, _kth_largest(z, k)[1], k).to(z.dtype)
 

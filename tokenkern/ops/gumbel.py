@@ -140,7 +140,7 @@ def _gumbel_topk_backward_cpu(grad: Tensor, logits: Tensor, k: int, tau: float, 
     product of the relaxation at the same perturbed scores, whose noise is drawn again from
     seed exactly as the forward drew it."""
     check_backward(grad, logits, k, tau, seed)
-    z = logits.float() + cpu_gumbel.noise(logits.shape[0], logits.shape[1], seed, logits.device)
+    z = cpu_gumbel.perturbed_scores(logits, seed)
     return cpu_gumbel.gumbel_topk_backward(grad, logits, z, k, tau)
 
 
