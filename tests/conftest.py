@@ -1,5 +1,6 @@
 """Test session setup. Must run before any tokenkern kernel module is imported."""
 
+import importlib.util
 import os
 
 import torch
@@ -13,6 +14,11 @@ os.environ.setdefault("TOKENKERN_POISON", "1")
 import pytest
 from fixtures import dinov2, dinov2_patch_tokens, photos  # noqa: F401  (registers the fixtures)
 from testing import test_seed
+
+# tests/vllm runs in its own venv (make test-vllm); elsewhere vLLM is absent and it is not collected.
+# (tests/ is on sys.path, so tests/vllm itself would pass for a namespace package named vllm.)
+_VLLM = importlib.util.find_spec("vllm")
+collect_ignore = [] if _VLLM is not None and _VLLM.origin is not None else ["vllm"]
 
 
 def pytest_report_header(config):
