@@ -190,3 +190,72 @@ def test_shipped_slabs_match_small_slabs(monkeypatch, gen):
     small = scores(q, k, **kw)
     assert_rel_close(shipped, reference.attn_scores(q, k, **kw), TOL)
     assert torch.allclose(small, shipped, rtol=1e-5, atol=1e-8)
+
+
+@pytest.fixture(params=["mkl", "mkl-threaded", "converted"])
+def bf16_gemm(request, monkeypatch):
+    """bf16 logits from MKL's bf16 GEMM reading q and k in place (on one thread, as small GEMMs
+    run, or on torch's thread count), or from float32 copies."""
+    if request.param.startswith("mkl") and cpu_attention._MKL is None:
+        pytest.skip("torch links no MKL bf16 GEMM")
+    if request.param == "mkl-threaded":
+        monkeypatch.setattr(cpu_attention, "_SERIAL_MACS", 0)
+    if request.param == "converted":
+        monkeypatch.setattr(cpu_attention, "_MKL", None)
+    return request.param
+
+
+@pytest.mark.parametrize("lse", ["none", "given"])
+@pytest.mark.parametrize("layout", ["contiguous", "bnhd"])
+@pytest.mark.parametrize(("b", "hq", "hkv", "nq", "nk", "d"), SHAPES)
+def test_bf16_logits_accumulate_in_float32(slabs, bf16_gemm, b, hq, hkv, nq, nk, d, layout, lse, gen):
+    """Both bf16 paths meet the float32 bound; "bnhd": q and k are (B, N, H, d) tensors
+    transposed, as attention layers hold them (rows of a head are H * d apart)."""
+    q, k = make_qk(gen, b, hq, hkv, nq, nk, d, torch.bfloat16)
+    if layout == "bnhd":
+        q, k = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k))
+    kw = with_lse(q, k, dict(causal=True, key_start=3, key_end=nk - 2, **masks(gen, b, nq, nk, "left")), lse)
+    out = scores(q, k, **kw)
+    assert torch.isfinite(out).all()
+    assert_rel_close(out, reference.attn_scores(q, k, **kw), TOL)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("lse", ["none", "given"])
+def test_bf16_reruns_are_bit_identical(slabs, bf16_gemm, threads, lse, gen):
+    q, k = make_qk(gen, 2, 8, 2, 70, 90, 32, torch.bfloat16)
+    kw = with_lse(q, k, dict(causal=True, key_start=10, key_end=80, **masks(gen, 2, 70, 90, "random")), lse)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        first = scores(q, k, **kw)
+        assert all(torch.equal(first, scores(q, k, **kw)) for _ in range(3))
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_bf16_gemm_matches_the_converted_path(monkeypatch, gen):
+    """MKL's bf16 GEMM and float32 copies differ only in the order of the float32 sums."""
+    if cpu_attention._MKL is None:
+        pytest.skip("torch links no MKL bf16 GEMM")
+    q, k = make_qk(gen, 1, 8, 4, 1, 300, 64, torch.bfloat16)
+    kw = with_lse(q, k, dict(causal=True, key_start=20, key_end=280), "given")
+    direct = scores(q, k, **kw)
+    monkeypatch.setattr(cpu_attention, "_MKL", None)
+    assert torch.allclose(direct, scores(q, k, **kw), rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("lse", ["none", "given"])
+@pytest.mark.parametrize("where", ["q_valid", "q_invalid", "k_visible", "k_masked"])
+def test_bf16_nan_follows_the_softmax(bf16_gemm, where, lse, gen):
+    q, k, kw = nan_inputs(gen, where)
+    q, k = q.bfloat16(), k.bfloat16()
+    if lse == "given":
+        q0, k0 = (t.nan_to_num(0.0) for t in (q, k))
+        kw["lse"] = reference.attn_lse(q0, k0, key_mask=kw["key_mask"], causal=True).float()
+    out = scores(q, k, key_start=5, key_end=38, **kw)
+    ref = reference.attn_scores(q, k, key_start=5, key_end=38, **kw)
+    assert torch.equal(torch.isnan(out), torch.isnan(ref))
+    assert torch.isnan(ref).any() == (where in ("q_valid", "k_visible"))
+    keep = ~torch.isnan(ref)
+    assert_rel_close(out[keep], ref[keep], TOL)
