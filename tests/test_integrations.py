@@ -17,6 +17,7 @@ from testing import assert_rel_close
 import tokenkern
 import tokenkern.methods as M
 from tokenkern.integrations.adapters import clip_layers, parts_of
+from tokenkern.methods.baselines import RandomConfig, image_seed, random_select
 
 IMAGE = 127  # placeholder token id of the tiny LLaVA models
 VOCAB = 128
@@ -302,8 +303,8 @@ def test_keep_is_per_image_with_two_images(method, options, keep, gen):
 
 
 def test_random_draws_differ_per_image_and_replay_per_call(gen):
-    """The draw is a function of (seed, the image's pixels): the two images of a sample draw
-    differently, a second call and a new prune() with the same seed replay it (the replay at
+    """The draw is a function of (seed, the image's pixels): each image of a sample draws from
+    the generator its own pixels seed, a second call and a new prune() with the same seed replay it (the replay at
     any batch position: tests/test_prune_positions.py)."""
     tiny = build("llava")
     prompt = [1, 5, 6] + [IMAGE] * 16 + [7, 8] + [IMAGE] * 16 + [9, 10]
@@ -319,7 +320,14 @@ def test_random_draws_differ_per_image_and_replay_per_call(gen):
     with tokenkern.prune(tiny.model, "random", keep=4, seed=3) as handle:
         first, second = kept_positions(handle), kept_positions(handle)
     offsets = [[p - 3 for p in first[:4]], [p - 21 for p in first[4:]]]
-    assert offsets[0] != offsets[1], "both images kept the same patches"
+    # Each image's draw is exactly random_select's with the generator its own pixels seed (two
+    # images share a seed with probability 2^-63; their 4-of-16 draws may still coincide).
+    seeds = [image_seed(3, pixels[i]) for i in range(2)]
+    assert seeds[0] != seeds[1]
+    for i in range(2):
+        gen_i = torch.Generator().manual_seed(seeds[i])
+        want = random_select(torch.zeros(1, 16, 1), RandomConfig(keep=4, seed=3), generator=gen_i).indices[0]
+        assert offsets[i] == want.tolist(), f"image {i} did not draw from its own seed"
     assert first == second, "a second call on the same images drew other patches"
     with tokenkern.prune(tiny.model, "random", keep=4, seed=3) as handle:
         assert kept_positions(handle) == first
