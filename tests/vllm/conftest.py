@@ -1,6 +1,7 @@
 """vLLM test session (make test-vllm runs it in .venv-vllm). The engine runs in this process
 (no engine-core or worker processes: each engine starts in seconds, and the engine sees the
-installed tokenkern plugin exactly as a served one would). One engine lives at a time."""
+installed tokenkern plugin exactly as a served one would); only tensor-parallel engines start a
+worker process per rank. One engine lives at a time."""
 
 import os
 
@@ -25,23 +26,27 @@ class Engines:
         self.key: str | None = None
         self.llm = None
 
-    def get(self, overrides: dict | None = None):
-        key = repr(overrides)
+    def get(self, overrides: dict | None = None, tp: int = 1):
+        key = repr((overrides, tp))
         if key != self.key:
             self.close()
-            self.llm = self.start(overrides)
+            self.llm = self.start(overrides, tp)
             self.key = key
         return self.llm
 
-    def start(self, overrides: dict | None = None):
+    def start(self, overrides: dict | None = None, tp: int = 1):
+        """tp > 1: one worker process per rank (vLLM's multiprocessing executor)."""
         from vllm import LLM
 
         return LLM(
             model=self.model_dir, dtype="float32", enforce_eager=True, max_model_len=MAX_MODEL_LEN, max_num_seqs=4,
-            limit_mm_per_prompt={"image": 2}, seed=0, distributed_executor_backend="uni", hf_overrides=overrides or {},
+            limit_mm_per_prompt={"image": 2}, seed=0, tensor_parallel_size=tp,
+            distributed_executor_backend="uni" if tp == 1 else "mp", hf_overrides=overrides or {},
         )  # fmt: skip
 
     def close(self) -> None:
+        if self.llm is not None and self.llm.llm_engine.vllm_config.parallel_config.tensor_parallel_size > 1:
+            self.llm.llm_engine.engine_core.shutdown()  # stops the worker processes now, not at exit
         self.llm, self.key = None, None
         gc.collect()
 
