@@ -171,6 +171,11 @@ def test_half_precision_inputs_accumulate_in_float32(slabs, dtype, lse, gen):
 def test_reruns_are_bit_identical(slabs, threads, gen):
     q, k = make_qk(gen, 2, 8, 2, 70, 90, 32)
     kw = dict(causal=True, key_start=10, key_end=80, **masks(gen, 2, 70, 90, "random"))
+    assert_reruns_identical(q, k, kw, threads)
+
+
+def assert_reruns_identical(q, k, kw: dict, threads: int) -> None:
+    """Three reruns at `threads` threads equal the first bit for bit."""
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -225,13 +230,7 @@ def test_bf16_logits_accumulate_in_float32(slabs, bf16_gemm, b, hq, hkv, nq, nk,
 def test_bf16_reruns_are_bit_identical(slabs, bf16_gemm, threads, lse, gen):
     q, k = make_qk(gen, 2, 8, 2, 70, 90, 32, torch.bfloat16)
     kw = with_lse(q, k, dict(causal=True, key_start=10, key_end=80, **masks(gen, 2, 70, 90, "random")), lse)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        first = scores(q, k, **kw)
-        assert all(torch.equal(first, scores(q, k, **kw)) for _ in range(3))
-    finally:
-        torch.set_num_threads(before)
+    assert_reruns_identical(q, k, kw, threads)
 
 
 def test_bf16_gemm_matches_the_converted_path(monkeypatch, gen):
