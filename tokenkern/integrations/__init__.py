@@ -47,7 +47,6 @@ EVS does), where packed is refused.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 from dataclasses import dataclass, field
 
 import torch
@@ -276,7 +275,7 @@ def _vision_reducer(parts: VLMParts, spec: registry.MethodSpec, cfg, clip_args: 
         return relevance.TextRelevanceReducer(parts, spec, cfg, clip_args, handle)
     if spec.site == "post_projector":
         segments = _next_crops(parts) if spec.name in PER_CROP else None
-        pixels = image_pixels(parts) if _draws(spec) else None
+        pixels = image_pixels(parts) if spec.draws() else None
         return PostProjectorReducer(parts.core, _post_projector_fn(spec, cfg), segments, pixels)
     layers = clip_layers(parts.clip_tower)
     n = len(layers)
@@ -310,18 +309,13 @@ def _next_crops(parts: VLMParts):
     return segments
 
 
-def _draws(spec: registry.MethodSpec) -> bool:
-    """Whether the recipe draws (takes a generator)."""
-    return "generator" in inspect.signature(spec.recipe).parameters
-
-
 def _post_projector_fn(spec: registry.MethodSpec, cfg):
     """features (1, n, D) of one image -> Reduction. Features are reduced in float32. A recipe
     that draws (takes a generator) gets, per image, ``fn(features, pixels=that image's pixel
     values)`` and a generator seeded with image_seed(cfg.seed, pixels): the draw is a function
     of the seed and the image's content alone, whatever the batch, the image's place in it or
     the call (a serving engine replays it)."""
-    if not _draws(spec):
+    if not spec.draws():
         return lambda features: spec.recipe(features.float(), cfg)
 
     def fn(features: Tensor, pixels: Tensor) -> M.Reduction:

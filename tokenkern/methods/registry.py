@@ -27,6 +27,7 @@ input names:
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -88,6 +89,10 @@ class MethodSpec:
     def count_is_fixed(self, cfg: object) -> bool:
         """Whether the kept count is fixed before the model runs with this config."""
         return self.fixed_count or (self.fixed_with_keep and getattr(cfg, "keep", None) is not None)
+
+    def draws(self) -> bool:
+        """Whether the recipe draws at random (takes a ``generator``)."""
+        return "generator" in inspect.signature(self.recipe).parameters
 
     def options(self) -> tuple[str, ...]:
         """The config's fields other than keep, in declaration order."""

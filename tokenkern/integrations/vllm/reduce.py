@@ -7,8 +7,6 @@ Model-agnostic: the model classes call these with the tensors their encoder comp
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 from torch import Tensor
 
@@ -20,10 +18,6 @@ from .config import Plan
 def packed(red: Reduction) -> Tensor:
     """(B, k, D) the reduction's tokens in ascending order of their positions among the N."""
     return gather_tokens(red.tokens, red.indices.argsort(dim=1))
-
-
-def _draws(plan: Plan) -> bool:
-    return "generator" in inspect.signature(plan.spec.recipe).parameters
 
 
 def image_generator(plan: Plan, pixels: Tensor, device: torch.device) -> torch.Generator:
@@ -49,7 +43,7 @@ def post_projector(plan: Plan, features: Tensor, pixels: Tensor | None) -> Tenso
     out = []
     for i in range(features.shape[0]):
         x = features[i : i + 1].float()
-        if _draws(plan):
+        if plan.spec.draws():
             red = plan.spec.recipe(x, plan.cfg, generator=image_generator(plan, pixels[i], x.device))
         else:
             red = plan.spec.recipe(x, plan.cfg)
