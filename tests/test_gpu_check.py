@@ -98,6 +98,21 @@ def test_summary_ratios_floors_and_static_estimate(run_dir: Path, tmp_path: Path
     assert "| tests-rest | skipped (out of time) |" in text and "Failed steps: tests-core, racecheck" in text
 
 
+def test_summary_carries_the_vllm_prefill_rows(run_dir: Path, tmp_path: Path):
+    assert summary_mod.summarize(run_dir, dry=False)["vllm_prefill"] == []
+    rows = [
+        {"config": "stock", "tokenkern": None, "prompts": 16, "median_s": 0.5, "requests_per_s": 32.0,
+         "speedup_vs_stock": 1.0},
+        {"config": "lofi", "tokenkern": {"method": "lofi", "keep": 0.25}, "prompts": 16, "median_s": 0.25,
+         "requests_per_s": 64.0, "speedup_vs_stock": 2.0},
+    ]  # fmt: skip
+    (run_dir / "vllm-prefill.json").write_text(json.dumps(rows))
+    s = summary_mod.summarize(run_dir, dry=False)
+    assert [r["config"] for r in s["vllm_prefill"]] == ["stock", "lofi"]
+    _, md = summary_mod.write(s, tmp_path / "out")
+    assert "| lofi | 16 | 0.250 | 64.0 | 2.00 |" in md.read_text()
+
+
 def test_static_match_needs_the_same_call(run_dir: Path):
     report = json.loads((run_dir / "static.json").read_text())
     row = {"op": "merge_tokens", "impl": "tokenkern", "info": {"B": 8, "N": 2880, "K": 720, "D": 4096,

@@ -7,6 +7,7 @@
 #   memcheck / racecheck   compute-sanitizer on a small merge script (tools/gpu_sanitize.py)
 #   bench-*    the benchmark suites at their GPU (headline) shapes, one JSON per suite (make
 #              bench's pytest run, with fewer rounds so that it fits)
+#   vllm-prefill  benchmarks/vllm_prefill.py (tiny LLaVA, stock vs pruned) when vLLM is installed
 #   static     the static kernel report (benchmarks/results/static/sm90.json when present)
 #   summary    gpu-check.json + gpu-check.md (tools/gpu_summary.py)
 # into $OUT when set, else benchmarks/results/ (build/gpu-check-dry/ for DRY=1). Each step has
@@ -127,6 +128,16 @@ else
   pytest_step tests-triton 120 $TESTS_TRITON
   # shellcheck disable=SC2086
   pytest_step tests-rest 90 $TESTS_REST
+fi
+
+# vLLM prefill with and without the plugin, only where vLLM is installed (it is not on a bare image).
+if [ "$DRY" = 1 ]; then
+  skip vllm-prefill "dry run: needs vLLM on a GPU"
+elif "$PY" -c "import vllm" >/dev/null 2>&1; then
+  step vllm-prefill 120 "$PY" benchmarks/vllm_prefill.py --prompts 16 --repeats 3 --configs stock,lofi,fastervlm \
+    --json "$RUN/vllm-prefill.json"
+else
+  skip vllm-prefill "vLLM not installed"
 fi
 
 if [ -f benchmarks/results/static/sm90.json ] && [ "${STATIC_REFRESH:-0}" != 1 ]; then

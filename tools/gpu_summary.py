@@ -114,6 +114,12 @@ def read_benchmarks(run: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     return rows, machine
 
 
+def read_vllm_prefill(run: Path) -> list[dict[str, Any]]:
+    """The rows of RUN/vllm-prefill.json (benchmarks/vllm_prefill.py), [] when it did not run."""
+    path = run / "vllm-prefill.json"
+    return json.loads(path.read_text()) if path.exists() else []
+
+
 def read_static(run: Path) -> dict[str, Any] | None:
     path = run / "static.json"
     return json.loads(path.read_text()) if path.exists() else None
@@ -199,6 +205,7 @@ def summarize(run: Path, dry: bool, wall_s: float | None = None) -> dict[str, An
         "steps": steps,
         "failed_steps": failed,
         "benchmarks": rows,
+        "vllm_prefill": read_vllm_prefill(run),
         "static_label": STATIC_LABEL,
         "static_calls": len(report["calls"]) if report else 0,
     }
@@ -247,6 +254,12 @@ def markdown(summary: dict[str, Any]) -> str:
         lines.append(f"| {r['group']} | {r['impl']} | {_fmt(r['median_us'])} | {_fmt(r['iqr_us'])} | "
                      f"{_fmt(r['x_floor'], 2)} | {speed} | {_fmt(st.get('launches'))} | {_fmt(mb)} | "
                      f"{_fmt(st.get('estimate_us'))} |")  # fmt: skip
+    if summary.get("vllm_prefill"):
+        lines += ["", "## vLLM prefill (tiny random-weight LLaVA-1.5, one token per request)", "",
+                  "| config | prompts | median s | requests/s | x stock |", "|---|---|---|---|---|"]  # fmt: skip
+        for r in summary["vllm_prefill"]:
+            lines.append(f"| {r['config']} | {r['prompts']} | {_fmt(r['median_s'], 3)} | "
+                         f"{_fmt(r['requests_per_s'])} | {_fmt(r['speedup_vs_stock'], 2)} |")  # fmt: skip
     if summary["failed_steps"]:
         lines += ["", f"Failed steps: {', '.join(summary['failed_steps'])} (logs in gpu-check/)."]
     return "\n".join(lines) + "\n"
