@@ -274,6 +274,28 @@ def test_padded_batch_equals_single_samples(name, method, keep, gen):
             assert torch.equal(both[i, -3:], alone[0, -3:]), (name, method, i)
 
 
+def test_cdpruner_batch_with_two_questions_equals_single_samples(gen):
+    """Each image is reduced with its own sample's question in generate() (which, from
+    transformers 5.19 on, encodes the images before the prefill sees the input_ids)."""
+    tiny = build("llava")
+    batch = tiny.inputs(PROMPTS, gen)
+    text = torch.randn(2, 1, 24, generator=gen)
+    with tokenkern.prune(tiny.model, "cdpruner", keep=4, text_encoder=tiny_clip(tiny.model)) as handle:
+        reducer = next(p for p in handle.parts if hasattr(p, "keeps"))
+        handle.set_text_embeds(text)
+        with torch.no_grad():
+            both = tiny.model.generate(**batch, max_new_tokens=5, min_new_tokens=5, do_sample=False)
+        kept = [k.clone() for k in reducer.keeps]
+        for i in range(2):
+            one = tiny.inputs(PROMPTS[i : i + 1], gen)
+            one["pixel_values"] = batch["pixel_values"][i : i + 1]
+            handle.set_text_embeds(text[i : i + 1])
+            with torch.no_grad():
+                alone = tiny.model.generate(**one, max_new_tokens=5, min_new_tokens=5, do_sample=False)
+            assert torch.equal(kept[i], reducer.keeps[0]), f"sample {i} kept"
+            assert torch.equal(both[i, -5:], alone[0, -5:]), f"sample {i}"
+
+
 def test_llava_next_divprune_runs_per_crop_and_keeps_the_newlines(gen):
     """The tiny LLaVA-NeXT image (28 x 56, crops 1 x 2) packs the base crop (16 tokens), then 4
     grid rows of 8 tokens + a newline: each crop keeps its own quarter, every newline stays."""

@@ -187,7 +187,8 @@ def prune(
 
         decoder = DecoderPruner(parts.language_model, parts.layers, 0, selector, packed=packed)
     handle.parts.append(decoder)
-    handle.parts.append(_Hook(parts.core.register_forward_pre_hook(_image_finder(parts, decoder), with_kwargs=True)))
+    finder = _image_finder(parts, decoder, [p for p in handle.parts if hasattr(p, "finish_pending")])
+    handle.parts.append(_Hook(parts.core.register_forward_pre_hook(finder, with_kwargs=True)))
     object.__setattr__(model, _INSTALLED, handle)  # a plain attribute: not a submodule, not in state_dict
     return handle
 
@@ -238,15 +239,19 @@ def _check_offered(spec: registry.MethodSpec, parts: VLMParts) -> None:
                          f"runs at {spec.site}, which prune() does not patch), got {spec.name!r}")  # fmt: skip
 
 
-def _image_finder(parts: VLMParts, decoder: DecoderPruner):
-    """Pre-hook on the VLM core: a call with images and input_ids announces the prefill; a
-    decoding step of an M-RoPE model whose whole cache was pruned gets its position ids."""
+def _image_finder(parts: VLMParts, decoder: DecoderPruner, deferred: list):
+    """Pre-hook on the VLM core: a call with images and input_ids announces the prefill (and
+    lets each reducer in deferred finish the features it left unreduced for want of the image
+    ids: encoded by generate() before this call); a decoding step of an M-RoPE model whose
+    whole cache was pruned gets its position ids."""
 
     def hook(module, args, kwargs):
         input_ids = kwargs.get("input_ids", args[0] if args else None)
-        has_pixels = kwargs.get("pixel_values") is not None
+        has_pixels = _has_images(kwargs)
         if input_ids is not None and has_pixels:
             decoder.pending_image = image_ids(input_ids, parts.image_token_id)
+            for reducer in deferred:
+                reducer.finish_pending()
         elif has_pixels:
             raise ValueError("tokenkern.prune: pass input_ids (not only inputs_embeds) with the images")
         elif getattr(module, "rope_deltas", None) is not None:
@@ -256,6 +261,13 @@ def _image_finder(parts: VLMParts, decoder: DecoderPruner):
         return None
 
     return hook
+
+
+def _has_images(kwargs: dict) -> bool:
+    """Whether a VLM core call carries images: pixel_values, or (transformers 5.19 on, whose
+    generate() encodes the images before the prefill) the image entry of mm_encoder_outputs."""
+    encoded = kwargs.get("mm_encoder_outputs") or {}
+    return kwargs.get("pixel_values") is not None or encoded.get("image") is not None
 
 
 def _config(spec: registry.MethodSpec, keep, options: dict):

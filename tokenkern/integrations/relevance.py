@@ -22,6 +22,9 @@ and no text is refused): a stale question never silently prunes another prompt.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
+
 import torch
 from torch import Tensor, nn
 
@@ -117,6 +120,7 @@ class TextRelevanceReducer:
         self.text: tuple[Tensor, Tensor | None] | None = None
         self._armed = False
         self._hidden: Tensor | None = None
+        self._pending: Callable[[], object] | None = None
         layers = clip_layers(parts.clip_tower)
         self._hook = layers[len(layers) - 2].register_forward_hook(self._grab)
         self._patch = _MethodPatch(parts.core, "get_image_features", self._wrapped)
@@ -149,14 +153,32 @@ class TextRelevanceReducer:
             raise ValueError("tokenkern.prune: cdpruner needs the question of every sample: call "
                              "handle.set_text([...]) (or set_text_embeds) before each call with images")  # fmt: skip
         (text, mask), self.text = self.text, None
-        self._armed, self._hidden = True, None
+        self._armed, self._hidden, self._pending = True, None, None
         try:
             out = self._original(*args, **kwargs)
         finally:
             self._armed = False
-        feats = out.pooler_output if hasattr(out, "pooler_output") else out
         hidden, self._hidden = self._hidden, None
         image_emb = self.projection(self.post_layernorm(hidden[:, 1:]))
+        if text.shape[0] > 1 and self.handle.decoder.pending_image is None and hasattr(out, "pooler_output"):
+            # generate() of transformers 5.19 on encodes the images before the prefill: each image's
+            # sample is known once the core's forward gets input_ids (finish_pending).
+            self._pending = partial(self._reduce, out, image_emb, text, mask)
+            return out
+        return self._reduce(out, image_emb, text, mask)
+
+    def finish_pending(self) -> None:
+        """Reduces the features an earlier get_image_features call returned unreduced (their
+        ModelOutput, now in the forward's mm_encoder_outputs, in place), the prefill's image
+        ids now known; nothing when there are none."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending()
+
+    def _reduce(self, out, image_emb: Tensor, text: Tensor, mask: Tensor | None):
+        """out: get_image_features' output (its features: (n_img, N, D) or a list of (N, D));
+        image_emb: (n_img, N, E) CLIP patch embeddings; text: (B, M, E). -> out, reduced."""
+        feats = out.pooler_output if hasattr(out, "pooler_output") else out
         owners = self._owners(len(feats), text.shape[0])
         new, keeps = [], []
         for i, f in enumerate(feats):

@@ -15,7 +15,7 @@ decoder pruner, which drops the other positions at the decoder input.
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import partial
+from functools import partial, wraps
 
 import torch
 from torch import Tensor, nn
@@ -76,14 +76,16 @@ class PostProjectorReducer:
 
 class _MethodPatch:
     """Replaces a method on one instance (an instance attribute shadows the class's) and puts
-    back exactly what was there."""
+    back exactly what was there. The replacement reports the original's signature:
+    transformers' generate() (5.19 on) calls get_image_features itself before the prefill,
+    passing only the arguments that signature names."""
 
     def __init__(self, obj, name: str, replacement):
         self.obj, self.name = obj, name
         self.previous = obj.__dict__.get(name)
         self.original = getattr(obj, name)
-        self.replacement = replacement
-        setattr(obj, name, replacement)
+        self.replacement = _with_signature(replacement, self.original)
+        setattr(obj, name, self.replacement)
 
     def remove(self) -> None:
         if self.obj.__dict__.get(self.name) is self.replacement:
@@ -91,6 +93,16 @@ class _MethodPatch:
                 delattr(self.obj, self.name)
             else:
                 setattr(self.obj, self.name, self.previous)
+
+
+def _with_signature(replacement: Callable, original: Callable) -> Callable:
+    """replacement, called as is, with original's name, docstring and inspect.signature."""
+
+    @wraps(original)
+    def patched(*args, **kwargs):
+        return replacement(*args, **kwargs)
+
+    return patched
 
 
 class ClipReducer:
