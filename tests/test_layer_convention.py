@@ -294,9 +294,11 @@ def test_sparsevlm_schedule_generate_matches_a_decoding_loop_and_single_samples(
                              return_dict_in_generate=True)  # fmt: skip
         out = model(**one, use_cache=True)
         logits = [out.logits[:, -1]]
-        for _ in range(3):
-            step = logits[-1].argmax(-1, keepdim=True)
-            out = model(input_ids=step, past_key_values=out.past_key_values, use_cache=True)
+        # feed the tokens generate() chose: min_new_tokens masks EOS before its argmax, which the
+        # raw logits it returns do not show
+        chosen = ref.sequences[:, one["input_ids"].shape[1] :]
+        for i in range(3):
+            out = model(input_ids=chosen[:, i : i + 1], past_key_values=out.past_key_values, use_cache=True)
             logits.append(out.logits[:, -1])
         assert_rel_close(torch.stack(logits, 1), torch.stack(ref.logits, 1), 1e-5)
         batched = model(**inputs).logits[:, -1]
