@@ -18,6 +18,10 @@ from __future__ import annotations
 # vLLM architecture name -> the subclass that prunes (imported lazily by vLLM's registry).
 MODELS = {
     "LlavaForConditionalGeneration": "tokenkern.integrations.vllm.llava:TokenkernLlavaForConditionalGeneration",
+    "Qwen2VLForConditionalGeneration": "tokenkern.integrations.vllm.qwen:TokenkernQwen2VLForConditionalGeneration",
+    "Qwen2_5_VLForConditionalGeneration": (
+        "tokenkern.integrations.vllm.qwen:TokenkernQwen2_5_VLForConditionalGeneration"
+    ),
 }
 
 
@@ -26,6 +30,9 @@ def register() -> None:
     names (safe to call more than once, as vLLM does once per process)."""
     from vllm import ModelRegistry
 
+    from .runner import enable_position_rewrite
+
+    enable_position_rewrite()  # the M-RoPE models' kept positions (see qwen.py)
     for arch, target in MODELS.items():
         ModelRegistry.register_model(arch, target)
 
