@@ -481,23 +481,27 @@ for arch, dtypes, chunks in ((90, ("fp32", "bf16"), ((1024, True), (4096, True),
                              (80, ("bf16",), ((1024, True),))):
     target = GPUTarget("cuda", arch, 32)
     for dtype in dtypes:
-        sig = {"l_ptr": "*" + dtype, "out_ptr": "*fp32", "noise_ptr": "*fp32", "N": "i32", "k": "i32",
-               "inv_tau": "fp32", "log_n": "fp32", "seed": "i64", "l_sb": "i32", "l_sn": "i32",
-               "CHUNK": "constexpr", "SINGLE_CHUNK": "constexpr", "HARD": "constexpr", "STORE_NOISE": "constexpr"}
+        sig = {"l_ptr": "*" + dtype, "out_ptr": "*fp32", "noise_ptr": "*fp32", "shift_ptr": "*fp64", "N": "i32",
+               "k": "i32", "inv_tau": "fp32", "log_n": "fp32", "seed": "i64", "l_sb": "i32", "l_sn": "i32",
+               "CHUNK": "constexpr", "SINGLE_CHUNK": "constexpr", "HARD": "constexpr", "STORE_NOISE": "constexpr",
+               "STORE_SHIFT": "constexpr"}
         for chunk, single in chunks:
             for hard in (True, False):
-                consts = {"CHUNK": chunk, "SINGLE_CHUNK": single, "HARD": hard, "STORE_NOISE": hard}
+                consts = {"CHUNK": chunk, "SINGLE_CHUNK": single, "HARD": hard, "STORE_NOISE": hard,
+                          "STORE_SHIFT": not hard}
                 src = ASTSource(gumbel._gumbel_topk_kernel, sig, constexprs=consts)
                 opts = {"num_warps": gumbel._num_warps(chunk)}
                 assert triton.compile(src, target=target, options=opts).asm["cubin"]
         sig = {"l_ptr": "*" + dtype, "g_ptr": "*fp32", "out_ptr": "*fp32", "N": "i32", "k": "i32",
                "inv_tau": "fp32", "log_n": "fp32", "seed": "i64", "l_sb": "i32", "l_sn": "i32", "g_sb": "i32",
-               "g_sn": "i32", "CHUNK": "constexpr", "SINGLE_CHUNK": "constexpr"}
+               "g_sn": "i32", "shift_ptr": "*fp64", "CHUNK": "constexpr", "SINGLE_CHUNK": "constexpr",
+               "HAS_SHIFT": "constexpr"}
         for chunk, single in chunks:
-            consts = {"CHUNK": chunk, "SINGLE_CHUNK": single}
-            src = ASTSource(gumbel._gumbel_topk_backward_kernel, sig, constexprs=consts)
-            opts = {"num_warps": gumbel._num_warps(chunk)}
-            assert triton.compile(src, target=target, options=opts).asm["cubin"]
+            for has_shift in (False, True):
+                consts = {"CHUNK": chunk, "SINGLE_CHUNK": single, "HAS_SHIFT": has_shift}
+                src = ASTSource(gumbel._gumbel_topk_backward_kernel, sig, constexprs=consts)
+                opts = {"num_warps": gumbel._num_warps(chunk)}
+                assert triton.compile(src, target=target, options=opts).asm["cubin"]
     sig = {"out_ptr": "*fp32", "total": "i64", "seed": "i64", "BLOCK": "constexpr"}
     src = ASTSource(gumbel._noise_kernel, sig, constexprs={"BLOCK": gumbel._NOISE_BLOCK})
     assert triton.compile(src, target=target).asm["cubin"]

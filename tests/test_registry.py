@@ -122,9 +122,24 @@ CASES = {
         (lambda dev: (_x(3, 17, dtype=torch.float16, device=dev).requires_grad_(), 17, 2.0, 0), {"hard": False}),
         (lambda dev: (_x(1, 5, device=dev), 1, 1.0, 2**40), {"hard": False}),
     ],
+    "gumbel_topk_soft": [
+        (lambda dev: (_x(2, 30, device=dev).requires_grad_(), 7, 0.5, 3), {}),
+        (lambda dev: (_x(3, 17, dtype=torch.float16, device=dev).requires_grad_(), 17, 2.0, 0), {}),
+    ],
     "gumbel_topk_backward": [
         (lambda dev: (_x(2, 30, device=dev), _x(2, 30, device=dev), 7, 0.5, 3), {}),
         (lambda dev: (_x(1, 9, device=dev), _x(1, 9, dtype=torch.float16, device=dev), 9, 1.0, 11), {}),
+        (
+            lambda dev: (
+                _x(2, 30, device=dev),
+                _x(2, 30, device=dev),
+                7,
+                0.5,
+                3,
+                torch.ops.tokenkern.gumbel_topk_soft(_x(2, 30, device=dev), 7, 0.5, 3)[1],
+            ),
+            {},
+        ),
     ],
     "leverage_topk": [
         (lambda dev: (_x(2, 40, 24, device=dev), 9), {"rank": 4, "oversample": 2, "power_iters": 1}),

@@ -76,11 +76,13 @@ def _key_codec(dtype: torch.dtype) -> tuple[Callable[[float], int], Callable[[in
 class Relaxation(NamedTuple):
     """The relaxation of a row set: x = d - u (B, N), soft_i = sigmoid(x_i); ``top`` (B, N)
     bool, the hard mask; ``degenerate`` (B, 1) bool, the rows without a finite lambda (they
-    take the hard mask)."""
+    take the hard mask); ``shift`` (B, 2) in z's dtype, each row's (anchor, u) (what the
+    backward needs to rebuild x without a search)."""
 
     x: Tensor
     top: Tensor
     degenerate: Tensor
+    shift: Tensor
 
 
 def _scaled(z: Tensor, anchor: Tensor, tau: float, finite: bool) -> Tensor:
@@ -264,17 +266,22 @@ def _shift(on: Tensor, off: Tensor, dmin: Tensor, live: Tensor, start: Tensor) -
     return torch.tensor(found, dtype=dtype).view(b, 1)
 
 
+def _degenerate(z: Tensor, k: int, finite: bool) -> Tensor:
+    """z: (B, N) without NaN -> (B, 1) bool, the rows without a finite lambda (at least k
+    entries +inf, or at most k above -inf)."""
+    if finite:
+        return torch.full((z.shape[0], 1), k >= z.shape[1])
+    pinf = (z == float("inf")).sum(-1, keepdim=True)
+    alive = (z > float("-inf")).sum(-1, keepdim=True)
+    return (pinf >= k) | (alive <= k)
+
+
 def relax(z: Tensor, k: int, tau: float) -> Relaxation:
     """z: (B, N) float32 or float64 (NaN as -inf) -> the relaxation, in z's dtype."""
-    b, n = z.shape
     finite = _all_finite(z)
-    if finite:
-        degenerate = torch.full((b, 1), k >= n)
-    else:
+    if not finite:
         z = _without_nan(z)
-        pinf = (z == float("inf")).sum(-1, keepdim=True)
-        alive = (z > float("-inf")).sum(-1, keepdim=True)
-        degenerate = (pinf >= k) | (alive <= k)
+    degenerate = _degenerate(z, k, finite)
     values, kth = _kth_largest(z, k)
     top = _top_of(z, kth, k)
     anchor = torch.where(degenerate, 0.0, kth)
@@ -286,28 +293,59 @@ def relax(z: Tensor, k: int, tau: float) -> Relaxation:
     # First guess: halfway to the (k+1)-th largest (the root of a nearly hard relaxation).
     start = off.amax(-1, keepdim=True).mul_(0.5)
     u = _shift(on, off, dmin, ~degenerate, start)
-    return Relaxation(d.sub_(u), top, degenerate)
+    return Relaxation(d.sub_(u), top, degenerate, torch.cat([anchor, u], dim=1))
+
+
+def relax_from_shift(z: Tensor, k: int, tau: float, shift: Tensor) -> tuple[Tensor, Tensor]:
+    """z: (B, N) float32 or float64 (NaN as -inf), shift: (B, 2) (anchor, u) of ``relax``
+    on the same z -> (x (B, N), degenerate (B, 1)) of ``relax``, bit for bit, without the
+    selection and the search."""
+    finite = _all_finite(z)
+    if not finite:
+        z = _without_nan(z)
+    shift = shift.to(z.dtype)
+    d = _scaled(z, shift[:, :1], tau, finite)
+    return d.sub_(shift[:, 1:]), _degenerate(z, k, finite)
+
+
+def _soft(r: Relaxation, dtype: torch.dtype) -> Tensor:
+    soft = r.x.sigmoid_()
+    if bool(r.degenerate.any()):
+        soft = torch.where(r.degenerate, r.top.to(dtype), soft)
+    return soft
 
 
 def relaxed_topk(z: Tensor, k: int, tau: float) -> Tensor:
     """soft (B, N) in z's dtype (float32 or float64); NaN counts as -inf."""
-    r = relax(z, k, tau)
-    soft = r.x.sigmoid_()
-    if bool(r.degenerate.any()):
-        soft = torch.where(r.degenerate, r.top.to(z.dtype), soft)
-    return soft
+    return _soft(relax(z, k, tau), z.dtype)
 
 
-def relaxed_topk_backward(z: Tensor, k: int, tau: float, grad: Tensor) -> Tensor:
-    """d(sum grad * relaxed_topk(z, k, tau)) / dz, in z's dtype (0 where z is not finite and
-    in rows without a finite lambda)."""
+def relaxed_topk_with_shift(z: Tensor, k: int, tau: float) -> tuple[Tensor, Tensor]:
+    """(soft (B, N), shift (B, 2)) in z's dtype: ``relaxed_topk`` and each row's (anchor, u)."""
     r = relax(z, k, tau)
-    grad = grad.to(z.dtype)
-    sp = torch.sigmoid(r.x).mul_(r.x.neg_().sigmoid_())  # s (1 - s) without cancelling near s = 1
+    return _soft(r, z.dtype), r.shift
+
+
+def _vjp(x: Tensor, degenerate: Tensor, tau: float, grad: Tensor) -> Tensor:
+    """The implicit-function gradient at x = d - u (B, N); x is overwritten."""
+    sp = torch.sigmoid(x)
+    sp.mul_(x.neg_().sigmoid_())  # s (1 - s) without cancelling near s = 1
     total = sp.sum(-1, keepdim=True)
     c = (grad * sp).sum(-1, keepdim=True) / torch.where(total > 0, total, 1.0)
     gz = torch.sub(grad, c).mul_(sp).div_(tau)
-    return gz.masked_fill_(r.degenerate | (total == 0), 0.0)
+    return gz.masked_fill_(degenerate | (total == 0), 0.0)
+
+
+def relaxed_topk_backward(z: Tensor, k: int, tau: float, grad: Tensor, shift: Tensor | None = None) -> Tensor:
+    """d(sum grad * relaxed_topk(z, k, tau)) / dz, in z's dtype (0 where z is not finite and
+    in rows without a finite lambda). shift: (B, 2), the (anchor, u) of the forward on the
+    same z (``relaxed_topk_with_shift``), skips the search; None runs it again."""
+    if shift is None:
+        r = relax(z, k, tau)
+        x, degenerate = r.x, r.degenerate
+    else:
+        x, degenerate = relax_from_shift(z, k, tau, shift)
+    return _vjp(x, degenerate, tau, grad.to(z.dtype))
 
 
 def hard_mask(z: Tensor, k: int) -> Tensor:
@@ -321,7 +359,16 @@ def gumbel_topk(logits: Tensor, k: int, tau: float, seed: int, hard: bool) -> Te
     return hard_mask(z, k) if hard else relaxed_topk(z.double(), k, tau).float()
 
 
-def gumbel_topk_backward(grad: Tensor, logits: Tensor, z: Tensor, k: int, tau: float) -> Tensor:
+def gumbel_topk_soft(logits: Tensor, k: int, tau: float, seed: int) -> tuple[Tensor, Tensor]:
+    """(soft (B, N) float32, shift (B, 2) float64): the soft forward and each row's (anchor,
+    u), for ``gumbel_topk_backward``."""
+    soft, shift = relaxed_topk_with_shift(perturbed_scores(logits, seed).double(), k, tau)
+    return soft.float(), shift
+
+
+def gumbel_topk_backward(
+    grad: Tensor, logits: Tensor, z: Tensor, k: int, tau: float, shift: Tensor | None = None
+) -> Tensor:
     """Gradient w.r.t. logits in logits' dtype, from the perturbed scores z (float32),
-    computed in float64."""
-    return relaxed_topk_backward(z.double(), k, tau, grad.double()).to(logits.dtype)
+    computed in float64; shift: (B, 2) from ``gumbel_topk_soft`` or None."""
+    return relaxed_topk_backward(z.double(), k, tau, grad.double(), shift).to(logits.dtype)

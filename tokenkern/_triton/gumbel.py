@@ -25,7 +25,8 @@ in the output row and loop over chunks in every pass. The hard forward of
 the same noise, redrawn bit for bit.
 
 The backward (``gumbel_topk_backward``) is one program per row as well: it redraws the noise,
-finds the same (a, u) and writes the implicit-function gradient
+finds the same (a, u) (or reads them from the (B, 2) ``shift`` the soft forward wrote, which
+skips the selection and the bisection) and writes the implicit-function gradient
 ``(s' / tau) (g - sum(g s') / sum(s'))``, s' = soft (1 - soft), 0 in rows without a finite
 lambda. One launch, any N (rows past a chunk loop over chunks, z in the output row).
 """
@@ -182,10 +183,26 @@ def _soft_or_hard(z, offs, anchor, inv_tau, u, thr, ties, eq_seen, degenerate):
 
 
 @triton.jit
+def _store_shift(shift_row, anchor, u):
+    """The row's (anchor, u), float32 values into the float64 shift row."""
+    tl.store(shift_row, anchor.to(tl.float64))
+    tl.store(shift_row + 1, u.to(tl.float64))
+
+
+@triton.jit
+def _load_shift(shift_row, pinf, alive, k):
+    """(anchor, u, degenerate) from a shift row written by ``_store_shift``."""
+    anchor = tl.load(shift_row).to(tl.float32)
+    u = tl.load(shift_row + 1).to(tl.float32)
+    return anchor, u, (pinf >= k) | (alive <= k)
+
+
+@triton.jit
 def _gumbel_topk_kernel(
     l_ptr,
     out_ptr,
     noise_ptr,
+    shift_ptr,
     N,
     k,
     inv_tau,
@@ -197,6 +214,7 @@ def _gumbel_topk_kernel(
     SINGLE_CHUNK: tl.constexpr,
     HARD: tl.constexpr,
     STORE_NOISE: tl.constexpr,
+    STORE_SHIFT: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     l_row = l_ptr + b * l_sb
@@ -255,6 +273,8 @@ def _gumbel_topk_kernel(
             anchor, u, thr, ties, _m, degen = _relaxation(
                 out_row, z, N, k, inv_tau, log_n, pinf, alive, zmin, CHUNK, True
             )
+            if STORE_SHIFT:
+                _store_shift(shift_ptr + 2 * b, anchor, u)
             soft, _ = _soft_or_hard(z, tl.where(valid, offs, -1), anchor, inv_tau, u, thr, ties, 0, degen)
             tl.store(out_row + offs, soft, mask=valid)
         else:
@@ -276,6 +296,8 @@ def _gumbel_topk_kernel(
             anchor, u, thr, ties, _m, degen = _relaxation(
                 out_row, z0, N, k, inv_tau, log_n, pinf, alive, zmin, CHUNK, False
             )
+            if STORE_SHIFT:
+                _store_shift(shift_ptr + 2 * b, anchor, u)
             tl.debug_barrier()
             eq_seen = tl.zeros((), tl.int32)
             for c0 in range(0, N, CHUNK):
@@ -309,8 +331,10 @@ def _gumbel_topk_backward_kernel(
     l_sn,
     g_sb,
     g_sn,
+    shift_ptr,
     CHUNK: tl.constexpr,
     SINGLE_CHUNK: tl.constexpr,
+    HAS_SHIFT: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     l_row = l_ptr + b * l_sb
@@ -325,9 +349,12 @@ def _gumbel_topk_backward_kernel(
         tl.store(out_row + offs, z, mask=valid)
         tl.debug_barrier()
         pinf, alive, zmin = _row_stats(z, valid)
-        anchor, u, _thr, _ties, _m, degen = _relaxation(
-            out_row, z, N, k, inv_tau, log_n, pinf, alive, zmin, CHUNK, True
-        )
+        if HAS_SHIFT:
+            anchor, u, degen = _load_shift(shift_ptr + 2 * b, pinf, alive, k)
+        else:
+            anchor, u, _thr, _ties, _m, degen = _relaxation(
+                out_row, z, N, k, inv_tau, log_n, pinf, alive, zmin, CHUNK, True
+            )
         g = tl.load(g_row + offs * g_sn, mask=valid, other=0.0).to(tl.float32)
         sp, gsp = _grad_parts(z, g, anchor, inv_tau, u)
         total = tl.sum(sp, 0)
@@ -349,10 +376,13 @@ def _gumbel_topk_backward_kernel(
             alive += c_alive
             zmin = tl.minimum(zmin, c_min)
         tl.debug_barrier()
-        z0 = tl.zeros((CHUNK,), tl.float32)
-        anchor, u, _thr, _ties, _m, degen = _relaxation(
-            out_row, z0, N, k, inv_tau, log_n, pinf, alive, zmin, CHUNK, False
-        )
+        if HAS_SHIFT:
+            anchor, u, degen = _load_shift(shift_ptr + 2 * b, pinf, alive, k)
+        else:
+            z0 = tl.zeros((CHUNK,), tl.float32)
+            anchor, u, _thr, _ties, _m, degen = _relaxation(
+                out_row, z0, N, k, inv_tau, log_n, pinf, alive, zmin, CHUNK, False
+            )
         total = tl.zeros((), tl.float32)
         gs_total = tl.zeros((), tl.float32)
         for c0 in range(0, N, CHUNK):
@@ -390,21 +420,30 @@ def _chunk(n: int) -> int:
 
 
 def gumbel_topk(
-    logits: torch.Tensor, k: int, tau: float, seed: int, hard: bool, return_noise: bool = False
+    logits: torch.Tensor,
+    k: int,
+    tau: float,
+    seed: int,
+    hard: bool,
+    return_noise: bool = False,
+    shift: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """logits: (B, N) floating -> (out (B, N) float32, noise (B, N) float32 or None).
     out is the hard 0/1 mask when ``hard`` and the relaxation ``soft`` otherwise; the noise
-    (what the kernel drew) is returned when ``return_noise``."""
+    (what the kernel drew) is returned when ``return_noise``. shift: (B, 2) float64 or None;
+    when given (soft only), each row's (anchor, u) is written into it, for the backward."""
     batch, n = logits.shape
     out = empty(batch, n, dtype=torch.float32, device=logits.device)
     noise_out = empty(batch, n, dtype=torch.float32, device=logits.device) if return_noise else None
     if batch == 0:
         return out, noise_out
+    store_shift = shift is not None and not hard
     chunk = _chunk(n)
     _gumbel_topk_kernel[(batch,)](
         logits,
         out,
         out if noise_out is None else noise_out,
+        shift if store_shift else out,
         n,
         k,
         1.0 / tau,
@@ -416,6 +455,7 @@ def gumbel_topk(
         SINGLE_CHUNK=n <= chunk,
         HARD=hard,
         STORE_NOISE=return_noise,
+        STORE_SHIFT=store_shift,
         num_warps=_num_warps(chunk),
     )
     return out, noise_out
@@ -430,9 +470,12 @@ def noise(batch: int, n: int, seed: int, device: torch.device) -> torch.Tensor:
     return out
 
 
-def gumbel_topk_backward(grad: torch.Tensor, logits: torch.Tensor, k: int, tau: float, seed: int) -> torch.Tensor:
+def gumbel_topk_backward(
+    grad: torch.Tensor, logits: torch.Tensor, k: int, tau: float, seed: int, shift: torch.Tensor | None = None
+) -> torch.Tensor:
     """grad, logits: (B, N) -> d(sum grad * gumbel_topk(logits, k, tau, seed)) / d logits, float32,
-    through the relaxation (either value of hard). One launch, one program per row."""
+    through the relaxation (either value of hard). One launch, one program per row. shift:
+    (B, 2) float64, the (anchor, u) the soft forward wrote, skips the search; None runs it."""
     batch, n = logits.shape
     out = empty(batch, n, dtype=torch.float32, device=logits.device)
     if batch == 0:
@@ -451,8 +494,10 @@ def gumbel_topk_backward(grad: torch.Tensor, logits: torch.Tensor, k: int, tau: 
         logits.stride(1),
         grad.stride(0),
         grad.stride(1),
+        out if shift is None else shift,
         CHUNK=chunk,
         SINGLE_CHUNK=n <= chunk,
+        HAS_SHIFT=shift is not None,
         num_warps=_num_warps(chunk),
     )
     return out

@@ -3,8 +3,10 @@ relaxation, and gumbel_topk_backward, its gradient.
 
 Faces: the public function, the ``torch.library.custom_op`` schemas, the fake kernels, the
 CPU kernel (``tokenkern._cpu.gumbel``, torch) and the CUDA kernel
-(``tokenkern._triton.gumbel``, registered as ``gumbel_topk_triton`` and
-``gumbel_topk_backward_cuda``), and the autograd of gumbel_topk. Every face checks its
+(``tokenkern._triton.gumbel``, registered as ``gumbel_topk_triton``,
+``gumbel_topk_soft_triton`` and ``gumbel_topk_backward_cuda``), and the autograd of
+gumbel_topk and of gumbel_topk_soft (the soft forward that also returns each row's threshold,
+``shift``, so that the backward does not search it again). Every face checks its
 arguments with ``check`` / ``check_backward``.
 """
 
@@ -44,10 +46,21 @@ def check(logits: object, k: int, tau: float, seed: int, hard: bool = True) -> N
     checks.flag(op, "hard", hard)
 
 
-def check_backward(grad: object, logits: object, k: int, tau: float, seed: int) -> None:
-    """check of the forward's arguments, plus grad: a floating tensor of logits' shape."""
+def check_backward(grad: object, logits: object, k: int, tau: float, seed: int, shift: object = None) -> None:
+    """check of the forward's arguments, plus grad: a floating tensor of logits' shape, and
+    shift: None or the (B, 2) float64 tensor of ``gumbel_topk_soft``, on logits' device."""
     check(logits, k, tau, seed)
     op = "gumbel_topk_backward"
+    if shift is not None:
+        shift = checks.tensor(op, "shift", shift)
+        want = (logits.shape[0], 2)  # type: ignore[union-attr]
+        if tuple(shift.shape) != want or shift.dtype != torch.float64:
+            checks.fail(
+                op,
+                f"shift must be a float64 tensor of shape {want}, got {checks.dtype_name(shift.dtype)} "
+                f"of shape {tuple(shift.shape)}",
+            )
+        checks.same_device(op, [("logits", logits), ("shift", shift)])  # type: ignore[list-item]
     grad = checks.tensor(op, "grad", grad)
     if tuple(grad.shape) != tuple(logits.shape):  # type: ignore[union-attr]
         checks.fail(op, f"grad must have logits' shape {tuple(logits.shape)}, got {tuple(grad.shape)}")  # type: ignore[union-attr]
@@ -88,7 +101,10 @@ def gumbel_topk(logits: Tensor, k: int, tau: float = 1.0, seed: int = 0, hard: b
     single = isinstance(logits, Tensor) and logits.dim() == 1
     batched = logits.unsqueeze(0) if single else logits
     check(batched, k, tau, seed, hard)
-    out = torch.ops.tokenkern.gumbel_topk(batched, k, tau, seed, hard)
+    if hard:
+        out = torch.ops.tokenkern.gumbel_topk(batched, k, tau, seed, hard)
+    else:  # the soft forward keeps each row's threshold for the backward
+        out = torch.ops.tokenkern.gumbel_topk_soft(batched, k, tau, seed)[0]
     return out[0] if single else out
 
 
@@ -132,38 +148,81 @@ def gumbel_topk_triton_with_noise(
     return gumbel.gumbel_topk(logits, k, float(tau), seed, hard, return_noise=True)
 
 
+# ------------------------------------------------------------------------- gumbel_topk_soft
+
+
+def _gumbel_topk_soft_cpu(logits: Tensor, k: int, tau: float, seed: int) -> tuple[Tensor, Tensor]:
+    """gumbel_topk(hard=False) and shift (B, 2) float64, each row's (anchor, u) of the
+    relaxation (for gumbel_topk_backward, which then needs no search)."""
+    check(logits, k, tau, seed, False)
+    return cpu_gumbel.gumbel_topk_soft(logits, k, tau, seed)
+
+
+_gumbel_topk_soft_op = custom_op(
+    "tokenkern::gumbel_topk_soft",
+    _gumbel_topk_soft_cpu,
+    mutates_args=(),
+    schema="(Tensor logits, int k, float tau, int seed) -> (Tensor, Tensor)",
+)
+
+
+@_gumbel_topk_soft_op.register_fake
+def _gumbel_topk_soft_fake(logits: Tensor, k: int, tau: float, seed: int) -> tuple[Tensor, Tensor]:
+    check(logits, k, tau, seed, False)
+    return (
+        logits.new_empty(logits.shape, dtype=torch.float32),
+        logits.new_empty((logits.shape[0], 2), dtype=torch.float64),
+    )
+
+
+@_gumbel_topk_soft_op.register_kernel("cuda")
+def gumbel_topk_soft_triton(logits: Tensor, k: int, tau: float, seed: int) -> tuple[Tensor, Tensor]:
+    check(logits, k, tau, seed, False)
+    from .._triton import gumbel
+
+    shift = logits.new_empty((logits.shape[0], 2), dtype=torch.float64)
+    return gumbel.gumbel_topk(logits, k, float(tau), seed, False, shift=shift)[0], shift
+
+
 # --------------------------------------------------------------------- gumbel_topk_backward
 
 
-def _gumbel_topk_backward_cpu(grad: Tensor, logits: Tensor, k: int, tau: float, seed: int) -> Tensor:
+def _gumbel_topk_backward_cpu(
+    grad: Tensor, logits: Tensor, k: int, tau: float, seed: int, shift: Tensor | None = None
+) -> Tensor:
     """Gradient of gumbel_topk w.r.t. logits (either value of hard): the vector-Jacobian
     product of the relaxation at the same perturbed scores, whose noise is drawn again from
-    seed exactly as the forward drew it."""
-    check_backward(grad, logits, k, tau, seed)
+    seed exactly as the forward drew it; with the forward's shift (gumbel_topk_soft) the
+    threshold is not searched again."""
+    check_backward(grad, logits, k, tau, seed, shift)
     z = cpu_gumbel.perturbed_scores(logits, seed)
-    return cpu_gumbel.gumbel_topk_backward(grad, logits, z, k, tau)
+    return cpu_gumbel.gumbel_topk_backward(grad, logits, z, k, tau, shift)
 
 
 _gumbel_topk_backward_op = custom_op(
     "tokenkern::gumbel_topk_backward",
     _gumbel_topk_backward_cpu,
     mutates_args=(),
-    schema="(Tensor grad, Tensor logits, int k, float tau, int seed) -> Tensor",
+    schema="(Tensor grad, Tensor logits, int k, float tau, int seed, Tensor? shift=None) -> Tensor",
 )
 
 
 @_gumbel_topk_backward_op.register_fake
-def _gumbel_topk_backward_fake(grad: Tensor, logits: Tensor, k: int, tau: float, seed: int) -> Tensor:
-    check_backward(grad, logits, k, tau, seed)
+def _gumbel_topk_backward_fake(
+    grad: Tensor, logits: Tensor, k: int, tau: float, seed: int, shift: Tensor | None = None
+) -> Tensor:
+    check_backward(grad, logits, k, tau, seed, shift)
     return torch.empty_like(logits)
 
 
 @_gumbel_topk_backward_op.register_kernel("cuda")
-def gumbel_topk_backward_cuda(grad: Tensor, logits: Tensor, k: int, tau: float, seed: int) -> Tensor:
-    check_backward(grad, logits, k, tau, seed)
+def gumbel_topk_backward_cuda(
+    grad: Tensor, logits: Tensor, k: int, tau: float, seed: int, shift: Tensor | None = None
+) -> Tensor:
+    check_backward(grad, logits, k, tau, seed, shift)
     from .._triton import gumbel
 
-    return gumbel.gumbel_topk_backward(grad, logits, k, float(tau), seed).to(logits.dtype)
+    return gumbel.gumbel_topk_backward(grad, logits, k, float(tau), seed, shift).to(logits.dtype)
 
 
 # -------------------------------------------------------------------------------- autograd
@@ -182,3 +241,19 @@ def _backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None, None]:
 
 
 _gumbel_topk_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _setup_soft_context(ctx, inputs, output) -> None:
+    logits, k, tau, seed = inputs
+    ctx.save_for_backward(logits, output[1])
+    ctx.mark_non_differentiable(output[1])
+    ctx.k, ctx.tau, ctx.seed = k, tau, seed
+
+
+def _soft_backward(ctx, grad: Tensor, _grad_shift: Tensor | None) -> tuple[Tensor, None, None, None]:
+    logits, shift = ctx.saved_tensors
+    grad_logits = torch.ops.tokenkern.gumbel_topk_backward(grad, logits, ctx.k, ctx.tau, ctx.seed, shift)
+    return grad_logits, None, None, None
+
+
+_gumbel_topk_soft_op.register_autograd(_soft_backward, setup_context=_setup_soft_context)
