@@ -238,6 +238,30 @@ def test_deterministic(backend, gen):
     assert torch.equal(scores_of(backend, q, k, causal=True, **kw), scores_of(backend, q, k, causal=True, **kw))
 
 
+@pytest.mark.parametrize("with_lse", [False, True])
+def test_attn_topk_launches_and_grid(with_lse, gen):
+    """The head reduction runs inside the column-sum kernel: lse (without a caller's lse),
+    column sums, topk_gather; the column sums' grid is (key block, batch)."""
+    from tokenkern.kernel_report.triton_report import record_launches
+
+    q, k = make_qk(gen, 3, 4, 2, 9, 40, 16)
+    x = torch.randn(3, 30, 8, generator=gen)
+    lse = reference.attn_lse(q, k, causal=True).float() if with_lse else None
+    qd, kd, xd = q.to(TRITON_DEVICE), k.to(TRITON_DEVICE), x.to(TRITON_DEVICE)
+    lsed = lse.to(TRITON_DEVICE) if with_lse else None
+    with record_launches(execute=True, torch_ops=False) as launches:
+        kept, idx, scores = attn_topk_triton(qd, kd, xd, 5, lse=lsed, key_start=10, key_end=40, causal=True)
+    names = [launch.name for launch in launches]
+    assert names == ([] if with_lse else ["_lse_kernel"]) + ["_colsum_kernel", "_topk_gather_kernel"]
+    colsum = launches[names.index("_colsum_kernel")]
+    block_n = colsum.kwargs["BLOCK_N"]
+    assert colsum.grid == (-(-30 // block_n) * 3, 1, 1)
+    ref = reference.attn_scores(q, k, lse=lse, key_start=10, key_end=40, causal=True)
+    assert_rel_close(scores.cpu(), ref, 1e-5)
+    ref_kept, ref_idx = reference.topk_gather(scores.cpu(), x, 5)
+    assert torch.equal(idx.cpu(), ref_idx) and torch.equal(kept.cpu(), ref_kept.to(x.dtype))
+
+
 @pytest.mark.parametrize("blocks", [(16, 16), (64, 64), (32, 64)])
 @pytest.mark.parametrize("causal", [False, True])
 def test_gpu_block_sizes_under_any_runner(blocks, causal, gen):

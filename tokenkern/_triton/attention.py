@@ -1,17 +1,19 @@
 """Attention mass received per key, without materializing the Nq x Nk attention matrix.
 
-Three kernels, each output element owned by one program (deterministic, no atomics):
+Two kernels, each output element owned by one program (deterministic, no atomics):
 
 1. ``_lse_kernel`` (only when the caller has no lse): one program per (query block, query
    head, batch) streams the key blocks with an online max/sum and writes the log-sum-exp of
    the scaled logits over the visible keys, (B, Hq, Nq), in base 2 (no natural-log round
    trip, which would shift logits of 1e10 by whole units).
-2. ``_colsum_kernel``: one program per (key block of the requested slice, query head, batch)
-   loads its key tile once and streams the query blocks, adding exp(s - lse) over visible
-   (query, key) pairs into (B, Hq, n_cols) partial sums. Causal programs skip the query blocks
-   that cannot see their keys. With a caller's lse this is the only pass over K.
-3. ``_reduce_kernel``: sums the partials over heads in a fixed order and, for ``mean``,
-   divides by Hq x (number of valid queries of the batch element).
+2. ``_colsum_kernel``: one program per (key block of the requested slice, batch) loops over
+   the key heads (loading each key tile once), their query heads and the query blocks, and
+   adds exp(s - lse) over visible (query, key) pairs. It computes S^T = K Q^T, so keys are
+   rows and the (keys x queries) tile accumulates in registers over heads and query blocks,
+   reduced over queries once after the loops: a fixed summation order, and the head sum needs
+   no kernel of its own. For ``mean`` it divides by Hq x (number of valid queries of the batch
+   element). Causal programs skip the query blocks that cannot see their keys. With a
+   caller's lse this is the only pass over K, and attn_topk is this kernel plus topk_gather.
 
 Scores are computed in base 2: ``exp(scale * q.k - lse) = exp2(scale * log2(e) * q.k - log2(e) * lse)``.
 A key is visible to query i when key_mask allows it and, if causal, ``j <= i + causal_offset``
@@ -32,6 +34,7 @@ import triton.language as tl
 from .utils import empty, flat_grid, interpreted, next_pow2, unflatten2, unflatten3
 
 LOG2E = 1.4426950408889634
+SMS = 132  # streaming multiprocessors of an H100/H200 SXM
 
 
 @triton.jit
@@ -86,108 +89,102 @@ def _lse_kernel(
 
 
 @triton.jit
+def _valid_queries(qm_ptr, km_ptr, b, Nq, Nk, causal_offset, qm_sb, qm_sn, km_sb, km_sn,
+                   HAS_QMASK: tl.constexpr, HAS_KMASK: tl.constexpr, CAUSAL: tl.constexpr,
+                   CHUNK: tl.constexpr):  # fmt: skip
+    """The number of valid queries of batch element b (a query sees >= 1 key)."""
+    # Position of the first key any query may see (Nk if none).
+    first = 0
+    if HAS_KMASK:
+        first_vec = tl.full((CHUNK,), Nk, tl.int32)
+        for j0 in range(0, Nk, CHUNK):
+            j = j0 + tl.arange(0, CHUNK)
+            km = tl.load(km_ptr + b * km_sb + j * km_sn, mask=j < Nk, other=0) != 0
+            first_vec = tl.minimum(first_vec, tl.where(km, j, Nk))
+        first = tl.min(first_vec)
+    n_valid = tl.zeros((CHUNK,), tl.int32)
+    for i0 in range(0, Nq, CHUNK):
+        i = i0 + tl.arange(0, CHUNK)
+        ok = i < Nq
+        if HAS_QMASK:
+            ok &= tl.load(qm_ptr + b * qm_sb + i * qm_sn, mask=i < Nq, other=0) != 0
+        if CAUSAL:
+            ok &= first <= causal_offset + i
+        else:
+            ok &= first < Nk
+        n_valid += ok.to(tl.int32)
+    return tl.sum(n_valid)
+
+
+@triton.jit
 def _colsum_kernel(
-    q_ptr, k_ptr, lse_ptr, qm_ptr, km_ptr, part_ptr,
-    Nq, G, D, key_start, n_cols, qk_scale, n_blocks, Hq, causal_offset,
+    q_ptr, k_ptr, lse_ptr, qm_ptr, km_ptr, out_ptr,
+    Nq, Nk, Hkv, G, D, key_start, n_cols, qk_scale, n_blocks, causal_offset,
     q_sb, q_sh, q_sn, q_sd,
     k_sb, k_sh, k_sn, k_sd,
     l_sb, l_sh, l_sn,
-    qm_sb, qm_sn, km_sb, km_sn,
-    p_sb, p_sh,
+    qm_sb, qm_sn, km_sb, km_sn, o_sb,
     HAS_QMASK: tl.constexpr, HAS_KMASK: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
-    LSE_GIVEN: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    LSE_GIVEN: tl.constexpr, MEAN: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr,
 ):  # fmt: skip
-    pid_n, h, b = unflatten3(tl.program_id(0), n_blocks, Hq)
+    pid_n, b = unflatten2(tl.program_id(0), n_blocks)
     b = b.to(tl.int64)
-    hk = h // G
     col0 = pid_n * BLOCK_N
     cols = col0 + tl.arange(0, BLOCK_N)
     rn = key_start + cols
     col_ok = cols < n_cols
     rd = tl.arange(0, BLOCK_D)
-    kt = tl.load(
-        k_ptr + b * k_sb + hk * k_sh + rn[:, None] * k_sn + rd[None, :] * k_sd,
-        mask=col_ok[:, None] & (rd < D)[None, :],
-        other=0.0,
-    )
     kvis = col_ok
     if HAS_KMASK:
         kvis &= tl.load(km_ptr + b * km_sb + rn * km_sn, mask=col_ok, other=0) != 0
-    acc = tl.zeros((BLOCK_N,), tl.float32)
     lo = 0
     if CAUSAL:
         # First query that sees the block's first key, rounded down to a block boundary.
         lo = (tl.maximum(key_start + col0 - causal_offset, 0) // BLOCK_M) * BLOCK_M
-    for m0 in range(lo, Nq, BLOCK_M):
-        rm = m0 + tl.arange(0, BLOCK_M)
-        q_ok = rm < Nq
-        qt = tl.load(
-            q_ptr + b * q_sb + h * q_sh + rm[:, None] * q_sn + rd[None, :] * q_sd,
-            mask=q_ok[:, None] & (rd < D)[None, :],
+    # S^T = K Q^T: keys are rows, so each step's sum over queries stays along a row; the
+    # (keys x queries) tile accumulates over heads and query blocks and is reduced once.
+    acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+    for hk in range(Hkv):
+        kt = tl.load(
+            k_ptr + b * k_sb + hk * k_sh + rn[:, None] * k_sn + rd[None, :] * k_sd,
+            mask=col_ok[:, None] & (rd < D)[None, :],
             other=0.0,
         )
-        lse2 = tl.load(lse_ptr + b * l_sb + h * l_sh + rm * l_sn, mask=q_ok, other=0.0)
-        if LSE_GIVEN:
-            # The caller's natural-log lse; its rows that are not finite contribute nothing.
-            lse2 = lse2 * 1.4426950408889634
-            q_ok &= (lse2 == lse2) & (tl.abs(lse2) < float("inf"))
-        if HAS_QMASK:
-            q_ok &= tl.load(qm_ptr + b * qm_sb + rm * qm_sn, mask=rm < Nq, other=0) != 0
-        s = tl.dot(qt, tl.trans(kt), input_precision=PRECISION) * qk_scale
-        vis = q_ok[:, None] & kvis[None, :]
-        if CAUSAL:
-            vis &= rn[None, :] <= causal_offset + rm[:, None]
-        t = s - lse2[:, None]
-        if not LSE_GIVEN:
-            # The kernel's own base-2 lse bounds every logit of its row (t <= 0 up to rounding,
-            # which at large logits could overflow exp2); NaN (a poisoned row) passes through.
-            t = tl.where(t > 0, 0.0, t)
-        p = tl.where(vis, tl.exp2(t), 0.0)
-        acc += tl.sum(p, axis=0)
-    tl.store(part_ptr + b * p_sb + h * p_sh + cols, acc, mask=col_ok)
-
-
-@triton.jit
-def _reduce_kernel(
-    part_ptr, qm_ptr, km_ptr, out_ptr,
-    Hq, Nq, Nk, n_cols, n_blocks, causal_offset,
-    p_sb, p_sh, qm_sb, qm_sn, km_sb, km_sn, o_sb,
-    MEAN: tl.constexpr, HAS_QMASK: tl.constexpr, HAS_KMASK: tl.constexpr, CAUSAL: tl.constexpr,
-    BLOCK: tl.constexpr, CHUNK: tl.constexpr,
-):  # fmt: skip
-    pid, b = unflatten2(tl.program_id(0), n_blocks)
-    b = b.to(tl.int64)
-    cols = pid * BLOCK + tl.arange(0, BLOCK)
-    acc = tl.zeros((BLOCK,), tl.float32)
-    for h in range(Hq):
-        acc += tl.load(part_ptr + b * p_sb + h * p_sh + cols, mask=cols < n_cols, other=0.0)
+        for g in range(G):
+            h = hk * G + g
+            for m0 in range(lo, Nq, BLOCK_M):
+                rm = m0 + tl.arange(0, BLOCK_M)
+                q_ok = rm < Nq
+                qt = tl.load(
+                    q_ptr + b * q_sb + h * q_sh + rm[:, None] * q_sn + rd[None, :] * q_sd,
+                    mask=q_ok[:, None] & (rd < D)[None, :],
+                    other=0.0,
+                )
+                lse2 = tl.load(lse_ptr + b * l_sb + h * l_sh + rm * l_sn, mask=q_ok, other=0.0)
+                if LSE_GIVEN:
+                    # The caller's natural-log lse; its rows that are not finite contribute nothing.
+                    lse2 = lse2 * 1.4426950408889634
+                    q_ok &= (lse2 == lse2) & (tl.abs(lse2) < float("inf"))
+                if HAS_QMASK:
+                    q_ok &= tl.load(qm_ptr + b * qm_sb + rm * qm_sn, mask=rm < Nq, other=0) != 0
+                s = tl.dot(kt, tl.trans(qt), input_precision=PRECISION) * qk_scale
+                vis = kvis[:, None] & q_ok[None, :]
+                if CAUSAL:
+                    vis &= rn[:, None] <= causal_offset + rm[None, :]
+                t = s - lse2[None, :]
+                if not LSE_GIVEN:
+                    # The kernel's own base-2 lse bounds every logit of its row (t <= 0 up to
+                    # rounding, which at large logits could overflow exp2); NaN passes through.
+                    t = tl.where(t > 0, 0.0, t)
+                acc += tl.where(vis, tl.exp2(t), 0.0)
+    out = tl.sum(acc, axis=1)
     if MEAN:
-        # Position of the first key any query may see (Nk if none).
-        first = Nk
-        if HAS_KMASK:
-            first_vec = tl.full((CHUNK,), Nk, tl.int32)
-            for j0 in range(0, Nk, CHUNK):
-                j = j0 + tl.arange(0, CHUNK)
-                km = tl.load(km_ptr + b * km_sb + j * km_sn, mask=j < Nk, other=0) != 0
-                first_vec = tl.minimum(first_vec, tl.where(km, j, Nk))
-            first = tl.min(first_vec)
-        else:
-            first = 0
-        n_valid = tl.zeros((CHUNK,), tl.int32)
-        for i0 in range(0, Nq, CHUNK):
-            i = i0 + tl.arange(0, CHUNK)
-            ok = i < Nq
-            if HAS_QMASK:
-                ok &= tl.load(qm_ptr + b * qm_sb + i * qm_sn, mask=i < Nq, other=0) != 0
-            if CAUSAL:
-                ok &= first <= causal_offset + i
-            else:
-                ok &= first < Nk
-            n_valid += ok.to(tl.int32)
-        denom = tl.sum(n_valid) * Hq
-        acc = tl.where(denom > 0, acc / tl.maximum(denom, 1).to(tl.float32), 0.0)
-    tl.store(out_ptr + b * o_sb + cols, acc, mask=cols < n_cols)
+        n_valid = _valid_queries(qm_ptr, km_ptr, b, Nq, Nk, causal_offset, qm_sb, qm_sn, km_sb, km_sn,
+                                 HAS_QMASK, HAS_KMASK, CAUSAL, CHUNK)  # fmt: skip
+        denom = n_valid * (Hkv * G)
+        out = tl.where(denom > 0, out / tl.maximum(denom, 1).to(tl.float32), 0.0)
+    tl.store(out_ptr + b * o_sb + cols, out, mask=col_ok)
 
 
 def _blocks(d: int) -> tuple[int, int, int]:
@@ -198,6 +195,20 @@ def _blocks(d: int) -> tuple[int, int, int]:
     if block_d >= 256:
         return 64, 32, block_d
     return 64, 64, block_d
+
+
+def _colsum_blocks(batch: int, n_cols: int, block_d: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps) of the column-sum kernel, whose grid is (key block, batch):
+    128-wide key tiles while they still give >= 132 programs (one per SM of an H100/H200),
+    narrower ones when the batch is small."""
+    if interpreted():
+        return 128, 128, 4
+    if block_d >= 256:
+        return 32, 32, 4
+    for block_n in (128, 64):
+        if triton.cdiv(n_cols, block_n) * batch >= SMS:
+            return 64, block_n, 8 if block_n == 128 else 4
+    return 64, 32, 4
 
 
 def _mask_strides(mask: torch.Tensor | None) -> tuple[torch.Tensor | None, int, int]:
@@ -267,27 +278,20 @@ def attention_scores(
         lse = attention_lse(q, k, scale, key_mask, causal_offset, (block_m, block_n, block_d), base2=True)
     qm, qm_sb, qm_sn = _mask_strides(query_mask)
     km, km_sb, km_sn = _mask_strides(key_mask)
-    partial = empty(b, hq, n_cols, dtype=torch.float32, device=q.device)
-    n_blocks = triton.cdiv(n_cols, block_n)
-    _colsum_kernel[flat_grid("attn_scores", n_blocks, hq, b)](
-        q, k, lse, qm if qm is not None else q, km if km is not None else q, partial,
-        nq, hq // hkv, d, key_start, n_cols, scale * LOG2E, n_blocks, hq, causal_offset or 0,
-        *q.stride(), *k.stride(), *lse.stride(),
-        qm_sb, qm_sn, km_sb, km_sn,
-        partial.stride(0), partial.stride(1),
-        HAS_QMASK=qm is not None, HAS_KMASK=km is not None, CAUSAL=causal_offset is not None,
-        PRECISION=_precision(q),
-        LSE_GIVEN=lse_given,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-    )  # fmt: skip
+    if blocks is None:
+        block_m, block_n, num_warps = _colsum_blocks(b, n_cols, block_d)
+    else:
+        num_warps = 4
     scores = empty(b, n_cols, dtype=torch.float32, device=q.device)
-    block = min(1024, max(16, next_pow2(n_cols)))
-    n_blocks = triton.cdiv(n_cols, block)
-    _reduce_kernel[flat_grid("attn_scores", n_blocks, b)](
-        partial, qm if qm is not None else q, km if km is not None else q, scores,
-        hq, nq, nk, n_cols, n_blocks, causal_offset or 0,
-        partial.stride(0), partial.stride(1), qm_sb, qm_sn, km_sb, km_sn, scores.stride(0),
-        MEAN=mean, HAS_QMASK=qm is not None, HAS_KMASK=km is not None, CAUSAL=causal_offset is not None,
-        BLOCK=block, CHUNK=1024,
+    n_blocks = triton.cdiv(n_cols, block_n)
+    _colsum_kernel[flat_grid("attn_scores", n_blocks, b)](
+        q, k, lse, qm if qm is not None else q, km if km is not None else q, scores,
+        nq, nk, hkv, hq // hkv, d, key_start, n_cols, scale * LOG2E, n_blocks, causal_offset or 0,
+        *q.stride(), *k.stride(), *lse.stride(),
+        qm_sb, qm_sn, km_sb, km_sn, scores.stride(0),
+        HAS_QMASK=qm is not None, HAS_KMASK=km is not None, CAUSAL=causal_offset is not None,
+        PRECISION=_precision(q), LSE_GIVEN=lse_given, MEAN=mean,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, CHUNK=1024,
+        num_warps=num_warps,
     )  # fmt: skip
     return scores
