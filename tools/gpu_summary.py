@@ -25,7 +25,7 @@ from typing import Any
 
 STATIC_LABEL = "static, no GPU run"
 # Static params compared with a benchmark's extra_info to find the same call.
-_MATCH_KEYS = ("B", "N", "D", "K", "r")
+_MATCH_KEYS = ("B", "N", "D", "K", "r", "hard", "shift")
 _DTYPES = {"torch.bfloat16": "bf16", "torch.float16": "fp16", "torch.float32": "fp32"}
 
 

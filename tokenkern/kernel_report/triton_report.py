@@ -270,7 +270,24 @@ def _gumbel_calls(b: int, n: int) -> list[Call]:
         lambda a: gumbel.gumbel_topk_backward_cuda(a["grad"], a["logits"], k, 0.5, 0),
         lambda a, out: _nbytes(a["logits"], a["grad"], out), "|logits| + |grad| + |out|", 1, "1: logits and grad once",
     )  # fmt: skip
-    return [fwd, bwd]
+    # the soft forward (gumbel_topk(hard=False)) stores each row's threshold; its backward reads it
+    soft_params = {**params, "hard": False}
+
+    def make_soft() -> dict[str, Any]:
+        return {**make(), "shift": torch.empty(b, 2, dtype=torch.float64)}
+
+    soft = Call(
+        "gumbel_topk", f"{label} soft", soft_params, make_soft,
+        lambda a: gumbel.gumbel_topk_soft_triton(a["logits"], k, 0.5, 0),
+        lambda a, out: _nbytes(a["logits"], *out), "|logits| + |out| + |shift|", 1, "1: logits once",
+    )  # fmt: skip
+    soft_bwd = Call(
+        "gumbel_topk_backward", f"{label} from shift", {**soft_params, "shift": True}, make_soft,
+        lambda a: gumbel.gumbel_topk_backward_cuda(a["grad"], a["logits"], k, 0.5, 0, a["shift"]),
+        lambda a, out: _nbytes(a["logits"], a["grad"], a["shift"], out), "|logits| + |grad| + |shift| + |out|", 1,
+        "1: logits and grad once",
+    )  # fmt: skip
+    return [fwd, bwd, soft, soft_bwd]
 
 
 def _diversity_calls(b: int, n: int, k: int, d: int) -> list[Call]:
