@@ -1,7 +1,8 @@
 """Markdown table of the CPU suites' ratios: python benchmarks/cpu/summary.py RESULTS.json...
 
 Each RESULTS.json is pytest-benchmark's --benchmark-json output of a benchmarks/cpu suite
-(make bench-cpu writes one per suite); its ``cpu_ratios`` list comes from benchmarks/conftest.py."""
+(make bench-cpu writes one per suite); its ``cpu_ratios`` list comes from benchmarks/conftest.py.
+Prints the table of every row, then the same ratios one line per case (the README's table)."""
 
 from __future__ import annotations
 
@@ -28,6 +29,23 @@ def table(runs: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+COLUMNS = (("float32", 1), ("float32", 2), ("bfloat16", 1), ("bfloat16", 2))
+
+
+def pivot(runs: list[dict]) -> str:
+    """The ratios one line per case (its name without the dtype), a column per dtype x threads."""
+    ratios: dict[str, dict[tuple[str, int], float]] = {}
+    for row in (row for run in runs for row in run.get("cpu_ratios", [])):
+        case, _, dtype = row["case"].rpartition(" ")
+        ratios.setdefault(case, {})[(dtype, row["threads"])] = row["ratio"]
+    head = " | ".join(f"{'fp32' if d == 'float32' else 'bf16'}, {t} thread{'s' if t > 1 else ''}" for d, t in COLUMNS)
+    lines = [f"| case | {head} |", "|---|" + "---|" * len(COLUMNS)]
+    for case in sorted(ratios):
+        cells = [f"{ratios[case][c]:.2f}x" if c in ratios[case] else "-" for c in COLUMNS]
+        lines.append(f"| {case} | {' | '.join(cells)} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str]) -> int:
     if not argv:
         print(__doc__, file=sys.stderr)
@@ -36,7 +54,8 @@ def main(argv: list[str]) -> int:
     for path in argv:
         with open(path) as f:
             runs.append(json.load(f))
-    print(table(runs), end="")
+    print(table(runs))
+    print(pivot(runs), end="")
     return 0
 
 
