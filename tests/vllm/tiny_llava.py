@@ -11,6 +11,7 @@ import json
 import sys
 from pathlib import Path
 
+import tiny_tokenizer
 import torch
 
 IMAGE_SIZE = 56
@@ -25,29 +26,9 @@ CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 
 def _tokenizer():
-    """Byte-level BPE over the 256 bytes (no merges: one token per byte) plus the specials."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = pre_tokenizers.ByteLevel.alphabet()  # the 256 printable stand-ins of the bytes
-    vocab = {ch: i for i, ch in enumerate(sorted(alphabet, key=lambda c: _byte_of(c)))}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(list(SPECIALS))
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", model_max_length=512,
-        extra_special_tokens={"image_token": "<image>"},
-    )  # fmt: skip
-
-
-def _byte_of(char: str) -> int:
-    """The byte that ByteLevel's printable character stands for (GPT-2's byte-to-unicode map)."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    if ord(char) in printable:
-        return ord(char)
-    missing = [b for b in range(256) if b not in printable]
-    return missing[ord(char) - 256]
+    return tiny_tokenizer.byte_level(
+        SPECIALS, bos_token="<s>", eos_token="</s>", pad_token="<pad>", extra_special_tokens={"image_token": "<image>"}
+    )
 
 
 def _config():

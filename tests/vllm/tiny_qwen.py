@@ -12,8 +12,8 @@ import json
 import sys
 from pathlib import Path
 
+import tiny_tokenizer
 import torch
-from tiny_llava import _byte_of
 
 SPECIALS = ("<|endoftext|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
 EOS, VISION_START, VISION_END, IMAGE, VIDEO = range(256, 256 + len(SPECIALS))
@@ -25,18 +25,8 @@ IMAGE_PROMPT = "<|vision_start|><|image_pad|><|vision_end|>"
 
 
 def _tokenizer():
-    """Byte-level BPE over the 256 bytes (no merges: one token per byte) plus the specials."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {ch: i for i, ch in enumerate(sorted(alphabet, key=lambda c: _byte_of(c)))}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(list(SPECIALS))
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>", model_max_length=512,
+    return tiny_tokenizer.byte_level(
+        SPECIALS, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
         extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
                               "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>"},
     )  # fmt: skip

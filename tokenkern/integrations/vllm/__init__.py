@@ -30,9 +30,6 @@ def register() -> None:
     names (safe to call more than once, as vLLM does once per process)."""
     from vllm import ModelRegistry
 
-    from .runner import enable_position_rewrite
-
-    enable_position_rewrite()  # the M-RoPE models' kept positions (see qwen.py)
     for arch, target in MODELS.items():
         ModelRegistry.register_model(arch, target)
 

