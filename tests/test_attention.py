@@ -338,3 +338,125 @@ def test_bad_input(face, case):
         fn = torch.ops.tokenkern.attn_topk if face == "cpu" else attn_topk_triton
         with pytest.raises(ValueError):
             fn(args[0], args[1], x, 1, **kwargs)
+
+
+# ------------------------------------------------------------------ head groups (attn_topk)
+
+
+def _group_args(q, k, **kw):
+    qd, kd = q.to(TRITON_DEVICE), k.to(TRITON_DEVICE)
+    dev = {n: (v.to(TRITON_DEVICE) if isinstance(v, torch.Tensor) else v) for n, v in kw.items()}
+    return qd, kd, kernel_args("attn_scores", qd, kd, **dev)._asdict()
+
+
+def _in_part_order(parts: torch.Tensor) -> torch.Tensor:
+    """parts (B, P, N) added in float32 in part order 0, 1, ... (the kernel's order)."""
+    out = parts[:, 0].clone()
+    for p in range(1, parts.shape[1]):
+        out += parts[:, p]
+    return out
+
+
+def _order_bound(n_terms: int, groups: int) -> float:
+    """Relative bound, per score, on the difference of two float32 sums of the same
+    nonnegative exp terms in different orders: each order is within (n - 1) u of the exact
+    sum; the mean's division (per group) and the sum of the groups add (groups + 1) u."""
+    return (2 * n_terms + groups + 2) * 2.0**-24
+
+
+# (B, Hq, Hkv, Nq, Nk, groups): uneven groups (Hq % groups != 0), groups crossing key heads
+# (GQA 6/2 and 28/4), one head per group, a single query.
+GROUP_CASES = [
+    (2, 6, 2, 20, 150, 4),
+    (1, 6, 6, 9, 77, 5),
+    (2, 4, 1, 1, 140, 4),
+    (1, 28, 4, 3, 130, 12),
+    (1, 5, 5, 33, 70, 2),
+]
+
+
+@pytest.mark.parametrize(("b", "hq", "hkv", "nq", "nk", "groups"), GROUP_CASES)
+@pytest.mark.parametrize("variant", ["causal-random", "lse-left_padding", "sum"])
+def test_head_groups_equal_one_group(b, hq, hkv, nq, nk, groups, variant, gen):
+    """Column sums split over head groups: their sum in group order is the scores of one
+    group up to the float32 summation order, attn_topk's scores are that sum bit for bit, and
+    its selection is topk_gather's of those scores."""
+    q, k = make_qk(gen, b, hq, hkv, nq, nk, 32)
+    x = torch.randn(b, nk - 10, 8, generator=gen)
+    kind = variant.split("-")[-1] if "-" in variant else "none"
+    kw = dict(key_start=10, causal=variant != "sum", reduce="sum" if variant == "sum" else "mean")
+    kw.update(random_masks(gen, b, nq, nk, kind))
+    if variant.startswith("lse"):
+        kw["lse"] = reference.attn_lse(q, k, key_mask=kw["key_mask"], causal=True).float()
+    qd, kd, args = _group_args(q, k, **kw)
+    one = triton_attention.column_sums(qd, kd, **args, groups=1).cpu()
+    parts = triton_attention.column_sums(qd, kd, **args, groups=groups).cpu()
+    assert one.shape == (b, 1, nk - 10) and parts.shape == (b, groups, nk - 10)
+    assert torch.isfinite(parts).all()
+    total = _in_part_order(parts)
+    bound = _order_bound(hq * nq, groups) * torch.maximum(total.abs(), one[:, 0].abs())
+    assert bool(((total - one[:, 0]).abs() <= bound).all()), float((total - one[:, 0]).abs().max())
+    assert_rel_close(total, reference.attn_scores(q, k, **kw), 1e-5)
+    kept, idx, scores = triton_attention.attention_topk(qd, kd, x.to(TRITON_DEVICE), 7, **args, groups=groups)
+    assert torch.equal(scores.cpu(), total)
+    ref_kept, ref_idx = reference.topk_gather(total, x, 7)
+    assert torch.equal(idx.cpu(), ref_idx) and torch.equal(kept.cpu(), ref_kept)
+
+
+def test_one_group_is_attn_scores_bit_for_bit(gen):
+    q, k = make_qk(gen, 2, 6, 2, 20, 150, 32)
+    x = torch.randn(2, 150, 8, generator=gen)
+    qd, kd, args = _group_args(q, k, causal=True, **random_masks(gen, 2, 20, 150, "random"))
+    scores = triton_attention.attention_scores(qd, kd, **args)
+    _, _, topk_scores = triton_attention.attention_topk(qd, kd, x.to(TRITON_DEVICE), 9, **args, groups=1)
+    assert torch.equal(scores, topk_scores)
+    assert torch.equal(scores, triton_attention.column_sums(qd, kd, **args, groups=1)[:, 0])
+
+
+def test_head_groups_out_of_range_raise(gen):
+    q, k = make_qk(gen, 1, 4, 2, 3, 20, 16)
+    qd, kd, args = _group_args(q, k)
+    for groups in (0, 5):
+        with pytest.raises(ValueError, match=re.escape("groups must be in [1, Hq=4]")):
+            triton_attention.column_sums(qd, kd, **args, groups=groups)
+
+
+def test_head_groups_fill_the_gpu_at_b1():
+    """The launcher's head groups at the headline shapes (LLaVA-NeXT, 2880 image keys in
+    128-wide tiles: 23 key blocks): >= 2 x 132 programs at B=1 prefill, >= 132 at B=1 decode
+    (each program keeps >= MIN_TILES tiles), B=8 stays >= 132 and no group split once the
+    key blocks alone fill the GPU twice."""
+    groups = triton_attention.head_groups
+    sms = triton_attention.SMS
+    assert groups(1, 23, 32, 2950, 64) * 23 >= 2 * sms
+    assert groups(1, 23, 32, 1, 16) == 32 // triton_attention.MIN_TILES and 23 * 8 >= sms
+    assert groups(1, 23, 28, 2950, 64) * 23 >= 2 * sms  # GQA 28 query heads
+    assert groups(8, 23, 32, 2950, 64) * 23 * 8 >= 2 * sms
+    assert groups(16, 23, 32, 2950, 64) == 1
+    assert groups(1, 1, 4, 9, 64) == 1  # too little work to split
+
+
+@pytest.mark.parametrize("with_lse", [False, True])
+def test_attn_topk_b1_head_group_launches(with_lse, gen):
+    """At B=1 attn_topk splits the heads: the column sums' grid is (key block, head group,
+    batch), topk_gather's kernel adds the partials; still 3 launches (2 with lse)."""
+    from tokenkern.kernel_report.triton_report import record_launches
+
+    q, k = make_qk(gen, 1, 8, 2, 40, 300, 16)
+    x = torch.randn(1, 280, 8, generator=gen)
+    lse = reference.attn_lse(q, k, causal=True).float() if with_lse else None
+    qd, kd, xd = q.to(TRITON_DEVICE), k.to(TRITON_DEVICE), x.to(TRITON_DEVICE)
+    lsed = lse.to(TRITON_DEVICE) if with_lse else None
+    with record_launches(execute=True, torch_ops=False) as launches:
+        kept, idx, scores = attn_topk_triton(qd, kd, xd, 50, lse=lsed, key_start=20, causal=True)
+    names = [launch.name for launch in launches]
+    assert names == ([] if with_lse else ["_lse_kernel"]) + ["_colsum_kernel", "_topk_gather_kernel"]
+    colsum, gather = launches[-2], launches[-1]
+    n_blocks = -(-280 // colsum.kwargs["BLOCK_N"])
+    groups = triton_attention.head_groups(1, n_blocks, 8, 40, colsum.kwargs["BLOCK_M"])
+    assert groups > 1 and colsum.grid == (n_blocks * groups, 1, 1)
+    assert gather.kwargs["WRITE_SCORES"] and gather.args[gather.fn.arg_names.index("n_parts")] == groups
+    ref = reference.attn_scores(q, k, lse=lse, key_start=20, causal=True)
+    assert_rel_close(scores.cpu(), ref, 1e-5)
+    ref_kept, ref_idx = reference.topk_gather(scores.cpu(), x, 50)
+    assert torch.equal(idx.cpu(), ref_idx) and torch.equal(kept.cpu(), ref_kept)

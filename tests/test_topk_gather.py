@@ -177,3 +177,31 @@ def test_a_direct_kernel_call_with_bad_input_raises(args):
     violated invariant (the user-facing messages live in tokenkern.ops.select only)."""
     with pytest.raises(RuntimeError, match=re.escape("tokenkern::_topk_gather_kernel: kernel invariant violated")):
         torch.ops.tokenkern._topk_gather_kernel(*args)
+
+
+@pytest.mark.parametrize("chunk", [None, 64])
+@pytest.mark.parametrize("n_parts", [1, 3])
+def test_partial_rows_are_summed_in_part_order(chunk, n_parts, gen):
+    """topk_gather_parts (attn_topk's head groups): the scores are the partial rows added in
+    part order, bit for bit, in one chunk or several; the selection is topk_gather's of them
+    (ties, NaN and -0.0 included)."""
+    from tokenkern._triton.select import topk_gather, topk_gather_parts
+
+    parts = torch.randint(0, 3, (2, n_parts, 160), generator=gen).float() / 4  # sums tie often
+    parts[1] = torch.randn(n_parts, 160, generator=gen)
+    parts[1, 0, 7] = float("nan")
+    parts[1, :, 11] = -0.0
+    x = torch.randn(2, 160, 10, generator=gen)
+    total = parts[:, 0].clone()
+    for p in range(1, n_parts):
+        total += parts[:, p]
+    pd, xd = parts.to(TRITON_DEVICE), x.to(TRITON_DEVICE)
+    for k in (37, 160):
+        kept, idx, scores = topk_gather_parts(pd, xd, k, block_rows=64, chunk=chunk)
+        got, nan = scores.cpu(), torch.isnan(total)
+        assert torch.equal(torch.isnan(got), nan) and bool(nan[1, 7])
+        assert torch.equal(got[~nan].view(torch.int32), total[~nan].view(torch.int32))  # bits, -0.0 too
+        ref_kept, ref_idx = reference.topk_gather(total, x, k)
+        assert torch.equal(idx.cpu(), ref_idx) and torch.equal(kept.cpu(), ref_kept)
+        plain_kept, plain_idx = topk_gather(total.to(TRITON_DEVICE), xd, k, block_rows=64)
+        assert torch.equal(idx, plain_idx) and torch.equal(kept, plain_kept)

@@ -6,14 +6,18 @@ Two kernels, each output element owned by one program (deterministic, no atomics
    head, batch) streams the key blocks with an online max/sum and writes the log-sum-exp of
    the scaled logits over the visible keys, (B, Hq, Nq), in base 2 (no natural-log round
    trip, which would shift logits of 1e10 by whole units).
-2. ``_colsum_kernel``: one program per (key block of the requested slice, batch) loops over
-   the key heads (loading each key tile once), their query heads and the query blocks, and
-   adds exp(s - lse) over visible (query, key) pairs. It computes S^T = K Q^T, so keys are
-   rows and the (keys x queries) tile accumulates in registers over heads and query blocks,
-   reduced over queries once after the loops: a fixed summation order, and the head sum needs
-   no kernel of its own. For ``mean`` it divides by Hq x (number of valid queries of the batch
-   element). Causal programs skip the query blocks that cannot see their keys. With a
-   caller's lse this is the only pass over K, and attn_topk is this kernel plus topk_gather.
+2. ``_colsum_kernel``: one program per (key block of the requested slice, head group, batch)
+   loops over the group's query heads (loading each key head's tile once), and the query
+   blocks, and adds exp(s - lse) over visible (query, key) pairs. It computes S^T = K Q^T, so
+   keys are rows and the (keys x queries) tile accumulates in registers over heads and query
+   blocks, reduced over queries once after the loops: a fixed summation order, and the head
+   sum needs no kernel of its own. For ``mean`` it divides by Hq x (number of valid queries
+   of the batch element). Causal programs skip the query blocks that cannot see their keys.
+   attn_scores runs it with one head group (each program owns its output columns). attn_topk
+   splits the query heads into ``head_groups`` contiguous ranges when the batch is small (so
+   the grid reaches ~2 x 132 programs), each group writing its (B, groups, N) float32 partial
+   sums, which topk_gather's kernel adds in group order before it selects: with a caller's lse
+   this is the only pass over K, and attn_topk is this kernel plus topk_gather.
 
 Scores are computed in base 2: ``exp(scale * q.k - lse) = exp2(scale * log2(e) * q.k - log2(e) * lse)``.
 A key is visible to query i when key_mask allows it and, if causal, ``j <= i + causal_offset``
@@ -31,10 +35,15 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import empty, flat_grid, interpreted, next_pow2, unflatten2, unflatten3
+from .select import MAX_CHUNK, topk_gather, topk_gather_parts
+from .utils import empty, flat_grid, interpreted, next_pow2, unflatten3
 
 LOG2E = 1.4426950408889634
 SMS = 132  # streaming multiprocessors of an H100/H200 SXM
+# The fewest (query head, query block) tiles one column-sum program streams when the heads are
+# split over programs: below it a program's fixed costs (key mask, valid-query count, partial
+# row) outweigh its share, and the tile loop is too short for the software pipeline.
+MIN_TILES = 4
 
 
 @triton.jit
@@ -119,17 +128,20 @@ def _valid_queries(qm_ptr, km_ptr, b, Nq, Nk, causal_offset, qm_sb, qm_sn, km_sb
 @triton.jit
 def _colsum_kernel(
     q_ptr, k_ptr, lse_ptr, qm_ptr, km_ptr, out_ptr,
-    Nq, Nk, Hkv, G, D, key_start, n_cols, qk_scale, n_blocks, causal_offset,
+    Nq, Nk, Hkv, G, D, key_start, n_cols, qk_scale, n_blocks, n_groups, causal_offset,
     q_sb, q_sh, q_sn, q_sd,
     k_sb, k_sh, k_sn, k_sd,
     l_sb, l_sh, l_sn,
-    qm_sb, qm_sn, km_sb, km_sn, o_sb,
+    qm_sb, qm_sn, km_sb, km_sn, o_sb, o_sg,
     HAS_QMASK: tl.constexpr, HAS_KMASK: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
     LSE_GIVEN: tl.constexpr, MEAN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr,
 ):  # fmt: skip
-    pid_n, b = unflatten2(tl.program_id(0), n_blocks)
+    pid_n, grp, b = unflatten3(tl.program_id(0), n_blocks, n_groups)
     b = b.to(tl.int64)
+    # This program's query heads [h_lo, h_hi): group grp of n_groups near-equal ranges.
+    h_lo = (grp * (Hkv * G)) // n_groups
+    h_hi = ((grp + 1) * (Hkv * G)) // n_groups
     col0 = pid_n * BLOCK_N
     cols = col0 + tl.arange(0, BLOCK_N)
     rn = key_start + cols
@@ -145,14 +157,13 @@ def _colsum_kernel(
     # S^T = K Q^T: keys are rows, so each step's sum over queries stays along a row; the
     # (keys x queries) tile accumulates over heads and query blocks and is reduced once.
     acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
-    for hk in range(Hkv):
+    for hk in range(h_lo // G, (h_hi - 1) // G + 1):
         kt = tl.load(
             k_ptr + b * k_sb + hk * k_sh + rn[:, None] * k_sn + rd[None, :] * k_sd,
             mask=col_ok[:, None] & (rd < D)[None, :],
             other=0.0,
         )
-        for g in range(G):
-            h = hk * G + g
+        for h in range(tl.maximum(h_lo, hk * G), tl.minimum(h_hi, hk * G + G)):
             for m0 in range(lo, Nq, BLOCK_M):
                 rm = m0 + tl.arange(0, BLOCK_M)
                 q_ok = rm < Nq
@@ -184,7 +195,7 @@ def _colsum_kernel(
                                  HAS_QMASK, HAS_KMASK, CAUSAL, CHUNK)  # fmt: skip
         denom = n_valid * (Hkv * G)
         out = tl.where(denom > 0, out / tl.maximum(denom, 1).to(tl.float32), 0.0)
-    tl.store(out_ptr + b * o_sb + cols, out, mask=col_ok)
+    tl.store(out_ptr + b * o_sb + grp * o_sg + cols, out, mask=col_ok)
 
 
 def _blocks(d: int) -> tuple[int, int, int]:
@@ -197,18 +208,32 @@ def _blocks(d: int) -> tuple[int, int, int]:
     return 64, 64, block_d
 
 
-def _colsum_blocks(batch: int, n_cols: int, block_d: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps) of the column-sum kernel, whose grid is (key block, batch):
-    128-wide key tiles while they still give >= 132 programs (one per SM of an H100/H200),
-    narrower ones when the batch is small."""
+def _colsum_blocks(batch: int, n_cols: int, nq: int, block_d: int, split: bool) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps) of the column-sum kernel; query tiles of 16 for a few
+    queries (decode). ``split`` (the heads may be split over programs, ``head_groups``):
+    128-wide key tiles, the groups fill the GPU at any batch. Otherwise 128-wide tiles while
+    they still give >= 132 programs (one per SM of an H100/H200), narrower ones when the
+    batch is small."""
     if interpreted():
         return 128, 128, 4
+    block_m = 16 if nq <= 16 else 64
     if block_d >= 256:
-        return 32, 32, 4
+        return min(block_m, 32), 32, 4
+    if split:
+        return block_m, 128, 8
     for block_n in (128, 64):
         if triton.cdiv(n_cols, block_n) * batch >= SMS:
-            return 64, block_n, 8 if block_n == 128 else 4
-    return 64, 32, 4
+            return block_m, block_n, 8 if block_n == 128 else 4
+    return block_m, 32, 4
+
+
+def head_groups(batch: int, n_blocks: int, hq: int, nq: int, block_m: int) -> int:
+    """Column-sum programs per (key block, batch element), each summing a contiguous range of
+    the query heads: enough for >= 2 x 132 programs, while each program still streams at
+    least MIN_TILES (head, query block) tiles; 1 once the key blocks and the batch alone give
+    2 x 132."""
+    most = max(1, min(hq, hq * triton.cdiv(nq, block_m) // MIN_TILES))
+    return min(most, triton.cdiv(2 * SMS, n_blocks * batch))
 
 
 def _mask_strides(mask: torch.Tensor | None) -> tuple[torch.Tensor | None, int, int]:
@@ -266,8 +291,65 @@ def attention_scores(
     blocks: tuple[int, int, int] | None = None,
 ) -> torch.Tensor:
     """Checked arguments in (``tokenkern.ops.attention.KernelArgs``), (B, key_end - key_start)
-    float32 attention mass out.
+    float32 attention mass out. One program owns each output column block (one head group):
+    finishing partial sums would take a launch of its own.
     ``blocks`` overrides (BLOCK_M, BLOCK_N, BLOCK_D) (tests exercise the GPU sizes)."""
+    args = (q, k, lse, scale, key_start, key_end, query_mask, key_mask, causal_offset, mean)
+    return column_sums(*args, blocks=blocks, groups=1)[:, 0]
+
+
+def attention_topk(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    x: torch.Tensor,
+    n_keep: int,
+    lse: torch.Tensor | None,
+    scale: float,
+    key_start: int,
+    key_end: int,
+    query_mask: torch.Tensor | None,
+    key_mask: torch.Tensor | None,
+    causal_offset: int | None,
+    mean: bool,
+    blocks: tuple[int, int, int] | None = None,
+    groups: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """attn_topk's CUDA kernel: x (B, key_end - key_start, D) -> kept (B, n_keep, D), indices
+    (B, n_keep) int64 ascending, scores (B, key_end - key_start) float32.
+
+    The column sums run in ``groups`` head groups (default ``head_groups``; 1 for rows longer
+    than one topk_gather chunk, whose threshold search re-reads the row); topk_gather's kernel
+    adds the (B, groups, N) partial sums in group order, writes the scores and selects, so
+    the call stays at 3 launches (2 with lse)."""
+    args = (q, k, lse, scale, key_start, key_end, query_mask, key_mask, causal_offset, mean)
+    if groups is None and key_end - key_start > MAX_CHUNK:
+        groups = 1
+    parts = column_sums(*args, blocks=blocks, groups=groups)
+    if parts.shape[1] == 1:
+        scores = parts[:, 0]
+        kept, indices = topk_gather(scores, x, n_keep)
+        return kept, indices, scores
+    return topk_gather_parts(parts, x, n_keep)
+
+
+def column_sums(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    lse: torch.Tensor | None,
+    scale: float,
+    key_start: int,
+    key_end: int,
+    query_mask: torch.Tensor | None,
+    key_mask: torch.Tensor | None,
+    causal_offset: int | None,
+    mean: bool,
+    blocks: tuple[int, int, int] | None = None,
+    groups: int | None = None,
+) -> torch.Tensor:
+    """(B, groups, key_end - key_start) float32: group g's attention mass over its query heads
+    (already divided by the mean's Hq x valid queries), so the scores are the sum over groups
+    (with groups=1, the scores themselves). ``groups`` None: ``head_groups`` picks it;
+    ``blocks`` overrides (BLOCK_M, BLOCK_N, BLOCK_D) and implies 4 warps."""
     b, hq, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
     n_cols = key_end - key_start
@@ -279,19 +361,23 @@ def attention_scores(
     qm, qm_sb, qm_sn = _mask_strides(query_mask)
     km, km_sb, km_sn = _mask_strides(key_mask)
     if blocks is None:
-        block_m, block_n, num_warps = _colsum_blocks(b, n_cols, block_d)
+        block_m, block_n, num_warps = _colsum_blocks(b, n_cols, nq, block_d, split=groups != 1)
     else:
         num_warps = 4
-    scores = empty(b, n_cols, dtype=torch.float32, device=q.device)
     n_blocks = triton.cdiv(n_cols, block_n)
-    _colsum_kernel[flat_grid("attn_scores", n_blocks, b)](
-        q, k, lse, qm if qm is not None else q, km if km is not None else q, scores,
-        nq, nk, hkv, hq // hkv, d, key_start, n_cols, scale * LOG2E, n_blocks, causal_offset or 0,
+    if groups is None:
+        groups = head_groups(b, n_blocks, hq, nq, block_m)
+    if not 1 <= groups <= hq:
+        raise ValueError(f"tokenkern.attn_scores: groups must be in [1, Hq={hq}], got {groups}")
+    out = empty(b, groups, n_cols, dtype=torch.float32, device=q.device)
+    _colsum_kernel[flat_grid("attn_scores", n_blocks, groups, b)](
+        q, k, lse, qm if qm is not None else q, km if km is not None else q, out,
+        nq, nk, hkv, hq // hkv, d, key_start, n_cols, scale * LOG2E, n_blocks, groups, causal_offset or 0,
         *q.stride(), *k.stride(), *lse.stride(),
-        qm_sb, qm_sn, km_sb, km_sn, scores.stride(0),
+        qm_sb, qm_sn, km_sb, km_sn, out.stride(0), out.stride(1),
         HAS_QMASK=qm is not None, HAS_KMASK=km is not None, CAUSAL=causal_offset is not None,
         PRECISION=_precision(q), LSE_GIVEN=lse_given, MEAN=mean,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, CHUNK=1024,
         num_warps=num_warps,
     )  # fmt: skip
-    return scores
+    return out

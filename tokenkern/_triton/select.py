@@ -9,6 +9,10 @@ result is deterministic, and the kept indices come out ascending without a sort.
 
 Selection rule: the k highest scores, ties to the lower index, NaN ranks as -inf,
 -0.0 ranks as +0.0.
+
+The scores may come as P partial rows (``topk_gather_parts``, attn_topk's column sums split
+over head groups): every program adds them in part order (0, 1, ...), so all programs rank
+the same float32 sums, and each writes the summed scores of its own rows.
 """
 
 from __future__ import annotations
@@ -33,7 +37,16 @@ def selection_key(s):
 
 
 @triton.jit
-def _count_at_least(s_row, s_sn, N, mid, keys, CHUNK: tl.constexpr, SINGLE_CHUNK: tl.constexpr):
+def _row_scores(s_row, s_sn, s_sp, n_parts, offs, valid):
+    """Scores at offs: the sum of the row's n_parts partial rows, added in part order."""
+    s = tl.load(s_row + offs * s_sn, mask=valid, other=0.0)
+    for p in range(1, n_parts):
+        s += tl.load(s_row + p * s_sp + offs * s_sn, mask=valid, other=0.0)
+    return s
+
+
+@triton.jit
+def _count_at_least(s_row, s_sn, s_sp, n_parts, N, mid, keys, CHUNK: tl.constexpr, SINGLE_CHUNK: tl.constexpr):
     if SINGLE_CHUNK:
         offs = tl.arange(0, CHUNK)
         cnt = tl.sum(((keys >= mid) & (offs < N)).to(tl.int32))
@@ -41,23 +54,20 @@ def _count_at_least(s_row, s_sn, N, mid, keys, CHUNK: tl.constexpr, SINGLE_CHUNK
         cnt = tl.zeros((), tl.int32)
         for c0 in range(0, N, CHUNK):
             offs = c0 + tl.arange(0, CHUNK)
-            s = tl.load(s_row + offs * s_sn, mask=offs < N, other=0.0)
+            s = _row_scores(s_row, s_sn, s_sp, n_parts, offs, offs < N)
             cnt += tl.sum(((selection_key(s) >= mid) & (offs < N)).to(tl.int32))
     return cnt
 
 
 @triton.jit
-def topk_threshold(s_row, s_sn, N, k, CHUNK: tl.constexpr, SINGLE_CHUNK: tl.constexpr):
-    """Key T of the k-th best score of one row: the largest T with #{key >= T} >= k."""
-    keys = tl.zeros((CHUNK,), tl.int32)
-    if SINGLE_CHUNK:
-        offs = tl.arange(0, CHUNK)
-        keys = selection_key(tl.load(s_row + offs * s_sn, mask=offs < N, other=0.0))
+def topk_threshold(s_row, s_sn, s_sp, n_parts, N, k, keys, CHUNK: tl.constexpr, SINGLE_CHUNK: tl.constexpr):
+    """Key T of the k-th best score of one row: the largest T with #{key >= T} >= k.
+    keys: the row's selection keys when SINGLE_CHUNK (else unused, the row is re-read)."""
     lo = tl.zeros((), tl.int64) - 2147483648
     hi = tl.zeros((), tl.int64) + 2147483647
     for _ in range(32):
         mid = lo + (hi - lo + 1) // 2
-        cnt = _count_at_least(s_row, s_sn, N, mid, keys, CHUNK, SINGLE_CHUNK)
+        cnt = _count_at_least(s_row, s_sn, s_sp, n_parts, N, mid, keys, CHUNK, SINGLE_CHUNK)
         take = cnt >= k
         lo = tl.where(take, mid, lo)
         hi = tl.where(take, hi, mid - 1)
@@ -70,10 +80,13 @@ def _topk_gather_kernel(
     x_ptr,
     kept_ptr,
     idx_ptr,
+    scores_ptr,
     N,
     D,
     k,
+    n_parts,
     s_sb,
+    s_sp,
     s_sn,
     x_sb,
     x_sn,
@@ -83,37 +96,55 @@ def _topk_gather_kernel(
     o_sd,
     i_sb,
     i_sk,
+    sc_sb,
     n_blocks,
     CHUNK: tl.constexpr,
     SINGLE_CHUNK: tl.constexpr,
     BLOCK_ROWS: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    WRITE_SCORES: tl.constexpr,
 ):
     pid, b = unflatten2(tl.program_id(0), n_blocks)
     b = b.to(tl.int64)
     s_row = s_ptr + b * s_sb
-    thr = topk_threshold(s_row, s_sn, N, k, CHUNK, SINGLE_CHUNK)
+    keys = tl.zeros((CHUNK,), tl.int32)
+    if SINGLE_CHUNK:
+        offs = tl.arange(0, CHUNK)
+        keys = selection_key(_row_scores(s_row, s_sn, s_sp, n_parts, offs, offs < N))
+    thr = topk_threshold(s_row, s_sn, s_sp, n_parts, N, k, keys, CHUNK, SINGLE_CHUNK)
 
     # Selected rows before this block, and how many ties the threshold admits.
     start = pid * BLOCK_ROWS
-    gt_total = tl.zeros((), tl.int32)
-    gt_before = tl.zeros((), tl.int32)
-    eq_before = tl.zeros((), tl.int32)
-    for c0 in range(0, N, CHUNK):
-        offs = c0 + tl.arange(0, CHUNK)
+    if SINGLE_CHUNK:
+        offs = tl.arange(0, CHUNK)
         valid = offs < N
-        key = selection_key(tl.load(s_row + offs * s_sn, mask=valid, other=0.0))
-        gt = (key > thr) & valid
-        eq = (key == thr) & valid
+        gt = (keys > thr) & valid
         before = offs < start
-        gt_total += tl.sum(gt.to(tl.int32))
-        gt_before += tl.sum((gt & before).to(tl.int32))
-        eq_before += tl.sum((eq & before).to(tl.int32))
+        gt_total = tl.sum(gt.to(tl.int32))
+        gt_before = tl.sum((gt & before).to(tl.int32))
+        eq_before = tl.sum(((keys == thr) & valid & before).to(tl.int32))
+    else:
+        gt_total = tl.zeros((), tl.int32)
+        gt_before = tl.zeros((), tl.int32)
+        eq_before = tl.zeros((), tl.int32)
+        for c0 in range(0, N, CHUNK):
+            offs = c0 + tl.arange(0, CHUNK)
+            valid = offs < N
+            key = selection_key(_row_scores(s_row, s_sn, s_sp, n_parts, offs, valid))
+            gt = (key > thr) & valid
+            eq = (key == thr) & valid
+            before = offs < start
+            gt_total += tl.sum(gt.to(tl.int32))
+            gt_before += tl.sum((gt & before).to(tl.int32))
+            eq_before += tl.sum((eq & before).to(tl.int32))
     ties_taken = k - gt_total
 
     rows = start + tl.arange(0, BLOCK_ROWS)
     valid = rows < N
-    key = selection_key(tl.load(s_row + rows * s_sn, mask=valid, other=0.0))
+    s_own = _row_scores(s_row, s_sn, s_sp, n_parts, rows, valid)
+    if WRITE_SCORES:
+        tl.store(scores_ptr + b * sc_sb + rows, s_own, mask=valid)
+    key = selection_key(s_own)
     gt = ((key > thr) & valid).to(tl.int32)
     eq = ((key == thr) & valid).to(tl.int32)
     eq_rank = eq_before + tl.cumsum(eq, 0) - eq
@@ -137,28 +168,50 @@ def topk_gather(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """scores: (B, N) float32, x: (B, N, D) -> kept (B, k, D), indices (B, k) int64 ascending.
     ``block_rows`` (a power of two) overrides the rows owned by one program."""
-    batch, n = scores.shape
+    kept, indices, _ = _launch(scores[:, None], x, k, block_rows, None, write_scores=False)
+    return kept, indices
+
+
+def topk_gather_parts(
+    parts: torch.Tensor, x: torch.Tensor, k: int, block_rows: int | None = None, chunk: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """topk_gather of the scores ``parts.sum(1)``, added in part order (0, 1, ...) in float32.
+    parts: (B, P, N) float32, x: (B, N, D) -> kept (B, k, D), indices (B, k) int64 ascending,
+    scores (B, N) float32. Every program re-reads the row (P times N floats), and rows longer
+    than one chunk (4096) are re-read by each of the threshold search's 32 steps: meant for
+    few parts of rows of one chunk. ``chunk`` (a power of two) overrides the chunk (tests)."""
+    return _launch(parts, x, k, block_rows, chunk, write_scores=True)
+
+
+def _launch(
+    parts: torch.Tensor, x: torch.Tensor, k: int, block_rows: int | None, chunk: int | None, write_scores: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    batch, n_parts, n = parts.shape
     d = x.shape[2]
     kept = empty(batch, k, d, dtype=x.dtype, device=x.device)
     indices = empty(batch, k, dtype=torch.int64, device=x.device)
+    scores = empty(batch, n, dtype=torch.float32, device=x.device) if write_scores else parts[:, 0]
     if batch == 0:
-        return kept, indices
-    chunk = min(max(next_pow2(n), 16), MAX_CHUNK)
+        return kept, indices, scores
+    chunk = chunk or min(max(next_pow2(n), 16), MAX_CHUNK)
     # The interpreter runs programs one after another: fewer, larger ones there.
     if block_rows is None:
         block_rows = 1024 if interpreted() else 32
     block_d = min(max(next_pow2(d), 16), 128)
     n_blocks = triton.cdiv(n, block_rows)
     _topk_gather_kernel[flat_grid("topk_gather", n_blocks, batch)](
-        scores,
+        parts,
         x,
         kept,
         indices,
+        scores,
         n,
         d,
         k,
-        scores.stride(0),
-        scores.stride(1),
+        n_parts,
+        parts.stride(0),
+        parts.stride(1),
+        parts.stride(2),
         x.stride(0),
         x.stride(1),
         x.stride(2),
@@ -167,10 +220,12 @@ def topk_gather(
         kept.stride(2),
         indices.stride(0),
         indices.stride(1),
+        scores.stride(0),
         n_blocks,
         CHUNK=chunk,
         SINGLE_CHUNK=n <= chunk,
         BLOCK_ROWS=block_rows,
         BLOCK_D=block_d,
+        WRITE_SCORES=write_scores,
     )
-    return kept, indices
+    return kept, indices, scores

@@ -290,12 +290,9 @@ def _topk_fake(q: Tensor, k: Tensor, x: Tensor, n_keep: int, *args, **kwargs) ->
 @_topk_op.register_kernel("cuda")
 def attn_topk_triton(q: Tensor, k: Tensor, x: Tensor, n_keep: int, *args, **kwargs) -> tuple[Tensor, Tensor, Tensor]:
     a = _topk_args(q, k, x, n_keep, *args, **kwargs)
-    from .._triton.attention import attention_scores
-    from .._triton.select import topk_gather
+    from .._triton.attention import attention_topk
 
-    scores = attention_scores(q, k, **a._asdict())
-    kept, indices = topk_gather(scores, x, n_keep)
-    return kept, indices, scores
+    return attention_topk(q, k, x, n_keep, **a._asdict())
 
 
 register_selection("attn_topk", x_pos=2, n_inputs=12)
