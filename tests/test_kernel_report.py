@@ -230,3 +230,23 @@ def test_committed_report_validates():
     if not path.exists():
         pytest.skip("no committed static report (make kernel-report writes it)")
     schema.validate(json.loads(path.read_text()))
+
+
+def test_gumbel_rows_are_split_at_the_headline_shapes(monkeypatch):
+    """gumbel_topk and its backward (every mode) launch one (B, S) grid of >= 132 programs at
+    B = 8, N = 2880, and the report notes the row re-reads as L2 traffic."""
+    from tokenkern.kernel_report.triton_report import _gumbel_calls, _kernel_bytes, record_launches
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the launchers' GPU configuration
+    for call in _gumbel_calls(8, 2880):
+        inputs = call.make()
+        with record_launches() as launches:
+            call.run(inputs)
+        triton = [launch for launch in launches if launch.backend == "triton"]
+        assert len(triton) == 1, call.shape
+        b, s, _ = triton[0].grid
+        assert b == 8 and b * s >= 132, (call.shape, triton[0].grid)
+        row_bytes = 8 * 2880 * 4
+        nbytes, note = _kernel_bytes(triton[0])
+        assert f"{s} programs per row" in note and "L2" in note
+        assert 2 * row_bytes <= nbytes <= 3 * row_bytes + 8 * 2 * 8, (call.shape, nbytes)  # HBM: each tensor once

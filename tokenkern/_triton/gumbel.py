@@ -1,11 +1,16 @@
 """Gumbel top-k (the CUDA kernel of ``tokenkern::gumbel_topk``).
 
-One program owns one row of logits. It draws the Gumbel noise of every element from
+Each row is split over the S programs of axis 1 of the (B, S) grid; program (b, s) writes
+only its slice of the row's output but computes the row's statistics (threshold, ties, anchor,
+u, the backward's sums) from the whole row in one fixed order, so every program of a row gets
+the same values bit for bit and the result does not depend on S. A program draws the Gumbel
+noise of every element from
 ``(seed, b * N + i)`` with Philox (``tl.rand``), forms the perturbed scores
 ``z = float32(logits) + g`` and then either
 
 - HARD: selects the k largest z (the topk_gather rule: ties to the lower index, NaN as
-  -inf) with the same threshold search as topk_gather and writes the 0/1 mask, or
+  -inf; the threshold key found 4 bits per step, 16 candidates at a time) and writes the
+  0/1 mask, or
 - SOFT: writes the threshold relaxation ``soft_i = sigmoid((z_i - lambda) / tau)``,
   ``sum_i soft_i = k`` (``reference.relaxed_topk``), in the shifted form around the anchor
   a = the k-th largest z (found by the topk_gather threshold search): d = (z - a) / tau and
@@ -19,16 +24,16 @@ One program owns one row of logits. It draws the Gumbel noise of every element f
   sums.
 
 When the row fits one chunk (N <= 4096) it stays in registers: one read of the logits and
-one write of the output (the output row holds z for the threshold search). Longer rows keep z
-in the output row and loop over chunks in every pass. The hard forward of
+one write of the program's slice of the output. Longer rows loop over chunks in every pass and
+recompute z (logits + noise, bit for bit) each time. The hard forward of
 ``gumbel_topk(hard=True)`` needs no relaxation: its gradient is computed in the backward from
 the same noise, redrawn bit for bit.
 
-The backward (``gumbel_topk_backward``) is one program per row as well: it redraws the noise,
+The backward (``gumbel_topk_backward``) splits rows the same way: it redraws the noise,
 finds the same (a, u) (or reads them from the (B, 2) ``shift`` the soft forward wrote, which
 skips the selection and the bisection) and writes the implicit-function gradient
 ``(s' / tau) (g - sum(g s') / sum(s'))``, s' = soft (1 - soft), 0 in rows without a finite
-lambda. One launch, any N (rows past a chunk loop over chunks, z in the output row).
+lambda. One launch, any N (rows past a chunk loop over chunks).
 """
 
 from __future__ import annotations
@@ -39,10 +44,13 @@ import torch
 import triton
 import triton.language as tl
 
-from .select import MAX_CHUNK, selection_key, topk_threshold
-from .utils import empty, next_pow2
+from .select import MAX_CHUNK, selection_key
+from .utils import empty, interpreted, next_pow2
 
 _NOISE_BLOCK = 1024
+_TARGET_PROGRAMS = 132  # the SMs of an H100 / H200 SXM
+_MIN_SPAN = 16  # the fewest outputs a program owns when a row is split
+_MAX_SPLITS = 65535  # grid axis 1
 FLT_MAX: tl.constexpr = tl.constexpr(3.4028234663852886e38)
 
 
@@ -54,12 +62,20 @@ def gumbel_noise(seed, offsets):
 
 
 @triton.jit
-def _perturb(l_row, l_sn, noise_row, b, N, seed, offs, STORE_NOISE: tl.constexpr):
+def _perturb(l_row, l_sn, noise_row, b, N, seed, offs, own, STORE_NOISE: tl.constexpr):
+    """z = float32(logits) + g over offs (0 + g past N); the noise is stored where ``own``."""
     valid = offs < N
     g = gumbel_noise(seed, b * N + offs)
     if STORE_NOISE:
-        tl.store(noise_row + offs, g, mask=valid)
+        tl.store(noise_row + offs, g, mask=own)
     return tl.load(l_row + offs * l_sn, mask=valid, other=0.0).to(tl.float32) + g
+
+
+@triton.jit
+def _clean_z(l_row, l_sn, b, N, seed, offs):
+    """z of a soft or backward chunk, recomputed from the logits: NaN and lanes past N as -inf."""
+    z = _perturb(l_row, l_sn, l_row, b, N, seed, offs, offs < 0, False)
+    return tl.where((offs < N) & (z == z), z, float("-inf"))
 
 
 @triton.jit
@@ -115,8 +131,49 @@ def _tie_counts(z, valid, thr):
 
 
 @triton.jit
-def _excess(z_row, z, N, anchor, inv_tau, u, thr, ties, m, CHUNK: tl.constexpr, SINGLE_CHUNK: tl.constexpr):
-    """sum_i sigmoid(d_i - u) - k of the row: z in registers (SINGLE_CHUNK) or in z_row."""
+def _digit_counts(key, valid, prefix, shift):
+    """(16,) int32: #{valid keys >= T_d}, T_d = the candidate thresholds prefix + d 2^shift
+    (as unsigned keys key + 2^31; prefix is 0 below bit shift + 4), d = 0..15, for a chunk of
+    at most 65535 keys. Four packed int64 sums (16 bits per candidate) instead of sixteen."""
+    rel = ((key.to(tl.int64) + 2147483648) >> shift) - (prefix >> shift)
+    top = tl.where(valid, tl.minimum(tl.maximum(rel, -1), 15), -1)  # key >= T_d iff top >= d
+    d = tl.arange(0, 16)
+    cnt = tl.zeros((16,), tl.int32)
+    for q in tl.static_range(4):
+        n = tl.minimum(tl.maximum(top - 4 * q + 1, 0), 4)  # candidates 4q..4q+3 the key reaches
+        packed = tl.where(n == 1, 1, tl.where(n == 2, 0x10001, tl.where(n == 3, 0x100010001, 0)))
+        packed = tl.where(n == 4, 0x1000100010001, packed).to(tl.int64)
+        total = tl.sum(packed, 0)
+        cnt += tl.where(d // 4 == q, ((total >> (16 * (d % 4))) & 0xFFFF).to(tl.int32), 0)
+    return cnt
+
+
+@triton.jit
+def _threshold(l_row, l_sn, b, N, seed, k, key, CHUNK: tl.constexpr, SINGLE_CHUNK: tl.constexpr):
+    """Key T of the k-th best z of the row (the largest T with #{key >= T} >= k, the
+    topk_gather threshold), 4 bits per step: 8 steps of 16 candidates. key: the row's keys in
+    registers (SINGLE_CHUNK), else recomputed from the logits in every step."""
+    prefix = tl.zeros((), tl.int64)
+    d = tl.arange(0, 16)
+    for step in range(8):
+        shift = 28 - 4 * step
+        if SINGLE_CHUNK:
+            cnt = _digit_counts(key, tl.arange(0, CHUNK) < N, prefix, shift)
+        else:
+            cnt = tl.zeros((16,), tl.int32)
+            for c0 in range(0, N, CHUNK):
+                offs = c0 + tl.arange(0, CHUNK)
+                zc = _perturb(l_row, l_sn, l_row, b, N, seed, offs, offs < 0, False)
+                cnt += _digit_counts(selection_key(zc), offs < N, prefix, shift)
+        prefix += tl.max(tl.where(cnt >= k, d, 0), 0).to(tl.int64) << shift
+    return prefix - 2147483648
+
+
+@triton.jit
+def _excess(
+    l_row, l_sn, b, seed, z, N, anchor, inv_tau, u, thr, ties, m, CHUNK: tl.constexpr, SINGLE_CHUNK: tl.constexpr
+):
+    """sum_i sigmoid(d_i - u) - k of the row: z in registers (SINGLE_CHUNK) or recomputed."""
     if SINGLE_CHUNK:
         offs = tl.arange(0, CHUNK)
         t = _excess_terms(_scaled(z, anchor, inv_tau) - u, selection_key(z), thr, ties, m)
@@ -125,25 +182,30 @@ def _excess(z_row, z, N, anchor, inv_tau, u, thr, ties, m, CHUNK: tl.constexpr, 
         total = tl.zeros((), tl.float32)
         for c0 in range(0, N, CHUNK):
             offs = c0 + tl.arange(0, CHUNK)
-            zc = tl.load(z_row + offs, mask=offs < N, other=float("-inf"))
+            zc = _clean_z(l_row, l_sn, b, N, seed, offs)
             t = _excess_terms(_scaled(zc, anchor, inv_tau) - u, selection_key(zc), thr, ties, m)
             total += tl.sum(tl.where(offs < N, t, 0.0), 0)
     return total
 
 
 @triton.jit
-def _relaxation(z_row, z, N, k, inv_tau, log_n, pinf, alive, zmin, CHUNK: tl.constexpr, SINGLE_CHUNK: tl.constexpr):
+def _relaxation(
+    l_row, l_sn, b, seed, z, N, k, inv_tau, log_n, pinf, alive, zmin, CHUNK: tl.constexpr, SINGLE_CHUNK: tl.constexpr
+):
     """The row's relaxation: (anchor, u, thr, ties, m, degenerate). z (NaN cleaned to -inf) is
-    in z_row (and in registers when SINGLE_CHUNK); pinf, alive, zmin from ``_row_stats``."""
-    thr = topk_threshold(z_row, 1, N, k, CHUNK, SINGLE_CHUNK)
+    in registers when SINGLE_CHUNK, else recomputed from the logits; pinf, alive, zmin from
+    ``_row_stats``."""
     if SINGLE_CHUNK:
-        n_gt, m = _tie_counts(z, tl.arange(0, CHUNK) < N, thr)
+        valid = tl.arange(0, CHUNK) < N
+        thr = _threshold(l_row, l_sn, b, N, seed, k, selection_key(z), CHUNK, True)
+        n_gt, m = _tie_counts(z, valid, thr)
     else:
+        thr = _threshold(l_row, l_sn, b, N, seed, k, selection_key(z), CHUNK, False)
         n_gt = tl.zeros((), tl.int32)
         m = tl.zeros((), tl.int32)
         for c0 in range(0, N, CHUNK):
             offs = c0 + tl.arange(0, CHUNK)
-            c_gt, c_m = _tie_counts(tl.load(z_row + offs, mask=offs < N, other=0.0), offs < N, thr)
+            c_gt, c_m = _tie_counts(_clean_z(l_row, l_sn, b, N, seed, offs), offs < N, thr)
             n_gt += c_gt
             m += c_m
     ties = k - n_gt
@@ -159,7 +221,7 @@ def _relaxation(z_row, z, N, k, inv_tau, log_n, pinf, alive, zmin, CHUNK: tl.con
     e_hi = tl.full((), float("-inf"), tl.float32)
     for _ in range(32):
         mid = lo + (hi - lo) // 2
-        e = _excess(z_row, z, N, anchor, inv_tau, _key_float(mid), thr, ties, m, CHUNK, SINGLE_CHUNK)
+        e = _excess(l_row, l_sn, b, seed, z, N, anchor, inv_tau, _key_float(mid), thr, ties, m, CHUNK, SINGLE_CHUNK)
         take = e >= 0
         lo = tl.where(take, mid, lo)
         e_lo = tl.where(take, e, e_lo)
@@ -183,10 +245,10 @@ def _soft_or_hard(z, offs, anchor, inv_tau, u, thr, ties, eq_seen, degenerate):
 
 
 @triton.jit
-def _store_shift(shift_row, anchor, u):
-    """The row's (anchor, u), float32 values into the float64 shift row."""
-    tl.store(shift_row, anchor.to(tl.float64))
-    tl.store(shift_row + 1, u.to(tl.float64))
+def _store_shift(shift_row, anchor, u, first):
+    """The row's (anchor, u), float32 values into the float64 shift row (by its first program)."""
+    tl.store(shift_row, anchor.to(tl.float64), mask=first)
+    tl.store(shift_row + 1, u.to(tl.float64), mask=first)
 
 
 @triton.jit
@@ -195,6 +257,14 @@ def _load_shift(shift_row, pinf, alive, k):
     anchor = tl.load(shift_row).to(tl.float32)
     u = tl.load(shift_row + 1).to(tl.float32)
     return anchor, u, (pinf >= k) | (alive <= k)
+
+
+@triton.jit
+def _owned(N):
+    """[start, end): the slice of the row program (b, s) of the (B, S) grid writes."""
+    span = tl.cdiv(N, tl.num_programs(1))
+    start = tl.program_id(1) * span
+    return start, tl.minimum(start + span, N)
 
 
 @triton.jit
@@ -217,66 +287,60 @@ def _gumbel_topk_kernel(
     STORE_SHIFT: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
+    start, end = _owned(N)
     l_row = l_ptr + b * l_sb
-    out_row = out_ptr + b * N  # z while the row is searched
+    out_row = out_ptr + b * N
     noise_row = noise_ptr + b * N
 
     if HARD:
         if SINGLE_CHUNK:
             offs = tl.arange(0, CHUNK)
             valid = offs < N
-            z = _perturb(l_row, l_sn, noise_row, b, N, seed, offs, STORE_NOISE)
-            tl.store(out_row + offs, z, mask=valid)
-            tl.debug_barrier()
-            thr = topk_threshold(out_row, 1, N, k, CHUNK, True)
+            own = (offs >= start) & (offs < end)
+            z = _perturb(l_row, l_sn, noise_row, b, N, seed, offs, own, STORE_NOISE)
             key = selection_key(z)
+            thr = _threshold(l_row, l_sn, b, N, seed, k, key, CHUNK, True)
             gt = (key > thr) & valid
             eq = ((key == thr) & valid).to(tl.int32)
             ties = k - tl.sum(gt.to(tl.int32), 0)
             rank = tl.cumsum(eq, 0) - eq
             sel = gt | ((eq == 1) & (rank < ties))
-            tl.store(out_row + offs, sel.to(tl.float32), mask=valid)
+            tl.store(out_row + offs, sel.to(tl.float32), mask=own)
         else:
-            for c0 in range(0, N, CHUNK):
-                offs = c0 + tl.arange(0, CHUNK)
-                z = _perturb(l_row, l_sn, noise_row, b, N, seed, offs, STORE_NOISE)
-                tl.store(out_row + offs, z, mask=offs < N)
-            tl.debug_barrier()
-            thr = topk_threshold(out_row, 1, N, k, CHUNK, False)
+            thr = _threshold(l_row, l_sn, b, N, seed, k, tl.zeros((CHUNK,), tl.int32), CHUNK, False)
             gt_total = tl.zeros((), tl.int32)
             for c0 in range(0, N, CHUNK):
                 offs = c0 + tl.arange(0, CHUNK)
-                key = selection_key(tl.load(out_row + offs, mask=offs < N, other=0.0))
+                key = selection_key(_perturb(l_row, l_sn, l_row, b, N, seed, offs, offs < 0, False))
                 gt_total += tl.sum(((key > thr) & (offs < N)).to(tl.int32), 0)
             ties = k - gt_total
             eq_seen = tl.zeros((), tl.int32)
-            tl.debug_barrier()
-            for c0 in range(0, N, CHUNK):
+            for c0 in range(0, end, CHUNK):
                 offs = c0 + tl.arange(0, CHUNK)
                 valid = offs < N
-                key = selection_key(tl.load(out_row + offs, mask=valid, other=0.0))
+                own = (offs >= start) & (offs < end)
+                key = selection_key(_perturb(l_row, l_sn, noise_row, b, N, seed, offs, own, STORE_NOISE))
                 gt = (key > thr) & valid
                 eq = ((key == thr) & valid).to(tl.int32)
                 rank = eq_seen + tl.cumsum(eq, 0) - eq
                 sel = gt | ((eq == 1) & (rank < ties))
                 eq_seen += tl.sum(eq, 0)
-                tl.store(out_row + offs, sel.to(tl.float32), mask=valid)
+                tl.store(out_row + offs, sel.to(tl.float32), mask=own)
     else:
         if SINGLE_CHUNK:
             offs = tl.arange(0, CHUNK)
             valid = offs < N
-            z = _perturb(l_row, l_sn, noise_row, b, N, seed, offs, STORE_NOISE)
+            own = (offs >= start) & (offs < end)
+            z = _perturb(l_row, l_sn, noise_row, b, N, seed, offs, own, STORE_NOISE)
             z = tl.where(valid & (z == z), z, float("-inf"))
-            tl.store(out_row + offs, z, mask=valid)
-            tl.debug_barrier()
             pinf, alive, zmin = _row_stats(z, valid)
             anchor, u, thr, ties, _m, degen = _relaxation(
-                out_row, z, N, k, inv_tau, log_n, pinf, alive, zmin, CHUNK, True
+                l_row, l_sn, b, seed, z, N, k, inv_tau, log_n, pinf, alive, zmin, CHUNK, True
             )
             if STORE_SHIFT:
-                _store_shift(shift_ptr + 2 * b, anchor, u)
+                _store_shift(shift_ptr + 2 * b, anchor, u, start == 0)
             soft, _ = _soft_or_hard(z, tl.where(valid, offs, -1), anchor, inv_tau, u, thr, ties, 0, degen)
-            tl.store(out_row + offs, soft, mask=valid)
+            tl.store(out_row + offs, soft, mask=own)
         else:
             pinf = tl.zeros((), tl.int32)
             alive = tl.zeros((), tl.int32)
@@ -284,29 +348,27 @@ def _gumbel_topk_kernel(
             for c0 in range(0, N, CHUNK):
                 offs = c0 + tl.arange(0, CHUNK)
                 valid = offs < N
-                z = _perturb(l_row, l_sn, noise_row, b, N, seed, offs, STORE_NOISE)
+                own = (offs >= start) & (offs < end)
+                z = _perturb(l_row, l_sn, noise_row, b, N, seed, offs, own, STORE_NOISE)
                 z = tl.where(valid & (z == z), z, float("-inf"))
-                tl.store(out_row + offs, z, mask=valid)
                 c_pinf, c_alive, c_min = _row_stats(z, valid)
                 pinf += c_pinf
                 alive += c_alive
                 zmin = tl.minimum(zmin, c_min)
-            tl.debug_barrier()
             z0 = tl.zeros((CHUNK,), tl.float32)
             anchor, u, thr, ties, _m, degen = _relaxation(
-                out_row, z0, N, k, inv_tau, log_n, pinf, alive, zmin, CHUNK, False
+                l_row, l_sn, b, seed, z0, N, k, inv_tau, log_n, pinf, alive, zmin, CHUNK, False
             )
             if STORE_SHIFT:
-                _store_shift(shift_ptr + 2 * b, anchor, u)
-            tl.debug_barrier()
+                _store_shift(shift_ptr + 2 * b, anchor, u, start == 0)
             eq_seen = tl.zeros((), tl.int32)
-            for c0 in range(0, N, CHUNK):
+            for c0 in range(0, end, CHUNK):
                 offs = c0 + tl.arange(0, CHUNK)
                 valid = offs < N
-                z = tl.load(out_row + offs, mask=valid, other=float("-inf"))
+                z = _clean_z(l_row, l_sn, b, N, seed, offs)
                 soft, c_eq = _soft_or_hard(z, tl.where(valid, offs, -1), anchor, inv_tau, u, thr, ties, eq_seen, degen)
                 eq_seen += c_eq
-                tl.store(out_row + offs, soft, mask=valid)
+                tl.store(out_row + offs, soft, mask=(offs >= start) & (offs < end))
 
 
 @triton.jit
@@ -337,68 +399,60 @@ def _gumbel_topk_backward_kernel(
     HAS_SHIFT: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
+    start, end = _owned(N)
     l_row = l_ptr + b * l_sb
     g_row = g_ptr + b * g_sb
-    out_row = out_ptr + b * N  # z until the gradient is written
+    out_row = out_ptr + b * N
 
     if SINGLE_CHUNK:
         offs = tl.arange(0, CHUNK)
         valid = offs < N
-        z = _perturb(l_row, l_sn, l_ptr, b, N, seed, offs, False)
-        z = tl.where(valid & (z == z), z, float("-inf"))
-        tl.store(out_row + offs, z, mask=valid)
-        tl.debug_barrier()
+        z = _clean_z(l_row, l_sn, b, N, seed, offs)
         pinf, alive, zmin = _row_stats(z, valid)
         if HAS_SHIFT:
             anchor, u, degen = _load_shift(shift_ptr + 2 * b, pinf, alive, k)
         else:
             anchor, u, _thr, _ties, _m, degen = _relaxation(
-                out_row, z, N, k, inv_tau, log_n, pinf, alive, zmin, CHUNK, True
+                l_row, l_sn, b, seed, z, N, k, inv_tau, log_n, pinf, alive, zmin, CHUNK, True
             )
         g = tl.load(g_row + offs * g_sn, mask=valid, other=0.0).to(tl.float32)
         sp, gsp = _grad_parts(z, g, anchor, inv_tau, u)
         total = tl.sum(sp, 0)
         c = tl.sum(gsp, 0) / tl.where(total > 0, total, 1.0)
         dz = tl.where(degen | (total == 0), 0.0, sp * inv_tau * (g - c))
-        tl.store(out_row + offs, dz, mask=valid)
+        tl.store(out_row + offs, dz, mask=(offs >= start) & (offs < end))
     else:
         pinf = tl.zeros((), tl.int32)
         alive = tl.zeros((), tl.int32)
         zmin = tl.full((), float("inf"), tl.float32)
         for c0 in range(0, N, CHUNK):
             offs = c0 + tl.arange(0, CHUNK)
-            valid = offs < N
-            z = _perturb(l_row, l_sn, l_ptr, b, N, seed, offs, False)
-            z = tl.where(valid & (z == z), z, float("-inf"))
-            tl.store(out_row + offs, z, mask=valid)
-            c_pinf, c_alive, c_min = _row_stats(z, valid)
+            c_pinf, c_alive, c_min = _row_stats(_clean_z(l_row, l_sn, b, N, seed, offs), offs < N)
             pinf += c_pinf
             alive += c_alive
             zmin = tl.minimum(zmin, c_min)
-        tl.debug_barrier()
         if HAS_SHIFT:
             anchor, u, degen = _load_shift(shift_ptr + 2 * b, pinf, alive, k)
         else:
             z0 = tl.zeros((CHUNK,), tl.float32)
             anchor, u, _thr, _ties, _m, degen = _relaxation(
-                out_row, z0, N, k, inv_tau, log_n, pinf, alive, zmin, CHUNK, False
+                l_row, l_sn, b, seed, z0, N, k, inv_tau, log_n, pinf, alive, zmin, CHUNK, False
             )
         total = tl.zeros((), tl.float32)
         gs_total = tl.zeros((), tl.float32)
         for c0 in range(0, N, CHUNK):
             offs = c0 + tl.arange(0, CHUNK)
             valid = offs < N
-            z = tl.load(out_row + offs, mask=valid, other=float("-inf"))
+            z = _clean_z(l_row, l_sn, b, N, seed, offs)
             g = tl.load(g_row + offs * g_sn, mask=valid, other=0.0).to(tl.float32)
             sp, gsp = _grad_parts(z, g, anchor, inv_tau, u)
             total += tl.sum(sp, 0)
             gs_total += tl.sum(gsp, 0)
         c = gs_total / tl.where(total > 0, total, 1.0)
-        tl.debug_barrier()
-        for c0 in range(0, N, CHUNK):
+        for c0 in range(start, end, CHUNK):
             offs = c0 + tl.arange(0, CHUNK)
-            valid = offs < N
-            z = tl.load(out_row + offs, mask=valid, other=float("-inf"))
+            valid = offs < end
+            z = _clean_z(l_row, l_sn, b, N, seed, offs)
             g = tl.load(g_row + offs * g_sn, mask=valid, other=0.0).to(tl.float32)
             sp, _gsp = _grad_parts(z, g, anchor, inv_tau, u)
             dz = tl.where(degen | (total == 0), 0.0, sp * inv_tau * (g - c))
@@ -419,6 +473,23 @@ def _chunk(n: int) -> int:
     return min(max(next_pow2(n), 16), MAX_CHUNK)
 
 
+def splits(batch: int, n: int) -> int:
+    """Programs per row: enough for ``_TARGET_PROGRAMS`` programs in all, each owning at
+    least ``_MIN_SPAN`` outputs; 2 under the interpreter (it runs programs one by one and
+    every program searches the whole row)."""
+    if interpreted():
+        return min(2, max(n, 1))
+    return max(1, min(triton.cdiv(_TARGET_PROGRAMS, max(batch, 1)), n // _MIN_SPAN))
+
+
+def _check_splits(op: str, value: int | None, batch: int, n: int) -> int:
+    if value is None:
+        return splits(batch, n)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= _MAX_SPLITS:
+        raise ValueError(f"tokenkern.{op}: n_splits must be an int in [1, {_MAX_SPLITS}], got {value!r}")
+    return value
+
+
 def gumbel_topk(
     logits: torch.Tensor,
     k: int,
@@ -427,19 +498,22 @@ def gumbel_topk(
     hard: bool,
     return_noise: bool = False,
     shift: torch.Tensor | None = None,
+    n_splits: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """logits: (B, N) floating -> (out (B, N) float32, noise (B, N) float32 or None).
     out is the hard 0/1 mask when ``hard`` and the relaxation ``soft`` otherwise; the noise
     (what the kernel drew) is returned when ``return_noise``. shift: (B, 2) float64 or None;
-    when given (soft only), each row's (anchor, u) is written into it, for the backward."""
+    when given (soft only), each row's (anchor, u) is written into it, for the backward.
+    n_splits: programs per row (None: ``splits(B, N)``); the result does not depend on it."""
     batch, n = logits.shape
+    n_splits = _check_splits("gumbel_topk", n_splits, batch, n)
     out = empty(batch, n, dtype=torch.float32, device=logits.device)
     noise_out = empty(batch, n, dtype=torch.float32, device=logits.device) if return_noise else None
     if batch == 0:
         return out, noise_out
     store_shift = shift is not None and not hard
     chunk = _chunk(n)
-    _gumbel_topk_kernel[(batch,)](
+    _gumbel_topk_kernel[(batch, n_splits)](
         logits,
         out,
         out if noise_out is None else noise_out,
@@ -471,17 +545,25 @@ def noise(batch: int, n: int, seed: int, device: torch.device) -> torch.Tensor:
 
 
 def gumbel_topk_backward(
-    grad: torch.Tensor, logits: torch.Tensor, k: int, tau: float, seed: int, shift: torch.Tensor | None = None
+    grad: torch.Tensor,
+    logits: torch.Tensor,
+    k: int,
+    tau: float,
+    seed: int,
+    shift: torch.Tensor | None = None,
+    n_splits: int | None = None,
 ) -> torch.Tensor:
     """grad, logits: (B, N) -> d(sum grad * gumbel_topk(logits, k, tau, seed)) / d logits, float32,
-    through the relaxation (either value of hard). One launch, one program per row. shift:
-    (B, 2) float64, the (anchor, u) the soft forward wrote, skips the search; None runs it."""
+    through the relaxation (either value of hard). One launch, ``n_splits`` programs per row
+    (None: ``splits(B, N)``). shift: (B, 2) float64, the (anchor, u) the soft forward wrote,
+    skips the search; None runs it."""
     batch, n = logits.shape
+    n_splits = _check_splits("gumbel_topk_backward", n_splits, batch, n)
     out = empty(batch, n, dtype=torch.float32, device=logits.device)
     if batch == 0:
         return out
     chunk = _chunk(n)
-    _gumbel_topk_backward_kernel[(batch,)](
+    _gumbel_topk_backward_kernel[(batch, n_splits)](
         logits,
         grad,
         out,

@@ -50,8 +50,6 @@ ALLOWED: dict[tuple[str, str, str], float] = {
     ("bipartite_merge", "edge_select_kernel", "per_sample_b1"): 1,
     # dpp/maxmin/mmr_select: the (B, N, N) float32 Gram matrix is scratch (GEMM writes, greedy reads).
     ("dpp_select", "", "bytes"): 4.21,
-    ("gumbel_topk", "_gumbel_topk_kernel", "grid_b8"): 8,
-    ("gumbel_topk_backward", "_gumbel_topk_backward_kernel", "grid_b8"): 8,
     ("leverage_topk", "", "bytes"): 1.52,
     ("leverage_topk", "", "launches"): 17,
     ("leverage_topk", "_cholqr_kernel", "per_sample_b1"): 1,

@@ -251,6 +251,10 @@ def _select_calls(b: int, n: int, d: int) -> list[Call]:
     ]  # fmt: skip
 
 
+_GUMBEL_PASSES = "1: logits once from HBM (the programs sharing a row re-read it from L2)"
+_GUMBEL_BWD_PASSES = "1: logits and grad once from HBM (the programs sharing a row re-read them from L2)"
+
+
 def _gumbel_calls(b: int, n: int) -> list[Call]:
     from tokenkern.ops import gumbel
 
@@ -263,12 +267,12 @@ def _gumbel_calls(b: int, n: int) -> list[Call]:
 
     fwd = Call(
         "gumbel_topk", label, params, make, lambda a: gumbel.gumbel_topk_triton(a["logits"], k, 0.5, 0, True),
-        lambda a, out: _nbytes(a["logits"], out), "|logits| + |out|", 1, "1: logits once",
+        lambda a, out: _nbytes(a["logits"], out), "|logits| + |out|", 1, _GUMBEL_PASSES,
     )  # fmt: skip
     bwd = Call(
         "gumbel_topk_backward", label, params, make,
         lambda a: gumbel.gumbel_topk_backward_cuda(a["grad"], a["logits"], k, 0.5, 0),
-        lambda a, out: _nbytes(a["logits"], a["grad"], out), "|logits| + |grad| + |out|", 1, "1: logits and grad once",
+        lambda a, out: _nbytes(a["logits"], a["grad"], out), "|logits| + |grad| + |out|", 1, _GUMBEL_BWD_PASSES,
     )  # fmt: skip
     # the soft forward (gumbel_topk(hard=False)) stores each row's threshold; its backward reads it
     soft_params = {**params, "hard": False}
@@ -279,13 +283,13 @@ def _gumbel_calls(b: int, n: int) -> list[Call]:
     soft = Call(
         "gumbel_topk", f"{label} soft", soft_params, make_soft,
         lambda a: gumbel.gumbel_topk_soft_triton(a["logits"], k, 0.5, 0),
-        lambda a, out: _nbytes(a["logits"], *out), "|logits| + |out| + |shift|", 1, "1: logits once",
+        lambda a, out: _nbytes(a["logits"], *out), "|logits| + |out| + |shift|", 1, _GUMBEL_PASSES,
     )  # fmt: skip
     soft_bwd = Call(
         "gumbel_topk_backward", f"{label} from shift", {**soft_params, "shift": True}, make_soft,
         lambda a: gumbel.gumbel_topk_backward_cuda(a["grad"], a["logits"], k, 0.5, 0, a["shift"]),
         lambda a, out: _nbytes(a["logits"], a["grad"], a["shift"], out), "|logits| + |grad| + |shift| + |out|", 1,
-        "1: logits and grad once",
+        _GUMBEL_BWD_PASSES,
     )  # fmt: skip
     return [fwd, bwd, soft, soft_bwd]
 
@@ -360,13 +364,16 @@ def headline_calls(small: bool = False) -> list[Call]:
 
 
 # Pointer parameters that get a placeholder tensor (never read) when their flag is off.
-_PLACEHOLDERS = {"qm_ptr": "HAS_QMASK", "km_ptr": "HAS_KMASK", "noise_ptr": "STORE_NOISE"}
+_PLACEHOLDERS = {
+    "qm_ptr": "HAS_QMASK", "km_ptr": "HAS_KMASK", "noise_ptr": "STORE_NOISE", "scores_ptr": "WRITE_SCORES",
+}  # fmt: skip
 
 
 def _kernel_bytes(launch: Launch) -> tuple[int, str]:
     """Compulsory bytes: each distinct tensor argument once, placeholders (a mask pointer
     whose HAS_ flag is off) left out. topk_gather reads only the kept rows of x: x counts as
-    the bytes of kept."""
+    the bytes of kept. attn_topk's head groups: the (B, groups, N) partial sums count in the
+    column-sum kernel (written) and in topk_gather's (read)."""
     if launch.backend != "triton":
         return sum(launch.tensors.values()), ""
     named = dict(zip(launch.fn.arg_names, launch.args, strict=False)) | launch.kwargs
@@ -374,8 +381,27 @@ def _kernel_bytes(launch: Launch) -> tuple[int, str]:
     if launch.name == "_topk_gather_kernel":
         kept = named["kept_ptr"]
         used = [v for v in used if v is not named["x_ptr"]]
-        return sum(_tensor_bytes(used).values()) + kept.numel() * kept.element_size(), "x counted as its kept rows"
+        note = "x counted as its kept rows"
+        if named["n_parts"] > 1:
+            note += f"; scores summed from {named['n_parts']} partial rows (scratch) and written"
+        return sum(_tensor_bytes(used).values()) + kept.numel() * kept.element_size(), note
+    if launch.name == "_colsum_kernel" and named["n_groups"] > 1:
+        note = f"out: (B, {named['n_groups']}, N) float32 partial column sums, one per head group (scratch)"
+        return sum(_tensor_bytes(used).values()), note
+    if launch.name in _ROW_SPLIT and launch.grid[1] > 1:
+        return sum(_tensor_bytes(used).values()), _row_split_note(launch.grid[1])
     return sum(_tensor_bytes(used).values()), ""
+
+
+# Kernels whose (B, S) grid splits each row over S programs that all read the whole row.
+_ROW_SPLIT = ("_gumbel_topk_kernel", "_gumbel_topk_backward_kernel")
+
+
+def _row_split_note(programs: int) -> str:
+    return (
+        f"{programs} programs per row, each reads the whole row (logits, and grad in the backward) "
+        f"for the row's statistics: {programs}x the row inputs as L2 traffic, HBM bytes counted once"
+    )
 
 
 def specialization(launch: Launch) -> dict[str, Any]:
