@@ -243,3 +243,40 @@ def test_cholesky_qr_orthonormalizes(l, gen):
     # Same span as y.
     proj = q[0, :, :l] @ q[0, :, :l].mT
     assert torch.allclose(proj @ y[0, :, :l].double(), y[0, :, :l].double(), atol=1e-4)
+
+
+@pytest.mark.parametrize(("extent", "batch", "block"), [(576, 8, 32), (1024, 8, 32), (2880, 8, 64), (2880, 1, 32),
+                                                        (4096, 1, 32), (16, 1, 32), (4096, 8, 64)])  # fmt: skip
+def test_pass_block_fills_the_sms(extent, batch, block):
+    assert triton_sketch.pass_block(extent, batch) == block
+    ctas = batch * -(-extent // block)
+    # the largest block that reaches FILL_CTAS programs, the smallest block when none does
+    assert ctas >= triton_sketch.FILL_CTAS or block == triton_sketch.PASS_MIN_BLOCK
+    assert block == triton_sketch.PASS_MAX_BLOCK or batch * -(-extent // (2 * block)) < triton_sketch.FILL_CTAS
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_pass_blocks_give_the_same_bits(dtype, gen):
+    """The output-tile block of the passes over x (chosen from the shape) splits the outputs,
+    never the sums: every block gives the same bits, and they are X / 2^e times the operand."""
+    b, n, d, width = 2, 77, 100, 16
+    x = (torch.randn(b, n, d, generator=gen) * 3).to(dtype)
+    z = torch.randn(b, d, width, generator=gen)
+    q = torch.randn(b, n, width, generator=gen)
+    outs = []
+    for block in (64, 32, 16):
+        passes = triton_sketch.ScaledPasses(x.to(TRITON_DEVICE), 12, "leverage_scores", out_block=block)
+        assert (passes.block_n, passes.block_d) == (block, block)
+        outs.append([t.cpu() for t in (passes.x_mm(z.to(TRITON_DEVICE)), passes.x_mm(z[0].to(TRITON_DEVICE)),
+                                       passes.xt_mm(q.to(TRITON_DEVICE)))])  # fmt: skip
+    for other in outs[1:]:
+        for mine, first in zip(other, outs[0], strict=True):
+            assert torch.equal(mine, first)
+    # 2^-e brings max |x[b]| into [1, 2); the float32 operand is exact (float32 x) or split
+    # into hi + lo halves (2^-22 relative), summed in float32 over d <= 100 terms (d 2^-24).
+    scale = torch.exp2(-torch.floor(torch.log2(x.double().abs().amax(dim=(1, 2)))))[:, None, None]
+    xs = x.double() * scale
+    tol = 2.0**-22 + d * 2.0**-24
+    assert_rel_close(outs[0][0], xs @ z.double(), tol, "x_mm")
+    assert_rel_close(outs[0][1], xs @ z[0].double(), tol, "x_mm, shared operand")
+    assert_rel_close(outs[0][2], xs.mT @ q.double(), 2.0**-22 + n * 2.0**-24, "xt_mm")

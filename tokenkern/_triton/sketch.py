@@ -14,9 +14,13 @@ multiplied against the float32 operand split into hi + lo 16-bit halves (two ten
 products, float32 accumulation), a float32 X uses 3xTF32.
 
 Scale: every pass reads X[b] times 2^-e, the power of two that brings max |x[b]| (one torch
-reduction) into [1, 2). The product is exact, so any finite x in the float32 range
-(subnormal included) is solved as if it were of unit size; a zero, NaN or Inf sample is read
-unscaled. The callers' results (leverage scores, the IPR) do not depend on that scale.
+reduction) into [1, 2). The product is exact (for float16 x: for the entries above
+2^-14 max |x[b]|; smaller ones round to float16's subnormal grid, an error below
+2^-25 max |x[b]| each), so any finite x in the float32 range (subnormal included) is solved
+as if it were of unit size; a zero, NaN or Inf sample is read unscaled. The callers' results
+(leverage scores, the IPR) do not depend on that scale. Scaling the output of the first pass
+instead (to find 2^-e within it) would not be equivalent: unscaled float32 sums overflow for
+large bf16/float32 x and lose bits to underflow for tiny x.
 """
 
 from __future__ import annotations
@@ -31,6 +35,17 @@ CHOLESKY_FLOOR = 1e-12
 # CholeskyQR holds three L x L float32 matrices per program: at L = 64 four warps spill ~3 KB
 # per thread (sm_90) and eight sit at the 255-register cap; sixteen need ~100 registers.
 CHOLQR_WARPS = 16
+# The passes over X: each program owns an output tile of out-block rows (x_mm) or columns
+# (xt_mm) of X by L and sums over the other side of X in REDUCE_BLOCK chunks. The out block
+# is halved from PASS_MAX_BLOCK down to PASS_MIN_BLOCK until B x blocks reach FILL_CTAS (the
+# SMs of an H100/H200). Only the tile shrinks, not the sums (same chunks, same order), so
+# the results are the same bit for bit whatever the block. Every program reads the whole
+# (D, L) / (N, L) float32 operand from L2: per pass that is (programs x |operand|), L / 8
+# times x's bytes at block 16 (16-bit x), hence the floor of 32.
+REDUCE_BLOCK = 64
+PASS_MAX_BLOCK = 64
+PASS_MIN_BLOCK = 32
+FILL_CTAS = 132
 
 
 @triton.jit
@@ -58,8 +73,10 @@ def scale_tile(t, inv):
 
 
 def abs_max(x: torch.Tensor) -> torch.Tensor:
-    """x: (B, N, D) -> (B,) float32 max |x[b]| (NaN if x[b] has a NaN): one reduction, no sync."""
-    return torch.linalg.vector_norm(x, float("inf"), dim=(1, 2)).float()
+    """x: (B, N, D) -> (B,) float32 max |x[b]| (NaN if x[b] has a NaN): one reduction, no sync.
+    The float32 result type makes it one kernel on CUDA (a 16-bit x is cast inside the
+    reduction, not by a copy of the result); the max is exact either way."""
+    return torch.linalg.vector_norm(x, float("inf"), dim=(1, 2), dtype=torch.float32)
 
 
 @triton.jit
@@ -235,6 +252,15 @@ def _cholqr_kernel(
             tl.store(q_ptr + b * q_sb + rm[:, None] * q_sm + cl[None, :], qt, mask=(rm < M)[:, None])
 
 
+def pass_block(extent: int, batch: int) -> int:
+    """The output-tile block of a pass over ``extent`` rows (or columns) of each of ``batch``
+    samples: the largest of 64, 32 whose grid fills FILL_CTAS programs, else the smallest."""
+    block = PASS_MAX_BLOCK
+    while block > PASS_MIN_BLOCK and batch * triton.cdiv(extent, block) < FILL_CTAS:
+        block //= 2
+    return block
+
+
 def sketch_width(l: int) -> int:
     """L: the sketch width l as the kernels hold it (a power of two, at least 16)."""
     return max(16, next_pow2(l))
@@ -272,12 +298,10 @@ def orthonormalize(y: torch.Tensor, l: int) -> torch.Tensor:
 
 class ScaledPasses:
     """The two bandwidth-bound products over X / 2^e (see the module docstring), with the
-    block sizes for this X. ``op`` names the calling op in launch errors."""
+    block sizes for this X (``pass_block``; ``out_block`` forces the output-tile block of
+    both passes). ``op`` names the calling op in launch errors."""
 
-    BLOCK_N = 64
-    BLOCK_D = 64
-
-    def __init__(self, x: torch.Tensor, l: int, op: str):
+    def __init__(self, x: torch.Tensor, l: int, op: str, out_block: int | None = None):
         self.x = x
         self.op = op
         self.amax = abs_max(x)
@@ -285,13 +309,15 @@ class ScaledPasses:
         self.width = sketch_width(l)
         self.split = split_dtype(x.dtype)
         self.precision = "ieee" if interpreted() else "tf32x3"
+        self.block_n = out_block or pass_block(self.n, self.batch)
+        self.block_d = out_block or pass_block(self.d, self.batch)
 
     def x_mm(self, z: torch.Tensor) -> torch.Tensor:
         """X @ z for z of shape (B, D, L), or (D, L) shared by the batch -> (B, N, L)."""
         x = self.x
         y = empty(self.batch, self.n, self.width, dtype=torch.float32, device=x.device)
         z_sb = 0 if z.dim() == 2 else z.stride(0)
-        n_blocks = triton.cdiv(self.n, self.BLOCK_N)
+        n_blocks = triton.cdiv(self.n, self.block_n)
         _x_mm_kernel[flat_grid(self.op, n_blocks, self.batch)](
             x,
             self.amax,
@@ -308,8 +334,8 @@ class ScaledPasses:
             y.stride(0),
             y.stride(1),
             L=self.width,
-            BLOCK_N=self.BLOCK_N,
-            BLOCK_D=self.BLOCK_D,
+            BLOCK_N=self.block_n,
+            BLOCK_D=REDUCE_BLOCK,
             SPLIT=self.split,
             PRECISION=self.precision,
         )
@@ -319,7 +345,7 @@ class ScaledPasses:
         """X^T @ q for q: (B, N, L) -> (B, D, L)."""
         x = self.x
         z = empty(self.batch, self.d, self.width, dtype=torch.float32, device=x.device)
-        n_blocks = triton.cdiv(self.d, self.BLOCK_D)
+        n_blocks = triton.cdiv(self.d, self.block_d)
         _xt_mm_kernel[flat_grid(self.op, n_blocks, self.batch)](
             x,
             self.amax,
@@ -336,8 +362,8 @@ class ScaledPasses:
             z.stride(0),
             z.stride(1),
             L=self.width,
-            BLOCK_N=self.BLOCK_N,
-            BLOCK_D=self.BLOCK_D,
+            BLOCK_N=REDUCE_BLOCK,
+            BLOCK_D=self.block_d,
             SPLIT=self.split,
             PRECISION=self.precision,
         )
