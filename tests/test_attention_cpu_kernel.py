@@ -293,3 +293,32 @@ def test_any_causal_offset_stays_in_range(offset, gen):
         assert torch.equal(out, torch.zeros(1, 20))
     else:
         assert torch.equal(out, torch.ops.tokenkern._attn_scores_kernel(q, k, None, 0.3, 0, 20, None, None, None, True))
+
+
+PORTABLE_SCRIPT = """
+import torch, tokenkern
+cases = torch.load({path!r})
+torch.save([torch.ops.tokenkern.attn_scores(q, k, **kw) for q, k, kw in cases], {out!r})
+"""
+
+
+def test_the_portable_loop_matches_reference(tmp_path, gen):
+    """TOKENKERN_PORTABLE_CPU=1 (read once per process) takes the loop CPUs without AVX-512 run."""
+    import os
+    import subprocess
+    import sys
+
+    cases = []
+    for dtype in DTYPES:
+        for b, hq, hkv, nq, nk, d in SHAPES:
+            q, k = make_qk(gen, b, hq, hkv, nq, nk, d, dtype)
+            start, end = key_range(nk)
+            kw = dict(causal=True, key_start=start, key_end=end, **masks(gen, b, nq, nk, "random"))
+            cases.append((q, k, with_lse(q, k, kw, "given" if len(cases) % 2 else "none")))
+    path, out = str(tmp_path / "cases.pt"), str(tmp_path / "out.pt")
+    torch.save(cases, path)
+    env = {**os.environ, "TOKENKERN_PORTABLE_CPU": "1"}
+    subprocess.run([sys.executable, "-c", PORTABLE_SCRIPT.format(path=path, out=out)], env=env, check=True)
+    for (q, k, kw), got in zip(cases, torch.load(out), strict=True):
+        assert torch.isfinite(got).all()
+        assert_rel_close(got, reference.attn_scores(q, k, **kw), tolerance(q, k, kw))

@@ -27,6 +27,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <immintrin.h>
 #include <limits>
@@ -217,8 +218,15 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void block_logits_avx512(
 
 #pragma GCC diagnostic pop
 
-const bool kHasAvx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                        __builtin_cpu_supports("avx512vl");
+// TOKENKERN_PORTABLE_CPU=1 takes the portable loop on any CPU (how its tests reach it).
+bool use_avx512() {
+  const char* portable = std::getenv("TOKENKERN_PORTABLE_CPU");
+  if (portable != nullptr && std::strcmp(portable, "1") == 0) return false;
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl");
+}
+
+const bool kHasAvx512 = use_avx512();
 
 // The logits of a block of columns: AVX-512 where the CPU has it (chosen once per process, so
 // every call on one machine rounds alike), else the portable loop.
