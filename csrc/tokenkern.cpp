@@ -67,4 +67,12 @@ TORCH_LIBRARY(tokenkern, m) {
   m.def("_mmr_select_kernel(Tensor sim, Tensor importance, Tensor? mask, int k, float lam) -> Tensor");
   // sim (B, P, L): each pivot's cosine with every token, candidates (B, L) bool -> (B, P * per_pivot).
   m.def("_pivot_select_kernel(Tensor sim, Tensor candidates, int per_pivot) -> Tensor");
+  // Private CPU kernel of attn_scores for few queries per key head (custom ops in
+  // tokenkern/ops/attention.py, the single source of the argument checks; tokenkern/_cpu/attention.py
+  // routes the calls; csrc/cpu/attention_cpu.cpp). q: (B, Hq, Nq, d), k: (B, Hkv, Nk, d),
+  // lse (B, Hq, Nq) float32; key j is visible to query i iff j <= i + causal_offset (None: all)
+  // -> (B, key_end - key_start) float32.
+  m.def(
+      "_attn_scores_kernel(Tensor q, Tensor k, Tensor? lse, float scale, int key_start, int key_end, "
+      "Tensor? query_mask, Tensor? key_mask, int? causal_offset, bool mean) -> Tensor");
 }

@@ -197,16 +197,12 @@ def test_shipped_slabs_match_small_slabs(monkeypatch, gen):
     assert torch.allclose(small, shipped, rtol=1e-5, atol=1e-8)
 
 
-@pytest.fixture(params=["mkl", "mkl-threaded", "converted"])
+@pytest.fixture(params=["kernel", "converted"])
 def bf16_gemm(request, monkeypatch):
-    """bf16 logits from MKL's bf16 GEMM reading q and k in place (on one thread, as small GEMMs
-    run, or on torch's thread count), or from float32 copies."""
-    if request.param.startswith("mkl") and cpu_attention._MKL is None:
-        pytest.skip("torch links no MKL bf16 GEMM")
-    if request.param == "mkl-threaded":
-        monkeypatch.setattr(cpu_attention, "_SERIAL_MACS", 0)
+    """bf16 logits from the C++ kernel of few queries reading q and k in place (where the shape
+    routes there), or, on every shape, from float32 copies in torch."""
     if request.param == "converted":
-        monkeypatch.setattr(cpu_attention, "_MKL", None)
+        monkeypatch.setattr(cpu_attention, "_KERNEL_ROWS", 0)
     return request.param
 
 
@@ -234,13 +230,12 @@ def test_bf16_reruns_are_bit_identical(slabs, bf16_gemm, threads, lse, gen):
 
 
 def test_bf16_gemm_matches_the_converted_path(monkeypatch, gen):
-    """MKL's bf16 GEMM and float32 copies differ only in the order of the float32 sums."""
-    if cpu_attention._MKL is None:
-        pytest.skip("torch links no MKL bf16 GEMM")
+    """The C++ kernel (bf16 read in place) and float32 copies in torch differ only in the order
+    of the float32 sums."""
     q, k = make_qk(gen, 1, 8, 4, 1, 300, 64, torch.bfloat16)
     kw = with_lse(q, k, dict(causal=True, key_start=20, key_end=280), "given")
     direct = scores(q, k, **kw)
-    monkeypatch.setattr(cpu_attention, "_MKL", None)
+    monkeypatch.setattr(cpu_attention, "_KERNEL_ROWS", 0)
     assert torch.allclose(direct, scores(q, k, **kw), rtol=1e-5, atol=1e-8)
 
 

@@ -184,6 +184,28 @@ CASES = {
     "_pivot_select_kernel": [
         (lambda dev: (_x(2, 3, 12, device=dev), torch.rand(2, 12, device=dev) > 0.2, 2), {}),
     ],
+    # The private C++ kernel of attn_scores for few queries per key head.
+    "_attn_scores_kernel": [
+        (
+            lambda dev: (_x(2, 4, 1, 16, device=dev), _x(2, 2, 30, 16, device=dev), *(None, 0.25, 3, 28)),
+            {"query_mask": None, "key_mask": None, "causal_offset": 29, "mean": True},
+        ),
+        (
+            lambda dev: (
+                _x(1, 2, 3, 16, dtype=torch.bfloat16, device=dev),
+                _x(1, 1, 20, 16, dtype=torch.bfloat16, device=dev),
+                torch.full((1, 2, 3), 3.0, device=dev),
+                0.25,
+                4,
+                18,
+                torch.tensor([[True, False, True]], device=dev),
+                torch.tensor([[True] * 15 + [False] * 5], device=dev),
+                None,
+                False,
+            ),
+            {},
+        ),
+    ],
 }
 
 
@@ -197,6 +219,7 @@ CPU_ONLY = {
     "_dpp_select_kernel",
     "_mmr_select_kernel",
     "_pivot_select_kernel",
+    "_attn_scores_kernel",
 }
 
 

@@ -1,6 +1,6 @@
-"""CPU path of the attention-score ops, in torch: one sample at a time, its queries in blocks
-of rows and its key heads in groups, so at most a bounded slab of the attention matrix exists
-at a time (never Nq x Nk for large inputs).
+"""CPU path of the attention-score ops. Many queries (prefill): in torch, one sample at a
+time, its queries in blocks of rows and its key heads in groups, so at most a bounded slab of
+the attention matrix exists at a time (never Nq x Nk for large inputs).
 
 Only work that can reach the result is done. Masked keys and invalid queries are dropped
 before any product (index_select: padding costs nothing, and no boolean visibility tensor is
@@ -11,72 +11,35 @@ in [key_start, key_end) are summed over heads and rows; with lse only the column
 range are formed, and exp(s - lse) summed. Queries that see no key of the range are skipped
 (they still count in the mean).
 
-Logits accumulate in float32, as on the CUDA path. bf16 q and k are read in place by MKL's
-cblas_gemm_bf16bf16f32 (bf16 products, exact in float32, float32 sums and output) when torch
-links MKL and one block of rows reads the keys (decode, the last token), one call per key head
-(small ones on one thread): no float32 copy of K is made, which there would cost more than the
-products (torch's bf16 matmul avoids it by rounding its logits to bf16). Otherwise fp16/bf16
-inputs are converted to float32 exactly (K once when several row blocks share it, else in
-cache-sized pieces) for torch.baddbmm.
+Few queries per key head (decode, the last token: at most _KERNEL_ROWS query rows per key
+head, Nq * Hq / Hkv) run the whole call, every sample, in the C++ kernel
+``tokenkern::_attn_scores_kernel`` (csrc/cpu/attention_cpu.cpp): q and k read in place, each
+K row once for all the query rows that share it, logits in float32, one fixed summation order
+whatever the thread count. Only the rest takes the path below.
+
+Logits accumulate in float32, as on the CUDA path: fp16/bf16 inputs are converted to float32
+exactly (K once when several row blocks share it, else in cache-sized pieces) for
+torch.baddbmm.
 
 Determinism: the slabs, their shapes and the order in which their column sums are added
-depend only on the input shapes and masks, and MKL's GEMMs (sgemm under torch.bmm, the bf16
-one called directly) and torch's softmax and reductions are deterministic for a fixed shape,
-alignment and thread count: reruns are bit-identical on one machine at one thread count.
+depend only on the input shapes and masks, and MKL's sgemm under torch.baddbmm and torch's
+softmax and reductions are deterministic for a fixed shape, alignment and thread count: reruns
+are bit-identical on one machine at one thread count.
 """
 
 from __future__ import annotations
 
-import ctypes
-import glob
-import os
-from collections.abc import Callable
-from typing import NamedTuple
-
 import torch
 from torch import Tensor
+
+from .. import _C  # noqa: F401  (the C++ kernel of few queries)
 
 _BLOCK_ROWS = 64  # query rows per slab: the causal staircase wastes ~BLOCK_ROWS / (2 Nq)
 _SLAB_ELEMENTS = 1 << 20  # logits held at once (4 MiB, about the L2 caches); key heads grouped to fit
 _CONVERT_ELEMENTS = 1 << 18  # fp16/bf16 keys converted at once when a single block of rows reads them
-_ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112  # CBLAS enums
-_INT_MAX = (1 << 31) - 1  # CBLAS sizes and leading dimensions are 32-bit (LP64)
-# bf16 GEMMs below this many multiply-adds run on one thread: an OpenMP fork-join per GEMM (one
-# per key head) costs more than it saves, and much more when the cores are oversubscribed.
-_SERIAL_MACS = 1 << 22
-
-
-class _Mkl(NamedTuple):
-    gemm: Callable[..., None]  # cblas_gemm_bf16bf16f32
-    set_local_threads: Callable[[int], int] | None  # MKL_Set_Num_Threads_Local (returns the old value)
-
-
-def _load_mkl() -> _Mkl | None:
-    """MKL's bf16 GEMM with float32 accumulation and output, from the torch library that links
-    MKL; None when torch has no MKL or the function fails a small exact check."""
-    if not torch.backends.mkl.is_available():
-        return None
-    c_int, c_float, c_ptr = ctypes.c_int, ctypes.c_float, ctypes.c_void_p
-    for path in sorted(glob.glob(os.path.join(os.path.dirname(torch.__file__), "lib", "*torch_cpu.*"))):
-        try:
-            lib = ctypes.CDLL(path)
-            gemm = lib.cblas_gemm_bf16bf16f32
-        except (OSError, AttributeError):
-            continue
-        gemm.argtypes = [c_int] * 6 + [c_float, c_ptr, c_int, c_ptr, c_int, c_float, c_ptr, c_int]
-        gemm.restype = None
-        threads = getattr(lib, "MKL_Set_Num_Threads_Local", None)
-        if threads is not None:
-            threads.argtypes, threads.restype = [c_int], c_int
-        a = torch.tensor([[1.0, 2.0, 3.0], [-4.0, 5.0, 0.5]], dtype=torch.bfloat16)
-        c = torch.full((2, 2), float("nan"))
-        gemm(_ROW_MAJOR, _NO_TRANS, _TRANS, 2, 2, 3, 0.5, a.data_ptr(), 3, a.data_ptr(), 3, 0.0, c.data_ptr(), 2)
-        if torch.equal(c, 0.5 * (a.float() @ a.float().T)):
-            return _Mkl(gemm, threads)
-    return None
-
-
-_MKL = _load_mkl()
+# Query rows per key head (Nq * Hq / Hkv) up to which the C++ kernel runs the call: it reads
+# each K row once for all of them, while blocked GEMMs win once the rows share enough work.
+_KERNEL_ROWS = 16
 
 
 def attention_scores(
@@ -93,6 +56,10 @@ def attention_scores(
 ) -> Tensor:
     """q: (B, Hq, Nq, d), k: (B, Hkv, Nk, d) and the checked arguments of
     ``tokenkern.ops.attention.KernelArgs`` -> (B, key_end - key_start) float32."""
+    if q.shape[2] * (q.shape[1] // k.shape[1]) <= _KERNEL_ROWS:
+        return torch.ops.tokenkern._attn_scores_kernel(
+            q, k, lse, scale, key_start, key_end, query_mask, key_mask, causal_offset, mean
+        )
     out = torch.zeros(q.shape[0], key_end - key_start, dtype=torch.float32, device=q.device)
     for b in range(q.shape[0]):
         _sample_scores(
@@ -143,10 +110,8 @@ def _sample_scores(
     kk = k[:, k0:k1] if keys is None else k.index_select(1, keys[k0:k1])
     g = hq // hkv
     # (Hkv, R, G, d): the rows of one key head's query heads side by side, so that a block of
-    # rows is a (heads, rows * G, d) view for the GEMM, without repeating k. bf16 stays bf16
-    # when MKL's bf16 GEMM may read it; anything else is converted to float32 (exactly).
-    qr = _rows(q, rows)
-    qr = qr if qr.dtype == torch.bfloat16 and _MKL is not None else qr.float()
+    # rows is a (heads, rows * G, d) view for the GEMM, without repeating k; float32 (exactly).
+    qr = _rows(q, rows).float()
     qr = qr.view(hkv, g, -1, d).permute(0, 2, 1, 3)
     qr = qr.contiguous() if g > 1 else qr
     lr = None if lse is None else _rows(lse, rows).view(hkv, g, -1).permute(0, 2, 1)
@@ -196,16 +161,11 @@ def _column_sums(
     block = max(1, min(r, _BLOCK_ROWS, _SLAB_ELEMENTS // (g * width)))
     # Blocks sit at multiples of `block` among the valid queries, whatever the key range.
     starts = list(range(-(first % block), r, block))
-    # bf16 with one block of rows (decode, the last token): MKL's bf16 GEMM reads q and k in
-    # place. Several blocks convert the keys once and share torch.baddbmm's threading (one GEMM
-    # per key head and block would fork as often). Other fp16/bf16 keys of one block are
-    # converted per head group into a buffer that stays in cache.
-    direct = qr.dtype == torch.bfloat16 and len(starts) == 1
-    qr = qr if direct else qr.float()
-    convert_per_group = not direct and kk.dtype != torch.float32 and len(starts) == 1
-    if direct:
-        kk = _matrices(kk)
-    elif kk.dtype != torch.float32 and not convert_per_group:
+    # fp16/bf16 keys: several blocks convert them once and share torch.baddbmm's threading (one
+    # GEMM per key head and block would fork as often); one block converts them per head group
+    # into a buffer that stays in cache.
+    convert_per_group = kk.dtype != torch.float32 and len(starts) == 1
+    if kk.dtype != torch.float32 and not convert_per_group:
         kk = kk.float()
     n_groups = -(-hkv // max(1, _SLAB_ELEMENTS // (block * g * width)))
     if convert_per_group:
@@ -231,12 +191,9 @@ def _column_sums(
             s = buf[: shape[0] * shape[1] * shape[2]].view(shape)
             q_blk = qr[h0:h1, r0:r1].reshape(shape[0], -1, d)
             k_blk = kk[h0:h1, c0:c1]
-            if direct:
-                _bf16_logits(s, _matrices(q_blk), k_blk, scale)
-            else:
-                if kbuf is not None:
-                    k_blk = kbuf[: k_blk.numel()].view(k_blk.shape).copy_(k_blk)
-                torch.baddbmm(s, q_blk, k_blk.mT, beta=0.0, alpha=scale, out=s)
+            if kbuf is not None:
+                k_blk = kbuf[: k_blk.numel()].view(k_blk.shape).copy_(k_blk)
+            torch.baddbmm(s, q_blk, k_blk.mT, beta=0.0, alpha=scale, out=s)
             s4 = s.view(h1 - h0, r1 - r0, g, c1 - c0)
             tail = None if stair is None else s4[..., c1 - c0 - stair.shape[-1] :]
             if lr is None:
@@ -256,35 +213,6 @@ def _column_sums(
                 torch.sum(s, dim=(0, 1), out=partial[slot, : c1 - c0])
             slot += 1
     return partial.sum(dim=0)
-
-
-def _matrices(x: Tensor) -> Tensor:
-    """x (H, M, d) as H row-major matrices CBLAS can read: unit inner stride, rows apart by at
-    least d and by a 32-bit leading dimension (a contiguous copy otherwise)."""
-    _, m, d = x.shape
-    if (x.stride(2) == 1 or d == 1) and (m == 1 or d <= x.stride(1) <= _INT_MAX):
-        return x
-    return x.contiguous()
-
-
-def _bf16_logits(s: Tensor, q: Tensor, k: Tensor, scale: float) -> None:
-    """s[h] = scale * q[h] @ k[h].T in float32 by MKL, one GEMM per head h: q (H, M, d) and
-    k (H, N, d) bf16 as _matrices gives them, s (H, M, N) float32 contiguous."""
-    heads, m, d = q.shape
-    n = k.shape[1]
-    lda = q.stride(1) if m > 1 else d
-    ldb = k.stride(1) if n > 1 else d
-    q_ptr, k_ptr, s_ptr = q.data_ptr(), k.data_ptr(), s.data_ptr()
-    q_step, k_step, s_step = q.stride(0) * q.element_size(), k.stride(0) * k.element_size(), m * n * s.element_size()
-    serial = _MKL.set_local_threads is not None and m * n * d < _SERIAL_MACS
-    before = _MKL.set_local_threads(1) if serial else 0
-    try:
-        for h in range(heads):
-            q_h, k_h, s_h = q_ptr + h * q_step, k_ptr + h * k_step, s_ptr + h * s_step
-            _MKL.gemm(_ROW_MAJOR, _NO_TRANS, _TRANS, m, n, d, scale, q_h, lda, k_h, ldb, 0.0, s_h, n)
-    finally:
-        if serial:
-            _MKL.set_local_threads(before)
 
 
 def _staircase(count: list[int], c0: int, c1: int, device: torch.device) -> Tensor | None:

@@ -2,7 +2,8 @@
 attention matrix), and the n_keep best keys' tokens gathered.
 
 Faces: the public functions, the ``torch.library.custom_op`` schemas, the fake kernels, the
-CPU kernel (``tokenkern._cpu.attention``, torch) and the CUDA kernel
+CPU kernel (``tokenkern._cpu.attention``: torch, and the private C++ op
+``tokenkern::_attn_scores_kernel`` for few queries) and the CUDA kernel
 (``tokenkern._triton.attention``, registered as ``attn_scores_triton`` / ``attn_topk_triton``).
 Every face reads its arguments through ``kernel_args``: one check, one resolution of the
 defaults and of the causal rule, whatever runs.
@@ -14,7 +15,7 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
-from torch.library import custom_op
+from torch.library import custom_op, register_fake
 
 from .._cpu import attention as cpu_attention
 from . import _args as checks
@@ -253,6 +254,14 @@ def attn_scores_triton(q: Tensor, k: Tensor, *args, **kwargs) -> Tensor:
     from .._triton.attention import attention_scores
 
     return attention_scores(q, k, **a._asdict())
+
+
+@register_fake("tokenkern::_attn_scores_kernel")
+def _scores_kernel_fake(
+    q: Tensor, k: Tensor, lse: Tensor | None, scale: float, key_start: int, key_end: int, *args: object
+) -> Tensor:
+    """The C++ CPU kernel of few queries (tokenkern._cpu.attention): (B, key_end - key_start)."""
+    return q.new_empty(q.shape[0], key_end - key_start, dtype=torch.float32)
 
 
 register_refusal("attn_scores", ["q", "k", "lse", "scale", "key_start", "key_end", "query_mask", "key_mask"])
