@@ -483,8 +483,8 @@ for arch, dtypes, chunks in ((90, ("fp32", "bf16"), ((1024, True), (4096, True),
     for dtype in dtypes:
         sig = {"l_ptr": "*" + dtype, "out_ptr": "*fp32", "noise_ptr": "*fp32", "shift_ptr": "*fp64", "N": "i32",
                "k": "i32", "inv_tau": "fp32", "log_n": "fp32", "seed": "i64", "l_sb": "i32", "l_sn": "i32",
-               "CHUNK": "constexpr", "SINGLE_CHUNK": "constexpr", "HARD": "constexpr", "STORE_NOISE": "constexpr",
-               "STORE_SHIFT": "constexpr"}
+               "S": "i32", "CHUNK": "constexpr", "SINGLE_CHUNK": "constexpr", "HARD": "constexpr",
+               "STORE_NOISE": "constexpr", "STORE_SHIFT": "constexpr"}
         for chunk, single in chunks:
             for hard in (True, False):
                 consts = {"CHUNK": chunk, "SINGLE_CHUNK": single, "HARD": hard, "STORE_NOISE": hard,
@@ -494,7 +494,7 @@ for arch, dtypes, chunks in ((90, ("fp32", "bf16"), ((1024, True), (4096, True),
                 assert triton.compile(src, target=target, options=opts).asm["cubin"]
         sig = {"l_ptr": "*" + dtype, "g_ptr": "*fp32", "out_ptr": "*fp32", "N": "i32", "k": "i32",
                "inv_tau": "fp32", "log_n": "fp32", "seed": "i64", "l_sb": "i32", "l_sn": "i32", "g_sb": "i32",
-               "g_sn": "i32", "shift_ptr": "*fp64", "CHUNK": "constexpr", "SINGLE_CHUNK": "constexpr",
+               "g_sn": "i32", "shift_ptr": "*fp64", "S": "i32", "CHUNK": "constexpr", "SINGLE_CHUNK": "constexpr",
                "HAS_SHIFT": "constexpr"}
         for chunk, single in chunks:
             for has_shift in (False, True):

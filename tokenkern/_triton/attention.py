@@ -233,7 +233,7 @@ def head_groups(batch: int, n_blocks: int, hq: int, nq: int, block_m: int) -> in
     least MIN_TILES (head, query block) tiles; 1 once the key blocks and the batch alone give
     2 x 132."""
     most = max(1, min(hq, hq * triton.cdiv(nq, block_m) // MIN_TILES))
-    return min(most, triton.cdiv(2 * SMS, n_blocks * batch))
+    return min(most, triton.cdiv(2 * SMS, max(1, n_blocks * batch)))
 
 
 def _mask_strides(mask: torch.Tensor | None) -> tuple[torch.Tensor | None, int, int]:

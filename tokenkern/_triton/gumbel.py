@@ -1,6 +1,6 @@
 """Gumbel top-k (the CUDA kernel of ``tokenkern::gumbel_topk``).
 
-Each row is split over the S programs of axis 1 of the (B, S) grid; program (b, s) writes
+Each row is split over S programs (a flat grid of S x B programs, s fastest); program (b, s) writes
 only its slice of the row's output but computes the row's statistics (threshold, ties, anchor,
 u, the backward's sums) from the whole row in one fixed order, so every program of a row gets
 the same values bit for bit and the result does not depend on S. A program draws the Gumbel
@@ -45,12 +45,12 @@ import triton
 import triton.language as tl
 
 from .select import MAX_CHUNK, selection_key
-from .utils import empty, interpreted, next_pow2
+from .utils import empty, flat_grid, interpreted, next_pow2, unflatten2
 
 _NOISE_BLOCK = 1024
 _TARGET_PROGRAMS = 132  # the SMs of an H100 / H200 SXM
 _MIN_SPAN = 16  # the fewest outputs a program owns when a row is split
-_MAX_SPLITS = 65535  # grid axis 1
+_MAX_SPLITS = 65535  # programs per row
 FLT_MAX: tl.constexpr = tl.constexpr(3.4028234663852886e38)
 
 
@@ -260,11 +260,13 @@ def _load_shift(shift_row, pinf, alive, k):
 
 
 @triton.jit
-def _owned(N):
-    """[start, end): the slice of the row program (b, s) of the (B, S) grid writes."""
-    span = tl.cdiv(N, tl.num_programs(1))
-    start = tl.program_id(1) * span
-    return start, tl.minimum(start + span, N)
+def _owned(N, S):
+    """(b, start, end): the row of this program of the flat S x B grid and [start, end), the
+    slice of that row it writes."""
+    s, b = unflatten2(tl.program_id(0), S)
+    span = tl.cdiv(N, S)
+    start = s * span
+    return b.to(tl.int64), start, tl.minimum(start + span, N)
 
 
 @triton.jit
@@ -280,14 +282,14 @@ def _gumbel_topk_kernel(
     seed,
     l_sb,
     l_sn,
+    S,
     CHUNK: tl.constexpr,
     SINGLE_CHUNK: tl.constexpr,
     HARD: tl.constexpr,
     STORE_NOISE: tl.constexpr,
     STORE_SHIFT: tl.constexpr,
 ):
-    b = tl.program_id(0).to(tl.int64)
-    start, end = _owned(N)
+    b, start, end = _owned(N, S)
     l_row = l_ptr + b * l_sb
     out_row = out_ptr + b * N
     noise_row = noise_ptr + b * N
@@ -394,12 +396,12 @@ def _gumbel_topk_backward_kernel(
     g_sb,
     g_sn,
     shift_ptr,
+    S,
     CHUNK: tl.constexpr,
     SINGLE_CHUNK: tl.constexpr,
     HAS_SHIFT: tl.constexpr,
 ):
-    b = tl.program_id(0).to(tl.int64)
-    start, end = _owned(N)
+    b, start, end = _owned(N, S)
     l_row = l_ptr + b * l_sb
     g_row = g_ptr + b * g_sb
     out_row = out_ptr + b * N
@@ -513,7 +515,7 @@ def gumbel_topk(
         return out, noise_out
     store_shift = shift is not None and not hard
     chunk = _chunk(n)
-    _gumbel_topk_kernel[(batch, n_splits)](
+    _gumbel_topk_kernel[flat_grid("gumbel_topk", n_splits, batch)](
         logits,
         out,
         out if noise_out is None else noise_out,
@@ -525,6 +527,7 @@ def gumbel_topk(
         seed,
         logits.stride(0),
         logits.stride(1),
+        n_splits,
         CHUNK=chunk,
         SINGLE_CHUNK=n <= chunk,
         HARD=hard,
@@ -563,7 +566,7 @@ def gumbel_topk_backward(
     if batch == 0:
         return out
     chunk = _chunk(n)
-    _gumbel_topk_backward_kernel[(batch, n_splits)](
+    _gumbel_topk_backward_kernel[flat_grid("gumbel_topk_backward", n_splits, batch)](
         logits,
         grad,
         out,
@@ -577,6 +580,7 @@ def gumbel_topk_backward(
         grad.stride(0),
         grad.stride(1),
         out if shift is None else shift,
+        n_splits,
         CHUNK=chunk,
         SINGLE_CHUNK=n <= chunk,
         HAS_SHIFT=shift is not None,

@@ -388,12 +388,12 @@ def _kernel_bytes(launch: Launch) -> tuple[int, str]:
     if launch.name == "_colsum_kernel" and named["n_groups"] > 1:
         note = f"out: (B, {named['n_groups']}, N) float32 partial column sums, one per head group (scratch)"
         return sum(_tensor_bytes(used).values()), note
-    if launch.name in _ROW_SPLIT and launch.grid[1] > 1:
-        return sum(_tensor_bytes(used).values()), _row_split_note(launch.grid[1])
+    if launch.name in _ROW_SPLIT and named["S"] > 1:
+        return sum(_tensor_bytes(used).values()), _row_split_note(named["S"])
     return sum(_tensor_bytes(used).values()), ""
 
 
-# Kernels whose (B, S) grid splits each row over S programs that all read the whole row.
+# Kernels whose flat S x B grid splits each row over S programs that all read the whole row.
 _ROW_SPLIT = ("_gumbel_topk_kernel", "_gumbel_topk_backward_kernel")
 
 
