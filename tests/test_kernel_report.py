@@ -93,8 +93,11 @@ def test_recording_skips_execution_and_counts_torch_launches(gen):
 
     with record_launches(execute=False) as launches:
         _, _, scores = leverage.leverage_topk_triton(x, 10, 3, 4, 1, 0)
+        norms = torch.linalg.vector_norm(x, dim=-1)
+    poison = os.environ.get("TOKENKERN_POISON") == "1"  # outputs then start as NaN: fill_ launches
     torch_ops = [launch.name for launch in launches if launch.backend == "torch"]
-    assert "torch.linalg_vector_norm" in torch_ops  # the abs-max reduction
+    assert [name for name in torch_ops if not (poison and name == "torch.fill_")] == ["torch.linalg_vector_norm"]
+    assert norms.shape == (2, 40)
     # TOKENKERN_POISON fills outputs with NaN: a skipped row_scores leaves them so.
     assert os.environ.get("TOKENKERN_POISON") != "1" or bool(torch.isnan(scores).all())
 

@@ -1,7 +1,7 @@
 """Randomized range finder (Halko-Martinsson-Tropp) on the GPU, with no host synchronization:
 the stages shared by the leverage-score and spectral-IPR kernels.
 
-    omega = gaussian(D, l, seed)                (D, L)   counter-based, shared by the batch
+    omega, amax = gaussian(D, l, seed), max|X[b]|  (D, L), (B,)  one launch; omega shared by the batch
     Y = X @ omega;  Q = orth(Y)                 (B, N, L) one pass over X
     repeat power_iters:                         two passes over X per iteration
         Z = orth(X^T Q);  Q = orth(X Z)
@@ -29,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .ticket import arrive, counters, load_partial
 from .utils import empty, flat_grid, interpreted, next_pow2, split_dtype, unflatten2
 
 CHOLESKY_FLOOR = 1e-12
@@ -46,15 +47,10 @@ REDUCE_BLOCK = 64
 PASS_MAX_BLOCK = 64
 PASS_MIN_BLOCK = 32
 FILL_CTAS = 132
-
-
-@triton.jit
-def _gaussian_kernel(out_ptr, D, l, seed, o_sd, L: tl.constexpr, BLOCK_D: tl.constexpr):
-    rd = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)[:, None]
-    cj = tl.arange(0, L)[None, :]
-    vals = tl.randn(seed, rd * l + cj)
-    vals = tl.where(cj < l, vals, 0.0)
-    tl.store(out_ptr + rd * o_sd + cj, vals, mask=rd < D)
+# The prep launch (scale and sketch): rows of x per max-reduction program, and rows of omega
+# (and columns of the x tile) per program.
+PREP_ROWS = 16
+GAUSSIAN_BLOCK = 64
 
 
 @triton.jit
@@ -72,11 +68,109 @@ def scale_tile(t, inv):
     return (t.to(tl.float32) * inv).to(t.dtype)
 
 
+@triton.jit
+def _prep_kernel(
+    x_ptr,
+    part_ptr,
+    amax_ptr,
+    count_ptr,
+    omega_ptr,
+    N,
+    D,
+    l,
+    seed,
+    n_chunks,
+    amax_programs,
+    x_sb,
+    x_sn,
+    x_sd,
+    o_sd,
+    L: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    NC: tl.constexpr,
+):
+    """Programs [0, amax_programs): max |x[b]| over ROWS rows of sample b each (partial in
+    part[b, chunk]); the last to arrive of a sample writes amax[b] (NaN if x[b] has a NaN).
+    The programs after them write omega, BLOCK_D rows each (as _gaussian_kernel)."""
+    pid = tl.program_id(0)
+    if pid < amax_programs:
+        chunk, b = unflatten2(pid, n_chunks)
+        b = b.to(tl.int64)
+        rn = chunk * ROWS + tl.arange(0, ROWS)
+        rows = x_ptr + b * x_sb + rn[:, None].to(tl.int64) * x_sn
+        top = tl.zeros((ROWS, BLOCK_D), tl.float32)
+        nan = tl.zeros((ROWS, BLOCK_D), tl.int32)
+        for d0 in range(0, D, BLOCK_D):
+            rd = d0 + tl.arange(0, BLOCK_D)
+            t = tl.load(rows + rd[None, :].to(tl.int64) * x_sd, mask=(rn < N)[:, None] & (rd < D)[None, :], other=0.0)
+            t = tl.abs(t.to(tl.float32))
+            nan |= (t != t).to(tl.int32)
+            top = tl.maximum(top, tl.where(t != t, 0.0, t))
+        part = tl.max(tl.max(top, axis=1), axis=0)
+        part = tl.where(tl.max(tl.max(nan, axis=1), axis=0) > 0, float("nan"), part)
+        tl.store(part_ptr + b * n_chunks + chunk, part)
+        if arrive(count_ptr + b, n_chunks):
+            rc = tl.arange(0, NC)
+            best = tl.zeros((NC,), tl.float32)
+            bad = tl.zeros((NC,), tl.int32)
+            for c0 in range(0, n_chunks, NC):
+                p = load_partial(part_ptr + b * n_chunks + c0 + rc, mask=c0 + rc < n_chunks, other=0.0)
+                bad |= (p != p).to(tl.int32)
+                best = tl.maximum(best, tl.where(p != p, 0.0, p))
+            total = tl.where(tl.max(bad, axis=0) > 0, float("nan"), tl.max(best, axis=0))
+            tl.store(amax_ptr + b, total)
+    else:
+        rd = (pid - amax_programs) * BLOCK_D + tl.arange(0, BLOCK_D)[:, None]
+        cj = tl.arange(0, L)[None, :]
+        vals = tl.randn(seed, rd * l + cj)
+        vals = tl.where(cj < l, vals, 0.0)
+        tl.store(omega_ptr + rd * o_sd + cj, vals, mask=rd < D)
+
+
 def abs_max(x: torch.Tensor) -> torch.Tensor:
     """x: (B, N, D) -> (B,) float32 max |x[b]| (NaN if x[b] has a NaN): one reduction, no sync.
     The float32 result type makes it one kernel on CUDA (a 16-bit x is cast inside the
     reduction, not by a copy of the result); the max is exact either way."""
     return torch.linalg.vector_norm(x, float("inf"), dim=(1, 2), dtype=torch.float32)
+
+
+def scale_and_sketch(x: torch.Tensor, l: int, seed: int, op: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """x: (B, N, D) -> (abs_max(x) (B,), omega (D, L)) in one launch. omega: float32 standard
+    normal, columns >= l zero; entry (i, j) depends only on (seed, i * l + j), so every batch
+    element and every launch sees the same sketch. PREP_ROWS
+    rows of x per program, the per-sample max finished by the last program of the sample
+    (ticket.py), the sketch written by GAUSSIAN_BLOCK-row programs after them."""
+    batch, n, d = x.shape
+    width = sketch_width(l)
+    n_chunks = triton.cdiv(n, PREP_ROWS)
+    amax = empty(batch, dtype=torch.float32, device=x.device)
+    part = empty(batch, n_chunks, dtype=torch.float32, device=x.device)
+    omega = empty(d, width, dtype=torch.float32, device=x.device)
+    amax_programs = batch * n_chunks
+    grid = flat_grid(op, amax_programs + triton.cdiv(d, GAUSSIAN_BLOCK))
+    _prep_kernel[grid](
+        x,
+        part,
+        amax,
+        counters(batch, x.device),
+        omega,
+        n,
+        d,
+        l,
+        seed,
+        n_chunks,
+        amax_programs,
+        x.stride(0),
+        x.stride(1),
+        x.stride(2),
+        omega.stride(0),
+        L=width,
+        ROWS=PREP_ROWS,
+        BLOCK_D=GAUSSIAN_BLOCK,
+        NC=256,
+    )
+    return amax, omega
 
 
 @triton.jit
@@ -266,15 +360,6 @@ def sketch_width(l: int) -> int:
     return max(16, next_pow2(l))
 
 
-def gaussian(d: int, l: int, seed: int, device: torch.device) -> torch.Tensor:
-    """(d, L) float32 standard normal sketch, columns >= l zero; entry (i, j) depends only on
-    (seed, i * l + j), so every batch element and every launch sees the same sketch."""
-    width = sketch_width(l)
-    out = empty(d, width, dtype=torch.float32, device=device)
-    _gaussian_kernel[(triton.cdiv(d, 64),)](out, d, l, seed, out.stride(0), L=width, BLOCK_D=64)
-    return out
-
-
 def orthonormalize(y: torch.Tensor, l: int) -> torch.Tensor:
     """CholeskyQR2 of y: (B, M, L) float32 whose columns >= l are zero."""
     q = torch.empty_like(y)
@@ -301,10 +386,12 @@ class ScaledPasses:
     block sizes for this X (``pass_block``; ``out_block`` forces the output-tile block of
     both passes). ``op`` names the calling op in launch errors."""
 
-    def __init__(self, x: torch.Tensor, l: int, op: str, out_block: int | None = None):
+    def __init__(
+        self, x: torch.Tensor, l: int, op: str, out_block: int | None = None, amax: torch.Tensor | None = None
+    ):
         self.x = x
         self.op = op
-        self.amax = abs_max(x)
+        self.amax = abs_max(x) if amax is None else amax
         self.batch, self.n, self.d = x.shape
         self.width = sketch_width(l)
         self.split = split_dtype(x.dtype)
@@ -377,8 +464,9 @@ def range_finder(
     basis Q of the range after power_iters power iterations (B, N, L) and W = X^T Q
     (B, D, L), all float32 and of the scaled X (columns >= l zero). The Ritz values of X on
     Q are the eigenvalues of W^T W."""
-    passes = ScaledPasses(x, l, op)
-    y = passes.x_mm(gaussian(passes.d, l, seed, x.device))
+    amax, omega = scale_and_sketch(x, l, seed, op)
+    passes = ScaledPasses(x, l, op, amax=amax)
+    y = passes.x_mm(omega)
     q = orthonormalize(y, l)
     for _ in range(power_iters):
         z = orthonormalize(passes.xt_mm(q), l)

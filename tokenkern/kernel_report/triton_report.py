@@ -39,6 +39,8 @@ from .schema import LABEL, SM90, KernelLaunch, OpCall, ctas_per_sm, sm_fill
 ARCH = 90
 
 # Aten ops that launch nothing on CUDA: allocations and views.
+# Arrival counters (ticket.py) allocated before a recording: more than any recorded call uses.
+RECORDED_COUNTERS = 4096
 _NO_LAUNCH = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "lift_fresh", "detach"}
 
 
@@ -97,6 +99,11 @@ def record_launches(execute: bool = False, torch_ops: bool = True) -> Iterator[l
     from triton.runtime.interpreter import InterpretedFunction
     from triton.runtime.jit import JITFunction
 
+    from tokenkern._triton.ticket import counters
+
+    # The arrival counters are a workspace zeroed once per process and stream, not per call:
+    # allocate them before recording (the recorded calls run on CPU tensors).
+    counters(RECORDED_COUNTERS, torch.device("cpu"))
     launches: list[Launch] = []
     mode = _TorchLaunches(launches) if torch_ops else None
     originals = {cls: cls.run for cls in (JITFunction, InterpretedFunction)}
