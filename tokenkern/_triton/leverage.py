@@ -48,8 +48,9 @@ def _round_robin_partner(idx, t, P):
 
 
 @triton.jit
-def _jacobi_round(a, v, partner, idx, L: tl.constexpr):
-    """Apply the L/2 disjoint Jacobi rotations that zero a[i, partner(i)]: a <- J^T a J, v <- v J."""
+def _jacobi_round(a, v, partner, idx, L: tl.constexpr, VECTORS: tl.constexpr):
+    """Apply the L/2 disjoint Jacobi rotations that zero a[i, partner(i)]: a <- J^T a J, and
+    v <- v J when VECTORS."""
     rows = idx[:, None]
     cols = idx[None, :]
     eye = rows == cols
@@ -77,8 +78,38 @@ def _jacobi_round(a, v, partner, idx, L: tl.constexpr):
     col_idx = tl.broadcast_to(partner[None, :], (L, L))
     a = c[:, None] * a + sigma[:, None] * tl.gather(a, row_idx, 0)
     a = a * c[None, :] + tl.gather(a, col_idx, 1) * sigma[None, :]
-    v = v * c[None, :] + tl.gather(v, col_idx, 1) * sigma[None, :]
+    if VECTORS:
+        v = v * c[None, :] + tl.gather(v, col_idx, 1) * sigma[None, :]
     return a, v
+
+
+@triton.jit
+def jacobi_eigen(a, l, L: tl.constexpr, MAX_SWEEPS: tl.constexpr, TOL2: tl.constexpr, VECTORS: tl.constexpr):
+    """Eigen-decomposition of the symmetric L x L float32 a (cyclic parallel Jacobi over the
+    first l rows and columns): (eigenvalues (L,), unordered; eigenvectors as the columns of v,
+    the identity unless VECTORS)."""
+    idx = tl.arange(0, L)
+    eye = idx[:, None] == idx[None, :]
+    v = tl.where(eye, 1.0, 0.0)
+    players = ((l + 1) // 2) * 2
+    total = tl.sum(tl.sum(a * a, axis=1), axis=0)
+    for _sweep in range(MAX_SWEEPS):
+        off = tl.sum(tl.sum(tl.where(eye, 0.0, a * a), axis=1), axis=0)
+        if off > TOL2 * total:
+            for t in range(players - 1):
+                a, v = _jacobi_round(a, v, _round_robin_partner(idx, t, players), idx, L, VECTORS)
+    return tl.sum(tl.where(eye, a, 0.0), axis=1), v
+
+
+@triton.jit
+def top_r_mask(d, l, r, L: tl.constexpr):
+    """Which of the first l entries of d (L,) are its r largest (ties: lower index)."""
+    idx = tl.arange(0, L)
+    rows = idx[:, None]
+    cols = idx[None, :]
+    better = ((d[None, :] > d[:, None]) | ((d[None, :] == d[:, None]) & (cols < rows))) & (cols < l)
+    rank = tl.sum(better.to(tl.int32), axis=1)
+    return (rank < r) & (idx < l)
 
 
 @triton.jit
@@ -104,21 +135,8 @@ def _top_subspace_kernel(
     idx = tl.arange(0, L)
     rows = idx[:, None]
     cols = idx[None, :]
-    eye = rows == cols
-    a = gram(w_ptr + b * w_sb, D, w_sd, L, BLOCK_D)
-    v = tl.where(eye, 1.0, 0.0)
-    players = ((l + 1) // 2) * 2
-    total = tl.sum(tl.sum(a * a, axis=1), axis=0)
-    for _sweep in range(MAX_SWEEPS):
-        off = tl.sum(tl.sum(tl.where(eye, 0.0, a * a), axis=1), axis=0)
-        if off > TOL2 * total:
-            for t in range(players - 1):
-                a, v = _jacobi_round(a, v, _round_robin_partner(idx, t, players), idx, L)
-    d = tl.sum(tl.where(eye, a, 0.0), axis=1)
-    d_col = tl.sum(tl.where(eye, a, 0.0), axis=0)
-    better = ((d_col[None, :] > d[:, None]) | ((d_col[None, :] == d[:, None]) & (cols < rows))) & (cols < l)
-    rank = tl.sum(better.to(tl.int32), axis=1)
-    keep = (rank < r) & (idx < l)
+    d, v = jacobi_eigen(gram(w_ptr + b * w_sb, D, w_sd, L, BLOCK_D), l, L, MAX_SWEEPS, TOL2, True)
+    keep = top_r_mask(d, l, r, L)
     tl.store(vsel_ptr + b * v_sb + rows * L + cols, tl.where(keep[None, :], v, 0.0))
     tl.store(eval_ptr + b * e_sb + idx, d)
 

@@ -460,10 +460,10 @@ class ScaledPasses:
 def range_finder(
     x: torch.Tensor, l: int, seed: int, power_iters: int, op: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x: (B, N, D) -> (Y, Q, W): the first sketch Y = X omega (B, N, L), the orthonormal
-    basis Q of the range after power_iters power iterations (B, N, L) and W = X^T Q
-    (B, D, L), all float32 and of the scaled X (columns >= l zero). The Ritz values of X on
-    Q are the eigenvalues of W^T W."""
+    """x: (B, N, D) -> (amax, Q, W): max |x[b]| (B,) (NaN or Inf exactly where x[b] has a
+    NaN or Inf), the orthonormal basis Q of the range after power_iters power iterations
+    (B, N, L) and W = X^T Q (B, D, L), both float32 and of the scaled X (columns >= l zero).
+    The Ritz values of X on Q are the eigenvalues of W^T W."""
     amax, omega = scale_and_sketch(x, l, seed, op)
     passes = ScaledPasses(x, l, op, amax=amax)
     y = passes.x_mm(omega)
@@ -471,4 +471,4 @@ def range_finder(
     for _ in range(power_iters):
         z = orthonormalize(passes.xt_mm(q), l)
         q = orthonormalize(passes.x_mm(z), l)
-    return y, q, passes.xt_mm(q)
+    return amax, q, passes.xt_mm(q)

@@ -25,10 +25,10 @@ both paths read x[b] times the exact power of two 2^-e that brings max |x[b]| in
 Top r (1 <= r < m): the randomized range finder of sketch.py on x (Gaussian sketch of width
 l = ``spectral_sketch(m, r)``, ``POWER_ITERS`` power iterations with CholeskyQR2
 re-orthonormalization, skipped when the sketch spans all m directions), Rayleigh-Ritz by the
-Jacobi solver of leverage.py (the l Ritz values approximate lam_1..lam_l from below), then
-``_ritz_ipr_kernel`` sums the r largest Ritz values and their squares. It also scans the first
-sketch X @ Omega, which has a NaN or Inf exactly where x[b] does (Omega's entries are
-nonzero), to return NaN for such samples. The sketch must fit the solver's registers
+Jacobi solver of leverage.py without eigenvectors (the l Ritz values approximate lam_1..lam_l
+from below) and the IPR of the r largest Ritz values, in one kernel, ``_ritz_ipr_kernel``. A
+sample whose x[b] has a NaN or Inf (its max |x[b]|, which scales the passes, is then NaN or
+Inf) gets NaN. The sketch must fit the solver's registers
 (``SPECTRAL_MAX_SKETCH`` columns) with ``SPECTRAL_MIN_OVERSAMPLE`` columns past r, unless it
 covers all m directions (then it is exact).
 """
@@ -39,8 +39,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .leverage import top_subspace
-from .sketch import abs_max, pow2_inverse, range_finder, scale_tile, sketch_width
+from .leverage import JACOBI_MAX_SWEEPS, JACOBI_TOL2, JACOBI_WARPS, jacobi_eigen, top_r_mask
+from .sketch import abs_max, gram, pow2_inverse, range_finder, scale_tile, sketch_width
 from .utils import empty, flat_grid, interpreted, unflatten3
 
 # The top-r sketch must fit the register-resident eigen-solver: at most SPECTRAL_MAX_SKETCH
@@ -148,39 +148,32 @@ def _gram_reduce_kernel(part_ptr, out_ptr, T, p_sb, BLOCK_T: tl.constexpr):
 
 @triton.jit
 def _ritz_ipr_kernel(
-    e_ptr,
-    y_ptr,
+    w_ptr,
+    amax_ptr,
     out_ptr,
-    N,
+    D,
     l,
     r,
-    e_sb,
-    y_sb,
-    y_sn,
+    w_sb,
+    w_sd,
     L: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    MAX_SWEEPS: tl.constexpr,
+    TOL2: tl.constexpr,
 ):
-    """IPR of the r largest of the first l Ritz values evals[b, :l] (negative rounding
-    clamped to 0); NaN if the sketch Y[b] (N, L) has a NaN or Inf."""
+    """IPR of the r largest of the l Ritz values of sample b: the eigenvalues of W^T W (Jacobi,
+    no eigenvectors; negative rounding clamped to 0); NaN where x[b] has a NaN or Inf (its
+    max |x[b]| is then NaN or Inf)."""
     b = tl.program_id(0).to(tl.int64)
-    idx = tl.arange(0, L)
-    rows = idx[:, None]
-    cols = idx[None, :]
-    e = tl.load(e_ptr + b * e_sb + idx)
-    better = ((e[None, :] > e[:, None]) | ((e[None, :] == e[:, None]) & (cols < rows))) & (cols < l)
-    order = tl.sum(better.to(tl.int32), axis=1)
-    keep = (order < r) & (idx < l)
+    e, _ = jacobi_eigen(gram(w_ptr + b * w_sb, D, w_sd, L, BLOCK_D), l, L, MAX_SWEEPS, TOL2, False)
+    keep = top_r_mask(e, l, r, L)
     lam = tl.where(keep, tl.maximum(e, 0.0), 0.0)
     total = tl.sum(lam, axis=0)
     p = lam / tl.where(total > 0.0, total, 1.0)
     ipr = tl.where(total > 0.0, tl.sum(p * p, axis=0), 0.0)
-    bad = tl.zeros((BLOCK_N, L), tl.int32)
-    for n0 in range(0, N, BLOCK_N):
-        rn = n0 + tl.arange(0, BLOCK_N)
-        t = tl.load(y_ptr + b * y_sb + rn[:, None] * y_sn + cols, mask=(rn < N)[:, None], other=0.0)
-        bad += ((t != t) | (tl.abs(t) == float("inf"))).to(tl.int32)
-    nonfinite = tl.sum(tl.sum(bad, axis=1), axis=0) + tl.sum(tl.where(keep & (e != e), 1, 0), axis=0)
-    finite = (nonfinite == 0) & (tl.abs(total) < float("inf"))
+    amax = tl.load(amax_ptr + b)
+    nan_eigen = tl.sum(tl.where(keep & (e != e), 1, 0), axis=0)
+    finite = (amax == amax) & (amax < float("inf")) & (nan_eigen == 0) & (tl.abs(total) < float("inf"))
     tl.store(out_ptr + b, tl.where(finite, ipr, float("nan")))
 
 
@@ -237,21 +230,22 @@ def topr_ipr(x: torch.Tensor, r: int) -> torch.Tensor:
     batch, n, d = x.shape
     l = spectral_sketch(min(n, d), r)
     power_iters = 0 if l == min(n, d) else POWER_ITERS
-    y, _, w = range_finder(x, l, SKETCH_SEED, power_iters, "spectral_ipr")
-    _, evals = top_subspace(w, l, r)
+    amax, _, w = range_finder(x, l, SKETCH_SEED, power_iters, "spectral_ipr")
     out = empty(batch, dtype=torch.float32, device=x.device)
     _ritz_ipr_kernel[(batch,)](
-        evals,
-        y,
+        w,
+        amax,
         out,
-        n,
+        d,
         l,
         r,
-        evals.stride(0),
-        y.stride(0),
-        y.stride(1),
+        w.stride(0),
+        w.stride(1),
         L=sketch_width(l),
-        BLOCK_N=64,
+        BLOCK_D=64,
+        MAX_SWEEPS=JACOBI_MAX_SWEEPS,
+        TOL2=JACOBI_TOL2,
+        num_warps=JACOBI_WARPS,
     )
     return out
 
