@@ -101,18 +101,17 @@ def test_plan_kernel_names_match_the_header():
     ("args", "kernels"),
     [
         ((8, 2880, 4096, 720, 4096, 1, False, True),
-         ["keep_scatter_kernel", "negative_weight_kernel", "dropped_list_kernel", "inverse_norm_kernel",
-          "similarity_kernel", "select_targets_kernel", "merge_reduce_kernel"]),
-        ((2, 30, 8, 30, 4, 1, False, True),  # K = N: no dropped tokens, no similarity
-         ["keep_scatter_kernel", "negative_weight_kernel", "inverse_norm_kernel", "merge_reduce_kernel"]),
-        ((3, 50, 8, 7, 4, 4, True, False),  # kept mode with a query metric
-         ["keep_scatter_kernel", "negative_weight_kernel", "similarity_kernel", "select_targets_kernel",
+         ["merge_prepare_kernel", "inverse_norm_kernel", "similarity_kernel", "select_targets_kernel",
           "merge_reduce_kernel"]),
+        ((2, 30, 8, 30, 4, 1, False, True),  # K = N: no dropped tokens, no similarity
+         ["merge_prepare_kernel", "inverse_norm_kernel", "merge_reduce_kernel"]),
+        ((3, 50, 8, 7, 4, 4, True, False),  # kept mode with a query metric
+         ["merge_prepare_kernel", "similarity_kernel", "select_targets_kernel", "merge_reduce_kernel"]),
     ],
 )  # fmt: skip
 def test_merge_tokens_plan(args, kernels):
     plan = PLAN(*args)
-    assert plan.shape == (7, 7) and plan.dtype == torch.int64
+    assert plan.shape == (5, 7) and plan.dtype == torch.int64
     assert _kernels(plan) == kernels
     used = plan[plan[:, 0] >= 0]
     assert (plan[len(used) :] == torch.tensor([-1, 0, 0, 0, 0, 0, 0])).all()
@@ -122,8 +121,8 @@ def test_merge_tokens_plan(args, kernels):
     for row, name in zip(used.tolist(), kernels, strict=True):
         if name == "inverse_norm_kernel":  # one warp per token of every sample, 1-D
             assert row[2:4] == [1, 1] and row[1] * 256 >= batch * args[1] * 32
-        elif name in ("dropped_list_kernel",):
-            assert row[1:4] == [batch, 1, 1]  # one block per sample
+        elif name == "merge_prepare_kernel":  # one block per 256 tokens of every sample
+            assert row[1:4] == [-(-args[1] // 256), batch, 1]
         else:
             assert batch in row[2:4]
 
@@ -132,9 +131,9 @@ def test_merge_tokens_plan(args, kernels):
     ("args", "kernels"),
     [
         ((8, 577, 1024, 64, 144),
-         ["negative_weight_kernel", "inverse_norm_kernel", "similarity_kernel", "best_match_kernel",
-          "edge_select_kernel", "bipartite_output_kernel"]),
-        ((1, 1, 8, 8, 0), ["negative_weight_kernel", "edge_select_kernel", "bipartite_output_kernel"]),
+         ["inverse_norm_kernel", "similarity_kernel", "best_match_kernel", "edge_select_kernel",
+          "bipartite_output_kernel"]),
+        ((1, 1, 8, 8, 0), ["edge_select_kernel", "bipartite_output_kernel"]),
     ],
 )  # fmt: skip
 def test_bipartite_merge_plan(args, kernels):
@@ -143,6 +142,8 @@ def test_bipartite_merge_plan(args, kernels):
     b, n, _, _, r = args
     out = plan[len(kernels) - 1].tolist()
     assert out[1:3] == [n - r, b]  # one block per output row
+    edges = plan[len(kernels) - 2].tolist()
+    assert edges[1:3] == [-(-((n + 1) // 2) // 256), b]  # one block per 256 A tokens of every sample
 
 
 @pytest.mark.parametrize(
@@ -184,14 +185,13 @@ def test_headline_merge_tokens_bytes_and_floors():
     flops = 2 * b * (n - k) * k * d
     assert call.params["compute_floor_flops"] == flops
     assert call.params["compute_floor_us"] == pytest.approx(flops / cuda_report.SM90_PEAK_FLOPS * 1e6, abs=0.01)
-    assert call.launches == len(call.kernels) == 9  # 2 glue fills + 7 kernels
-    assert [kr.backend for kr in call.kernels[:2]] == ["torch", "torch"]
-    assert all(kr.registers is None and "not compiled" in kr.notes for kr in call.kernels[2:])
+    assert call.launches == len(call.kernels) == 5  # 5 kernels, no glue fills
+    assert all(kr.backend == "cuda" and kr.registers is None and "not compiled" in kr.notes for kr in call.kernels)
 
 
 def test_merge_tokens_default_weight_is_a_glue_fill():
     call = cuda_report.op_call(MergeCall("merge_tokens", 2, 96, 64, 24, 16, weight=False), {})
-    assert [kr.kernel for kr in call.kernels if kr.backend == "torch"] == ["torch.zeros", "torch.full", "torch.ones"]
+    assert [kr.kernel for kr in call.kernels if kr.backend == "torch"] == ["torch.ones"]
 
 
 @pytest.mark.skipif(not HAS_NVCC, reason="needs nvcc and the csrc/ sources")

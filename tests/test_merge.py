@@ -342,6 +342,36 @@ def test_cuda_invalid_keep_idx_gives_nan_not_a_crash():
         tokenkern.merge_tokens(x, keep)
 
 
+@pytest.mark.skipif(not HAS_CUDA, reason="the sync-free CUDA op poisons invalid samples instead of raising")
+@pytest.mark.parametrize("where", [0, 300, 599])
+def test_cuda_invalid_values_in_any_tile_poison_only_their_sample(where, gen):
+    """The invalid flags are one per (sample, 256-token tile): a bad value in any tile of a sample
+    poisons that sample and no other."""
+    n = 600
+    x = torch.randn(3, n, 8, generator=gen)
+    metric = torch.randn(3, n, 8, generator=gen)
+    w = torch.rand(3, n, generator=gen) + 0.5
+    w[1, where] = float("nan")
+    keep = torch.arange(0, n, 2).repeat(3, 1)  # K = 300: keep slots in two tiles
+    keep[2, 280] = keep[2, 279]  # not strictly ascending, in the second tile
+    merged, mass = tokenkern.merge_tokens(x.cuda(), keep.cuda(), metric=metric.cuda(), weight=w.cuda(), validate=False)
+    ref, ref_mass = reference.merge_tokens(x[:1].double(), keep[:1], metric=metric[:1].double(), weight=w[:1].double())
+    assert_rel_close(merged[:1].cpu(), ref, REL_TOL[torch.float32])
+    assert_rel_close(mass[:1].cpu(), ref_mass, REL_TOL[torch.float32])
+    assert torch.isnan(merged[1:]).all() and torch.isnan(mass[1:]).all()
+
+    n = 1100  # 550 A tokens: three edge_select tiles
+    x = torch.randn(2, n, 8, generator=gen)
+    metric = torch.randn(2, n, 8, generator=gen)
+    size = torch.rand(2, n, generator=gen) + 0.5
+    size[1, 2 * where + 1] = -1.0  # a B token's size, in tile where // 256 of the A tokens
+    out, out_size = tokenkern.bipartite_merge(x.cuda(), metric.cuda(), 300, size.cuda(), validate=False)
+    ref, ref_size = reference.bipartite_merge(x[:1].double(), metric[:1].double(), 300, size[:1].double())
+    assert_rel_close(out[:1].cpu(), ref, REL_TOL[torch.float32])
+    assert_rel_close(out_size[:1].cpu(), ref_size, REL_TOL[torch.float32])
+    assert torch.isnan(out[1]).all() and torch.isnan(out_size[1]).all()
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_empty_batch_and_zero_width(device, gen):
     x = torch.randn(0, 10, 4, device=device)

@@ -3,10 +3,11 @@
     compute-sanitizer --tool memcheck python tools/gpu_sanitize.py --device cuda
 
 Covers merge_tokens (dropped and kept assignment, cosine and query similarity, topm 1 and > 1,
-every combine, float32 / float16 / bfloat16, K = N, awkward sizes) and bipartite_merge (odd and
-even N, protect_first, r = 0), each checked against the float64 reference so that a run that
-computes garbage fails too. ``--device cpu`` runs the same calls on the CPU kernels (the dry
-form of ``make gpu-check``).
+every combine, float32 / float16 / bfloat16, K = N, awkward sizes, several 256-token tiles of
+merge_prepare_kernel per sample) and bipartite_merge (odd and even N, protect_first, r = 0,
+several edge_select tiles per sample, node keys past its shared-memory tile), each checked
+against the float64 reference so that a run that computes garbage fails too. ``--device cpu``
+runs the same calls on the CPU kernels (the dry form of ``make gpu-check``).
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ def merge_cases(device: str, dtypes: list[torch.dtype]) -> list[str]:
             (1, 130, 33, 300, 64, 3, "dropped", "add_mean", True),
             (2, 45, 45, 8, 8, 2, "dropped", "sum", False),
             (3, 50, 7, 96, 16, 4, "kept", "mean", False),
+            (2, 600, 150, 24, 16, 2, "dropped", "mean", False),  # several 256-token tiles per sample
+            (1, 700, 300, 16, 8, 1, "dropped", "sum", False),  # keep slots in two tiles
         ):
             x = torch.randn(b, n, d, generator=gen).to(dtype)
             metric = torch.randn(b, n, c, generator=gen).to(dtype)
@@ -67,8 +70,12 @@ def bipartite_cases(device: str, dtypes: list[torch.dtype]) -> list[str]:
     gen = torch.Generator().manual_seed(1)
     failures = []
     for dtype in dtypes:
-        for b, n, d, c, r, protect in ((2, 77, 40, 16, 20, False), (1, 300, 130, 64, 149, True),
-                                       (2, 10, 8, 8, 0, False)):  # fmt: skip
+        # N = 1100: three edge_select tiles per sample
+        cases = [(2, 77, 40, 16, 20, False), (1, 300, 130, 64, 149, True), (2, 10, 8, 8, 0, False),
+                 (2, 1100, 24, 16, 400, False)]  # fmt: skip
+        if dtype == torch.float32:  # 4100 A tokens: more node keys than edge_select holds in shared memory
+            cases.append((1, 8200, 8, 8, 3000, True))
+        for b, n, d, c, r, protect in cases:
             x = torch.randn(b, n, d, generator=gen).to(dtype)
             metric = torch.randn(b, n, c, generator=gen).to(dtype)
             size = torch.rand(b, n, generator=gen) + 0.5

@@ -48,24 +48,20 @@ struct MergeTokensProblem {
 
 // Every kernel of merge_kernels.cuh; the ids are part of the _merge_launch_plan op's output.
 enum class MergeKernel : int32_t {
-  kKeepScatter = 0,
-  kNegativeWeight = 1,
-  kDroppedList = 2,
-  kInverseNorm = 3,
-  kSimilarity = 4,
-  kSelectTargets = 5,
-  kMergeReduce = 6,
-  kBestMatch = 7,
-  kEdgeSelect = 8,
-  kBipartiteOutput = 9,
+  kPrepare = 0,
+  kInverseNorm = 1,
+  kSimilarity = 2,
+  kSelectTargets = 3,
+  kMergeReduce = 4,
+  kBestMatch = 5,
+  kEdgeSelect = 6,
+  kBipartiteOutput = 7,
 };
-constexpr int kMergeKernelCount = 10;
+constexpr int kMergeKernelCount = 8;
 
 inline const char* merge_kernel_name(MergeKernel k) {
   switch (k) {
-    case MergeKernel::kKeepScatter: return "keep_scatter_kernel";
-    case MergeKernel::kNegativeWeight: return "negative_weight_kernel";
-    case MergeKernel::kDroppedList: return "dropped_list_kernel";
+    case MergeKernel::kPrepare: return "merge_prepare_kernel";
     case MergeKernel::kInverseNorm: return "inverse_norm_kernel";
     case MergeKernel::kSimilarity: return "similarity_kernel";
     case MergeKernel::kSelectTargets: return "select_targets_kernel";
@@ -77,6 +73,14 @@ inline const char* merge_kernel_name(MergeKernel k) {
   return "?";
 }
 
+// Invalid-input flags: merge_prepare_kernel (merge_tokens' first launch) and edge_select_kernel
+// (bipartite_merge's, before the output kernel, the only reader) check the values of a tile of
+// kThreads tokens (A tokens for bipartite_merge) per CTA and write one flag per (sample, tile),
+// every flag unconditionally, so the buffer needs no zero fill; the kernels launched after them
+// OR a sample's flags. Flags per sample:
+inline int64_t merge_tokens_flag_tiles(int64_t n) { return blocks_for(n, kThreads); }
+inline int64_t bipartite_flag_tiles(int64_t n) { return blocks_for((n + 1) / 2, kThreads); }
+
 struct Launch {
   MergeKernel kernel;
   int64_t grid[3];
@@ -85,7 +89,7 @@ struct Launch {
 };
 
 // Most launches of one chunk of either op.
-constexpr int kMaxMergeLaunches = 7;
+constexpr int kMaxMergeLaunches = 5;
 
 struct LaunchPlan {
   Launch launch[kMaxMergeLaunches] = {};
@@ -99,9 +103,7 @@ struct LaunchPlan {
 inline LaunchPlan merge_tokens_plan(const MergeTokensProblem& p) {
   LaunchPlan plan;
   const int64_t rows_c = p.chooser_rows(), cols_c = p.candidates();
-  plan.add(MergeKernel::kKeepScatter, blocks_for(p.k, kThreads), p.batch);
-  plan.add(MergeKernel::kNegativeWeight, blocks_for(p.n, kThreads), p.batch);
-  if (p.n > p.k && !p.kept_mode) plan.add(MergeKernel::kDroppedList, p.batch);
+  plan.add(MergeKernel::kPrepare, merge_tokens_flag_tiles(p.n), p.batch);
   if (p.cosine) plan.add(MergeKernel::kInverseNorm, blocks_for(p.batch * p.n * kWarp, kThreads));
   if (rows_c > 0) {
     plan.add(MergeKernel::kSimilarity, blocks_for(cols_c, kTileN), blocks_for(rows_c, kTileM), p.batch);
@@ -116,13 +118,12 @@ inline LaunchPlan merge_tokens_plan(const MergeTokensProblem& p) {
 inline LaunchPlan bipartite_merge_plan(int64_t batch, int64_t n, int64_t r) {
   LaunchPlan plan;
   const int64_t n_a = (n + 1) / 2, n_b = n / 2;
-  plan.add(MergeKernel::kNegativeWeight, blocks_for(n, kThreads), batch);
   if (n_b > 0) {
     plan.add(MergeKernel::kInverseNorm, blocks_for(batch * n * kWarp, kThreads));
     plan.add(MergeKernel::kSimilarity, blocks_for(n_b, kTileN), blocks_for(n_a, kTileM), batch);
     plan.add(MergeKernel::kBestMatch, blocks_for(n_a * kWarp, kThreads), batch);
   }
-  plan.add(MergeKernel::kEdgeSelect, batch);
+  plan.add(MergeKernel::kEdgeSelect, bipartite_flag_tiles(n), batch);
   plan.add(MergeKernel::kBipartiteOutput, n - r, batch);
   return plan;
 }

@@ -76,8 +76,8 @@ std::tuple<at::Tensor, at::Tensor> merge_tokens_cuda(const at::Tensor& x, const 
   const int64_t rows_c = p.chooser_rows(), cols_c = p.candidates();
   const auto i32 = xc.options().dtype(at::kInt);
   const auto f32 = xc.options().dtype(at::kFloat);
-  at::Tensor invalid = at::zeros({a.batch}, i32);
-  at::Tensor kept_pos = at::full({a.batch, a.n}, -1, i32);
+  // Written in full by the first kernel: no fills (merge_kernels.cuh).
+  at::Tensor invalid = at::empty({a.batch, cuda::merge_tokens_flag_tiles(a.n)}, i32);
   at::Tensor dropped = at::empty({a.batch, a.n - a.k}, i32);
   at::Tensor inv = at::empty({a.cosine ? a.batch * a.n : 0}, f32);
   at::Tensor sims = at::empty({a.batch, rows_c, cols_c}, f32);
@@ -86,9 +86,8 @@ std::tuple<at::Tensor, at::Tensor> merge_tokens_cuda(const at::Tensor& x, const 
   at::Tensor merged = at::empty({a.batch, a.k, a.d}, xc.options());
   at::Tensor mass = at::empty({a.batch, a.k}, f32);
 
-  cuda::MergeTokensScratch s{ptr<int32_t>(invalid), ptr<int32_t>(kept_pos), ptr<int32_t>(dropped),
-                             ptr<float>(inv),       ptr<float>(sims),        ptr<int32_t>(targets),
-                             ptr<float>(coef)};
+  cuda::MergeTokensScratch s{ptr<int32_t>(invalid), ptr<int32_t>(dropped), ptr<float>(inv),  ptr<float>(sims),
+                             ptr<int32_t>(targets), ptr<float>(coef)};
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   dispatch_float(xc.scalar_type(), [&](auto tx) {
     using TX = typename decltype(tx)::type;
@@ -114,7 +113,7 @@ std::tuple<at::Tensor, at::Tensor> bipartite_merge_cuda(const at::Tensor& x, con
   const at::Tensor sf = float_weights(size, xc, a.batch, a.n);
   const auto i32 = xc.options().dtype(at::kInt);
   const auto f32 = xc.options().dtype(at::kFloat);
-  at::Tensor invalid = at::zeros({a.batch}, i32);
+  at::Tensor invalid = at::empty({a.batch, cuda::bipartite_flag_tiles(a.n)}, i32);  // written by edge_select
   at::Tensor inv = at::empty({a.batch, a.n}, f32);
   at::Tensor sims = at::empty({a.batch, a.n_a, a.n_b}, f32);
   at::Tensor node_key = at::empty({a.batch, a.n_a}, i32);

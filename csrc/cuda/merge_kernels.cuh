@@ -4,8 +4,9 @@
 // tokenkern_kernels). Per-token math is shared with the CPU ops (common/merge_math.h).
 //
 // Determinism: every output element is written by one thread, sums run in a fixed order
-// (contributions in ascending source order), there are no float atomics. Integer atomics
-// only raise per-sample "invalid input" flags.
+// (contributions in ascending source order), there are no atomics. Invalid inputs raise
+// per-(sample, tile) flags that each CTA of merge_prepare_kernel / edge_select_kernel writes
+// unconditionally (no zero fill); later launches OR a sample's flags (common/merge_plan.h).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -18,11 +19,13 @@
 
 #include "common/merge_math.h"
 #include "common/merge_plan.h"
+#include "common/merge_select.h"
 
 namespace tokenkern {
 namespace cuda {
 
 constexpr int kAccTile = 4096;  // floats of a receiver's accumulator held in shared memory
+constexpr int kKeyTile = 4096;  // bipartite node keys of a sample held in shared memory (n_a <= 4096)
 
 template <typename T>
 __device__ __forceinline__ float to_float(T v) {
@@ -82,44 +85,56 @@ __device__ __forceinline__ int block_exclusive_scan(int flag, int* scratch, int*
   return before + __popc(ballot & lanes_below());
 }
 
+// Sum of v over the threads of the block. All threads must call it. `scratch` holds kThreads /
+// kWarp ints.
+__device__ __forceinline__ int64_t block_sum(int v, int* scratch) {
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+  v = warp_sum(v);
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  int64_t sum = 0;
+  for (int w = 0; w < kThreads / kWarp; ++w) sum += scratch[w];
+  __syncthreads();
+  return sum;
+}
+
+// Whether sample b was flagged invalid: the OR of its `tiles` flags (written by an earlier launch).
+// All threads of the block must call it.
+__device__ __forceinline__ bool sample_invalid_block(const int32_t* flags, int64_t b, int64_t tiles) {
+  int bad = 0;
+  for (int64_t t = threadIdx.x; t < tiles; t += blockDim.x) bad |= flags[b * tiles + t];
+  return __syncthreads_or(bad) != 0;
+}
+
+// The same for one warp (all its lanes must call it).
+__device__ __forceinline__ bool sample_invalid_warp(const int32_t* flags, int64_t b, int64_t tiles) {
+  int bad = 0;
+  for (int64_t t = threadIdx.x % kWarp; t < tiles; t += kWarp) bad |= flags[b * tiles + t];
+  return __any_sync(0xffffffffu, bad) != 0;
+}
+
 // ------------------------------------------------------------------------- preparation
 
-// kept_pos[b, keep[b, t]] = t; a sample whose keep row is out of range or not strictly
-// ascending is flagged invalid (its outputs become NaN).
-__global__ void keep_scatter_kernel(const int64_t* keep, int64_t k, int64_t n, int32_t* kept_pos,
-                                    int32_t* invalid) {
+// Grid (merge_tokens_flag_tiles(n), B), one token i per thread: checks weight[b, i] and keep slot
+// i (i < k; common/merge_select.h), writes token i to its slot of the dropped list when
+// `list_dropped` (dropped mode: the tokens keep does not contain, ascending), and each CTA writes
+// its (sample, tile) invalid flag. A sample flagged invalid gets NaN outputs.
+__global__ void __launch_bounds__(kThreads) merge_prepare_kernel(const int64_t* keep, const float* weight, int64_t n,
+                                                                 int64_t k, bool list_dropped, int32_t* dropped,
+                                                                 int32_t* invalid) {
   const int64_t b = blockIdx.y;
-  const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (t >= k) return;
-  const int64_t v = keep[b * k + t];
-  const bool ok = v >= 0 && v < n && (t == 0 || keep[b * k + t - 1] < v);
-  if (!ok) {
-    atomicOr(invalid + b, 1);
-    return;
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  const int64_t* row = keep + b * k;
+  bool bad = false;
+  if (i < n) {
+    bad = !weight_valid(weight[b * n + i]) || (i < k && !keep_slot_valid(row, i, n));
+    if (list_dropped) {
+      const int64_t slot = dropped_slot(row, k, i);
+      if (slot >= 0 && slot < n - k) dropped[b * (n - k) + slot] = static_cast<int32_t>(i);
+    }
   }
-  kept_pos[b * n + v] = static_cast<int32_t>(t);
-}
-
-// invalid[b] |= any(w[b] < 0, NaN or Inf).
-__global__ void negative_weight_kernel(const float* w, int64_t n, int32_t* invalid) {
-  const int64_t b = blockIdx.y;
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i < n && !(w[b * n + i] >= 0.0f && w[b * n + i] <= kFloatMax)) atomicOr(invalid + b, 1);
-}
-
-// dropped[b, p] = p-th token (ascending) that keep[b] does not contain.
-__global__ void dropped_list_kernel(const int32_t* kept_pos, int64_t n, int64_t n_dropped, int32_t* dropped) {
-  __shared__ int scratch[kThreads / kWarp];
-  const int64_t b = blockIdx.x;
-  int64_t base = 0;
-  for (int64_t i0 = 0; i0 < n; i0 += kThreads) {
-    const int64_t i = i0 + threadIdx.x;
-    const int flag = (i < n && kept_pos[b * n + i] < 0) ? 1 : 0;
-    int total;
-    const int pos = block_exclusive_scan(flag, scratch, &total);
-    if (flag && base + pos < n_dropped) dropped[b * n_dropped + base + pos] = static_cast<int32_t>(i);
-    base += total;
-  }
+  const int any = __syncthreads_or(bad);
+  if (threadIdx.x == 0) invalid[b * gridDim.x + blockIdx.x] = any != 0 ? 1 : 0;
 }
 
 // inv[b, i] = 1 / max(||m[b, i, :]||, eps), one warp per row.
@@ -294,11 +309,11 @@ __global__ void __launch_bounds__(kThreads) similarity_kernel(const TM* q, RowMa
 __global__ void select_targets_kernel(const float* sims, int64_t rows_c, int64_t cols_c, const int32_t* chooser_tok,
                                       const int64_t* keep, int64_t k, int64_t n, const float* inv, bool cosine,
                                       bool kept_mode, int64_t topm, float temperature, const float* weight,
-                                      const int32_t* invalid, int32_t* targets, float* coef) {
+                                      const int32_t* invalid, int64_t flag_tiles, int32_t* targets, float* coef) {
   const int64_t warp_id = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarp;
   const int64_t b = blockIdx.y;
   const int lane = threadIdx.x % kWarp;
-  if (warp_id >= rows_c || invalid[b]) return;
+  if (warp_id >= rows_c || sample_invalid_warp(invalid, b, flag_tiles)) return;
   const float* row = sims + (b * rows_c + warp_id) * cols_c;
   const int64_t self = kept_mode ? keep[b * k + warp_id] : chooser_tok[b * rows_c + warp_id];
   const float inv_self = cosine ? inv[b * n + self] : 1.0f;
@@ -430,16 +445,16 @@ __device__ __forceinline__ void for_each_contribution(int64_t b, int64_t j, cons
 // One block per receiving kept token j: merged[b, j] and mass[b, j].
 template <typename TX>
 __global__ void merge_reduce_kernel(const TX* x, const int64_t* keep, const float* weight, const int32_t* chooser_tok,
-                                    const int32_t* targets, const float* coef, const int32_t* invalid, int64_t n,
-                                    int64_t d, int64_t k, int64_t rows_c, int64_t topm, bool kept_mode,
-                                    Combine combine, TX* merged, float* mass) {
+                                    const int32_t* targets, const float* coef, const int32_t* invalid,
+                                    int64_t flag_tiles, int64_t n, int64_t d, int64_t k, int64_t rows_c, int64_t topm,
+                                    bool kept_mode, Combine combine, TX* merged, float* mass) {
   __shared__ float acc[kAccTile];
   __shared__ int32_t src[kThreads];
   __shared__ float cs[kThreads];
   __shared__ int scratch[kThreads / kWarp];
   const int64_t j = blockIdx.x, b = blockIdx.y;
   TX* out = merged + (b * k + j) * d;
-  if (invalid[b]) {
+  if (sample_invalid_block(invalid, b, flag_tiles)) {
     for (int64_t t = threadIdx.x; t < d; t += blockDim.x) out[t] = from_float<TX>(NAN);
     if (threadIdx.x == 0) mass[b * k + j] = NAN;
     return;
@@ -499,62 +514,64 @@ __global__ void best_match_kernel(const float* sims, int64_t n_a, int64_t n_b, i
   }
 }
 
-// One block per sample: the r A tokens with the best matches (ties to the lower index,
-// token 0 excluded when protected) get merged[i] = 1; the others are listed ascending in
-// unmerged (n_a - r entries).
-__global__ void edge_select_kernel(const int32_t* node_key, int64_t n_a, int64_t r, bool protect_first,
-                                   uint8_t* merged, int32_t* unmerged) {
+// Grid (bipartite_flag_tiles(n), B), one A token i per thread. Every CTA finds the sample's cut
+// (the r-th best key, common/merge_select.h) by block-wide counts over all n_a node keys (held in
+// shared memory when they fit), then for its A tokens writes merged[i] and, for the unmerged
+// ones, their slot of the unmerged list (ascending; n_a - r entries): the same r tokens (best keys,
+// ties to the lower index, token 0 excluded when protected) as a serial selection. It also checks
+// the sizes of tokens 2i and 2i + 1 and writes the CTA's (sample, tile) invalid flag.
+__global__ void __launch_bounds__(kThreads) edge_select_kernel(const int32_t* node_key, const float* size, int64_t n,
+                                                               int64_t n_a, int64_t r, bool protect_first,
+                                                               uint8_t* merged, int32_t* unmerged, int32_t* invalid) {
+  __shared__ int32_t smem_keys[kKeyTile];
   __shared__ int scratch[kThreads / kWarp];
-  const int64_t b = blockIdx.x;
+  const int64_t b = blockIdx.y;
   const int64_t first = protect_first ? 1 : 0;
-  const int32_t* keys = node_key + b * n_a;
-  int64_t lo = INT32_MIN, hi = INT32_MAX;
-  if (r > 0) {
-    for (int it = 0; it < 32; ++it) {
-      const int64_t mid = lo + (hi - lo + 1) / 2;
-      int cnt = 0;
-      for (int64_t i0 = 0; i0 < n_a; i0 += kThreads) {
-        const int64_t i = i0 + threadIdx.x;
-        cnt += __syncthreads_count(i >= first && i < n_a && keys[i] >= mid);
-      }
-      if (cnt >= r) {
-        lo = mid;
-      } else {
-        hi = mid - 1;
-      }
+  const int64_t i0 = static_cast<int64_t>(blockIdx.x) * kThreads, i = i0 + threadIdx.x;
+  const int32_t* keys = node_key + b * n_a;  // read only when r > 0 (no keys exist when n_b = 0)
+  if (r > 0 && n_a <= kKeyTile) {
+    for (int64_t j = threadIdx.x; j < n_a; j += kThreads) smem_keys[j] = keys[j];
+    __syncthreads();
+    keys = smem_keys;
+  }
+  // #{candidates j in [first, end) with pred(keys[j])}, block-wide.
+  auto count = [&](int64_t end, auto pred) {
+    int c = 0;
+    for (int64_t j = first + threadIdx.x; j < end; j += kThreads) c += pred(keys[j]) ? 1 : 0;
+    return block_sum(c, scratch);
+  };
+  const EdgeCut cut = edge_cut(
+      r, [&](int32_t t) { return count(n_a, [t](int32_t key) { return key >= t; }); },
+      [&](int32_t t) { return count(n_a, [t](int32_t key) { return key > t; }); });
+  int64_t gt_before = 0, eq_before = 0;
+  if (r > 0 && i0 > first) {
+    gt_before = count(i0, [&](int32_t key) { return key > cut.key; });
+    eq_before = count(i0, [&](int32_t key) { return key == cut.key; });
+  }
+  const bool cand = r > 0 && i >= first && i < n_a;
+  const int32_t key = cand ? keys[i] : 0;
+  int tile_gt, tile_eq;
+  gt_before += block_exclusive_scan(cand && key > cut.key, scratch, &tile_gt);
+  eq_before += block_exclusive_scan(cand && key == cut.key, scratch, &tile_eq);
+  bool bad = false;
+  if (i < n_a) {
+    const bool m = edge_merged(key, cand, eq_before, cut);
+    merged[b * n_a + i] = m ? 1 : 0;
+    if (!m) {
+      unmerged[b * (n_a - r) + unmerged_slot(i, merged_before(gt_before, eq_before, cut))] = static_cast<int32_t>(i);
     }
+    bad = !weight_valid(size[b * n + 2 * i]) || (2 * i + 1 < n && !weight_valid(size[b * n + 2 * i + 1]));
   }
-  const int32_t thr = static_cast<int32_t>(lo);
-  int gt_total = 0;
-  for (int64_t i0 = 0; i0 < n_a; i0 += kThreads) {
-    const int64_t i = i0 + threadIdx.x;
-    gt_total += __syncthreads_count(r > 0 && i >= first && i < n_a && keys[i] > thr);
-  }
-  const int64_t ties = r - gt_total;
-  int64_t eq_before = 0, unm_before = 0;
-  for (int64_t i0 = 0; i0 < n_a; i0 += kThreads) {
-    const int64_t i = i0 + threadIdx.x;
-    const bool cand = r > 0 && i >= first && i < n_a;
-    const int eq = (cand && keys[i] == thr) ? 1 : 0;
-    int eq_count;
-    const int eq_rank = block_exclusive_scan(eq, scratch, &eq_count);
-    const bool sel = (cand && keys[i] > thr) || (eq && eq_before + eq_rank < ties);
-    const int unm = (i < n_a && !sel) ? 1 : 0;
-    int unm_count;
-    const int unm_pos = block_exclusive_scan(unm, scratch, &unm_count);
-    if (i < n_a) merged[b * n_a + i] = sel ? 1 : 0;
-    if (unm) unmerged[b * (n_a - r) + unm_before + unm_pos] = static_cast<int32_t>(i);
-    eq_before += eq_count;
-    unm_before += unm_count;
-  }
+  const int any = __syncthreads_or(bad);
+  if (threadIdx.x == 0) invalid[b * gridDim.x + blockIdx.x] = any != 0 ? 1 : 0;
 }
 
 // One block per output row: the unmerged A tokens first (copied), then every B token with
 // the A tokens merged into it (size-weighted mean, ascending A order).
 template <typename TX>
 __global__ void bipartite_output_kernel(const TX* x, const float* size, const uint8_t* merged, const int32_t* node_idx,
-                                        const int32_t* unmerged, const int32_t* invalid, int64_t n, int64_t d,
-                                        int64_t n_a, int64_t r, TX* out, float* out_size) {
+                                        const int32_t* unmerged, const int32_t* invalid, int64_t flag_tiles,
+                                        int64_t n, int64_t d, int64_t n_a, int64_t r, TX* out, float* out_size) {
   __shared__ float acc[kAccTile];
   __shared__ int32_t src[kThreads];
   __shared__ float cs[kThreads];
@@ -562,7 +579,7 @@ __global__ void bipartite_output_kernel(const TX* x, const float* size, const ui
   const int64_t row = blockIdx.x, b = blockIdx.y;
   const int64_t rows = n - r, n_unm = n_a - r;
   TX* o = out + (b * rows + row) * d;
-  if (invalid[b]) {
+  if (sample_invalid_block(invalid, b, flag_tiles)) {
     for (int64_t t = threadIdx.x; t < d; t += blockDim.x) o[t] = from_float<TX>(NAN);
     if (threadIdx.x == 0) out_size[b * rows + row] = NAN;
     return;
@@ -619,8 +636,7 @@ inline dim3 grid_of(const Launch& l) {
 
 // Scratch buffers the caller allocates (element counts in the comments).
 struct MergeTokensScratch {
-  int32_t* invalid;   // batch, zeroed by the caller
-  int32_t* kept_pos;  // batch * n, filled with -1 by the caller
+  int32_t* invalid;   // batch * merge_tokens_flag_tiles(n), no fill needed
   int32_t* dropped;   // batch * (n - k)
   float* inv;         // batch * n (cosine only)
   float* sims;        // batch * chooser_rows * candidates
@@ -644,6 +660,7 @@ void merge_tokens_chunk(const MergeTokensProblem& p, const TX* x, const int64_t*
     kmap.i64 = keep;
   }
   const TM* chooser = query != nullptr ? query : metric;
+  const int64_t flag_tiles = merge_tokens_flag_tiles(p.n);
   const LaunchPlan plan = merge_tokens_plan(p);
   for (int i = 0; i < plan.count; ++i) {
     const Launch& l = plan.launch[i];
@@ -651,14 +668,9 @@ void merge_tokens_chunk(const MergeTokensProblem& p, const TX* x, const int64_t*
     const unsigned threads = static_cast<unsigned>(l.threads);
     const size_t smem = static_cast<size_t>(l.dynamic_smem);
     switch (l.kernel) {
-      case MergeKernel::kKeepScatter:
-        keep_scatter_kernel<<<grid, threads, smem, stream>>>(keep, p.k, p.n, s.kept_pos, s.invalid);
-        break;
-      case MergeKernel::kNegativeWeight:
-        negative_weight_kernel<<<grid, threads, smem, stream>>>(weight, p.n, s.invalid);
-        break;
-      case MergeKernel::kDroppedList:
-        dropped_list_kernel<<<grid, threads, smem, stream>>>(s.kept_pos, p.n, p.n - p.k, s.dropped);
+      case MergeKernel::kPrepare:
+        merge_prepare_kernel<<<grid, threads, smem, stream>>>(keep, weight, p.n, p.k, !p.kept_mode, s.dropped,
+                                                              s.invalid);
         break;
       case MergeKernel::kInverseNorm:
         inverse_norm_kernel<TM><<<grid, threads, smem, stream>>>(metric, p.batch * p.n, p.c, s.inv);
@@ -670,11 +682,11 @@ void merge_tokens_chunk(const MergeTokensProblem& p, const TX* x, const int64_t*
       case MergeKernel::kSelectTargets:
         select_targets_kernel<<<grid, threads, smem, stream>>>(s.sims, rows_c, cols_c, s.dropped, keep, p.k, p.n,
                                                                s.inv, p.cosine, p.kept_mode, p.topm, p.temperature,
-                                                               weight, s.invalid, s.targets, s.coef);
+                                                               weight, s.invalid, flag_tiles, s.targets, s.coef);
         break;
       case MergeKernel::kMergeReduce:
         merge_reduce_kernel<TX><<<grid, threads, smem, stream>>>(x, keep, weight, s.dropped, s.targets, s.coef,
-                                                                 s.invalid, p.n, p.d, p.k, rows_c, p.topm,
+                                                                 s.invalid, flag_tiles, p.n, p.d, p.k, rows_c, p.topm,
                                                                  p.kept_mode, p.combine, merged, mass);
         break;
       default:
@@ -693,8 +705,7 @@ cudaError_t merge_tokens(const MergeTokensProblem& p, const TX* x, const int64_t
   for (int64_t b0 = 0; b0 < p.batch; b0 += chunk) {
     MergeTokensProblem q = p;
     q.batch = p.batch - b0 < chunk ? p.batch - b0 : chunk;
-    const MergeTokensScratch sc{s.invalid + b0,
-                                s.kept_pos + b0 * p.n,
+    const MergeTokensScratch sc{s.invalid + b0 * merge_tokens_flag_tiles(p.n),
                                 s.dropped + b0 * (p.n - p.k),
                                 p.cosine ? s.inv + b0 * p.n : s.inv,
                                 s.sims + b0 * rows_c * cols_c,
@@ -710,7 +721,7 @@ cudaError_t merge_tokens(const MergeTokensProblem& p, const TX* x, const int64_t
 }
 
 struct BipartiteScratch {
-  int32_t* invalid;   // batch, zeroed by the caller
+  int32_t* invalid;   // batch * bipartite_flag_tiles(n), no fill needed
   float* inv;         // batch * n
   float* sims;        // batch * n_a * n_b
   int32_t* node_key;  // batch * n_a
@@ -737,9 +748,6 @@ void bipartite_merge_chunk(int64_t batch, int64_t n, int64_t d, int64_t c, int64
     const unsigned threads = static_cast<unsigned>(l.threads);
     const size_t smem = static_cast<size_t>(l.dynamic_smem);
     switch (l.kernel) {
-      case MergeKernel::kNegativeWeight:
-        negative_weight_kernel<<<grid, threads, smem, stream>>>(size, n, s.invalid);
-        break;
       case MergeKernel::kInverseNorm:
         inverse_norm_kernel<TM><<<grid, threads, smem, stream>>>(metric, batch * n, c, s.inv);
         break;
@@ -750,11 +758,13 @@ void bipartite_merge_chunk(int64_t batch, int64_t n, int64_t d, int64_t c, int64
         best_match_kernel<<<grid, threads, smem, stream>>>(s.sims, n_a, n_b, n, s.inv, s.node_key, s.node_idx);
         break;
       case MergeKernel::kEdgeSelect:
-        edge_select_kernel<<<grid, threads, smem, stream>>>(s.node_key, n_a, r, protect_first, s.merged, s.unmerged);
+        edge_select_kernel<<<grid, threads, smem, stream>>>(s.node_key, size, n, n_a, r, protect_first, s.merged,
+                                                            s.unmerged, s.invalid);
         break;
       case MergeKernel::kBipartiteOutput:
         bipartite_output_kernel<TX><<<grid, threads, smem, stream>>>(x, size, s.merged, s.node_idx, s.unmerged,
-                                                                     s.invalid, n, d, n_a, r, out, out_size);
+                                                                     s.invalid, bipartite_flag_tiles(n), n, d, n_a,
+                                                                     r, out, out_size);
         break;
       default:
         break;  // not a bipartite_merge kernel
@@ -772,7 +782,7 @@ cudaError_t bipartite_merge(int64_t batch, int64_t n, int64_t d, int64_t c, int6
   const int64_t chunk = batch_per_launch(n);
   for (int64_t b0 = 0; b0 < batch; b0 += chunk) {
     const int64_t nb = batch - b0 < chunk ? batch - b0 : chunk;
-    const BipartiteScratch sc{s.invalid + b0,       s.inv + b0 * n,      s.sims + b0 * n_a * n_b,
+    const BipartiteScratch sc{s.invalid + b0 * bipartite_flag_tiles(n), s.inv + b0 * n,      s.sims + b0 * n_a * n_b,
                               s.node_key + b0 * n_a, s.node_idx + b0 * n_a, s.merged + b0 * n_a,
                               s.unmerged + b0 * (n_a - r)};
     bipartite_merge_chunk<TX, TM>(nb, n, d, c, r, protect_first, x + b0 * n * d, metric + b0 * n * c, size + b0 * n,

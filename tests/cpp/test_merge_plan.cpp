@@ -42,31 +42,38 @@ int main() {
   namespace tc = tokenkern::cuda;
   const tc::MergeTokensProblem dropped{8, 2880, 4096, 720, 4096, 1, 0.0f, tokenkern::Combine::kMean, false, true};
   const LaunchPlan p = tc::merge_tokens_plan(dropped);
-  expect(p.count == 7 && launchable(p), "dropped mode: 7 launchable launches");
-  expect(p.launch[0].kernel == MergeKernel::kKeepScatter && p.launch[6].kernel == MergeKernel::kMergeReduce,
-         "keep_scatter first, merge_reduce last");
-  expect(has(p, MergeKernel::kDroppedList) && has(p, MergeKernel::kInverseNorm), "dropped list and norms");
+  expect(p.count == 5 && launchable(p), "dropped mode: 5 launchable launches");
+  expect(p.launch[0].kernel == MergeKernel::kPrepare && p.launch[4].kernel == MergeKernel::kMergeReduce,
+         "merge_prepare first, merge_reduce last");
+  expect(p.launch[0].grid[0] == tc::merge_tokens_flag_tiles(2880) && tc::merge_tokens_flag_tiles(2880) == 12 &&
+             p.launch[0].grid[1] == 8,
+         "merge_prepare: one CTA per 256 tokens of every sample");
+  expect(has(p, MergeKernel::kInverseNorm), "norms");
 
   tc::MergeTokensProblem kept = dropped;
   kept.kept_mode = true;
   kept.cosine = false;
   const LaunchPlan q = tc::merge_tokens_plan(kept);
-  expect(q.count == 5 && launchable(q) && !has(q, MergeKernel::kDroppedList) && !has(q, MergeKernel::kInverseNorm),
-         "kept mode with a query: no dropped list, no norms");
+  expect(q.count == 4 && launchable(q) && q.launch[0].kernel == MergeKernel::kPrepare &&
+             !has(q, MergeKernel::kInverseNorm),
+         "kept mode with a query: prepare (validation only), no norms");
 
   tc::MergeTokensProblem all = dropped;
   all.k = all.n;
   const LaunchPlan r = tc::merge_tokens_plan(all);
-  expect(r.count == 4 && !has(r, MergeKernel::kSimilarity) && !has(r, MergeKernel::kSelectTargets),
+  expect(r.count == 3 && !has(r, MergeKernel::kSimilarity) && !has(r, MergeKernel::kSelectTargets),
          "K = N: nothing to assign");
 
   const LaunchPlan b = tc::bipartite_merge_plan(8, 577, 144);
-  expect(b.count == 6 && launchable(b), "bipartite: 6 launchable launches");
-  expect(b.launch[5].kernel == MergeKernel::kBipartiteOutput && b.launch[5].grid[0] == 577 - 144 &&
-             b.launch[5].grid[1] == 8,
+  expect(b.count == 5 && launchable(b), "bipartite: 5 launchable launches");
+  expect(b.launch[4].kernel == MergeKernel::kBipartiteOutput && b.launch[4].grid[0] == 577 - 144 &&
+             b.launch[4].grid[1] == 8,
          "bipartite output: one block per output row");
+  expect(b.launch[3].kernel == MergeKernel::kEdgeSelect && b.launch[3].grid[0] == 2 &&
+             tc::bipartite_flag_tiles(577) == 2 && b.launch[3].grid[1] == 8,
+         "edge select: one CTA per 256 A tokens of every sample");
   const LaunchPlan one = tc::bipartite_merge_plan(3, 1, 0);
-  expect(one.count == 3 && !has(one, MergeKernel::kSimilarity), "N = 1: no similarity");
+  expect(one.count == 2 && launchable(one) && !has(one, MergeKernel::kSimilarity), "N = 1: no similarity");
 
   expect(tc::launch_chunks(8, 2880) == 1, "headline batches run in one chunk");
   expect(tc::launch_chunks(tc::batch_per_launch(tc::kMaxTokens) + 1, tc::kMaxTokens) == 2, "large batches chunk");

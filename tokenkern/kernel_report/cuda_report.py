@@ -13,8 +13,9 @@ the grids here are exactly the launchers' and no formula is restated in Python.
 Compulsory bytes of a kernel (``_merge_tokens_bytes``, ``_bipartite_bytes``): every tensor
 element the kernel must read or write, each once, from its arguments (an operand re-read by
 several CTAs through L2 counts once; a scattered write counts the elements written). Torch
-launches of the glue (``merge_cuda.cu``: the ``invalid`` zero fill, the ``kept_pos`` -1 fill,
-the all-ones weight when ``weight`` is None) are records of backend "torch".
+launches of the glue (``merge_cuda.cu``: the all-ones weight when ``weight`` is None) are records
+of backend "torch"; the invalid-input flags need no fill (the first kernel of each op writes one
+per (sample, 256-token tile), ``csrc/common/merge_plan.h``).
 
 Floors of one call: HBM = every input read once + every output written once; compute = the
 similarity GEMM's FLOPs (2 * B * rows * columns * C) at the dense bf16 tensor-core peak of the
@@ -47,9 +48,7 @@ SM90_PEAK_FLOPS = 989.4e12
 
 # Kernel ids of the launch plan (enum MergeKernel in csrc/common/merge_plan.h), in id order.
 PLAN_KERNELS = (
-    "keep_scatter_kernel",
-    "negative_weight_kernel",
-    "dropped_list_kernel",
+    "merge_prepare_kernel",
     "inverse_norm_kernel",
     "similarity_kernel",
     "select_targets_kernel",
@@ -353,13 +352,10 @@ def _merge_tokens_bytes(kernel: str, p: MergeCall) -> int:
     b, n, d, k, c, es, topm = p.b, p.n, p.d, p.k, p.c, p.es, p.topm
     rows, cols = n - k, k
     i32, i64, f32 = 4, 8, 4
+    flags = b * -(-n // 256) * i32  # one invalid flag per (sample, 256-token tile)
     table = {
-        # keep (B, K) read, kept_pos written at K of N entries, invalid flags
-        "keep_scatter_kernel": b * k * (i64 + i32) + b * i32,
-        # weight (B, N) read, invalid flags
-        "negative_weight_kernel": b * n * f32 + b * i32,
-        # kept_pos (B, N) read, dropped (B, N - K) written
-        "dropped_list_kernel": b * n * i32 + b * rows * i32,
+        # keep (B, K) and weight (B, N) read, dropped (B, N - K) and the flags written
+        "merge_prepare_kernel": b * k * i64 + b * n * f32 + b * rows * i32 + flags,
         # metric (B, N, C) read, inverse norms (B, N) written
         "inverse_norm_kernel": b * n * c * es + b * n * f32,
         # the chooser and candidate rows of metric (all N, each once), the row maps (dropped,
@@ -368,11 +364,11 @@ def _merge_tokens_bytes(kernel: str, p: MergeCall) -> int:
         # similarities read; dropped, keep, inverse norms, the choosers' weights read; targets
         # and coefficients (B, N - K, topm) written
         "select_targets_kernel": b * rows * cols * f32 + b * rows * i32 + b * k * i64 + b * n * f32 + b * rows * f32
-        + 2 * b * rows * topm * 4 + b * i32,
+        + 2 * b * rows * topm * 4 + flags,
         # x rows (every token: kept rows and their sources), keep, the kept weights, dropped,
         # targets and coefficients read; merged (B, K, D) and mass (B, K) written
         "merge_reduce_kernel": b * n * d * es + b * k * (i64 + f32) + b * rows * i32 + 2 * b * rows * topm * 4
-        + b * i32 + b * k * d * es + b * k * f32,
+        + flags + b * k * d * es + b * k * f32,
     }  # fmt: skip
     return table[kernel]
 
@@ -382,20 +378,20 @@ def _bipartite_bytes(kernel: str, p: MergeCall) -> int:
     b, n, d, r, c, es = p.b, p.n, p.d, p.k, p.c, p.es
     n_a, n_b = (n + 1) // 2, n // 2
     i32, f32 = 4, 4
+    flags = b * -(-n_a // 256) * i32  # one invalid flag per (sample, 256-A-token tile)
     table = {
-        # size (B, N) read, invalid flags
-        "negative_weight_kernel": b * n * f32 + b * i32,
         # metric (B, N, C) read, inverse norms (B, N) written
         "inverse_norm_kernel": b * n * c * es + b * n * f32,
         # metric rows (A and B sets, each once) read, similarities (B, N_A, N_B) written
         "similarity_kernel": b * n * c * es + b * n_a * n_b * f32,
         # similarities and inverse norms read, node key and index (B, N_A) written
         "best_match_kernel": b * n_a * n_b * f32 + b * n * f32 + 2 * b * n_a * i32,
-        # node keys read, merged flags (B, N_A) uint8 and unmerged list (B, N_A - r) written
-        "edge_select_kernel": b * n_a * i32 + b * n_a + b * (n_a - r) * i32,
+        # node keys and size (B, N) read, merged flags (B, N_A) uint8, unmerged list (B, N_A - r)
+        # and the invalid flags written
+        "edge_select_kernel": b * n_a * i32 + b * n * f32 + b * n_a + b * (n_a - r) * i32 + flags,
         # x rows (all N), sizes, flags, node index, unmerged list read; out (B, N - r, D) and
         # out_size (B, N - r) written
-        "bipartite_output_kernel": b * n * d * es + b * n * f32 + b * n_a * (1 + i32) + b * (n_a - r) * i32 + b * i32
+        "bipartite_output_kernel": b * n * d * es + b * n * f32 + b * n_a * (1 + i32) + b * (n_a - r) * i32 + flags
         + b * (n - r) * (d * es + f32),
     }  # fmt: skip
     return table[kernel]
@@ -421,11 +417,9 @@ def _flops(kernel: str, p: MergeCall) -> int | None:
 
 def _glue_fills(p: MergeCall) -> list[tuple[str, int, str]]:
     """Torch launches of the glue before the kernels: (name, bytes, what)."""
-    fills = [("torch.zeros", p.b * 4, "invalid flags (B,) int32 zeroed")]
-    if p.op == "merge_tokens":
-        fills.append(("torch.full", p.b * p.n * 4, "kept_pos (B, N) int32 filled with -1"))
-        if not p.weight:
-            fills.append(("torch.ones", p.b * p.n * 4, "default weight (B, N) float32"))
+    fills = []
+    if p.op == "merge_tokens" and not p.weight:
+        fills.append(("torch.ones", p.b * p.n * 4, "default weight (B, N) float32"))
     return fills
 
 
