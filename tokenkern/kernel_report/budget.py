@@ -64,9 +64,6 @@ ALLOWED: dict[tuple[str, str, str], float] = {
     ("spectral_ipr", "_cholqr_kernel", "per_sample_b1"): 1,
     ("spectral_ipr", "_ritz_ipr_kernel", "per_sample_b1"): 1,
     ("spectral_ipr", "_top_subspace_kernel", "per_sample_b1"): 1,
-    ("spectral_ipr (all)", "", "bytes"): 2,
-    ("spectral_ipr (all)", "", "launches"): 3,
-    ("spectral_ipr (all)", "_gram_reduce_kernel", "per_sample_b1"): 1,
 }
 
 

@@ -517,8 +517,10 @@ def calls(small: bool = False, workers: int | None = None) -> list[OpCall]:
         raise RuntimeError("tokenkern.kernel_report: the report must run with TRITON_INTERPRET unset (it compiles)")
     recorded = []
     specs: dict[str, dict[str, Any]] = {}
+    headline = headline_calls(small)
+    _preallocate_counters(headline)
     with _no_poison():
-        for call in headline_calls(small):
+        for call in headline:
             recorded.append(_record(call, specs))
     workers = workers or max(1, min(2, os.cpu_count() or 1))
     compiled = _compile_all(specs, workers)
@@ -526,6 +528,15 @@ def calls(small: bool = False, workers: int | None = None) -> list[OpCall]:
         names = list(getattr(importlib.import_module(spec["module"]), spec["name"]).arg_names)
         compiled[key]["config"] = _config({**spec, "signature_names": names})
     return [_op_call(call, launches, keys, nbytes, floor, compiled) for call, launches, keys, nbytes, floor in recorded]
+
+
+def _preallocate_counters(headline: list[Call]) -> None:
+    """Allocate the ticket counters (tokenkern._triton.ticket: one per sample) of the CPU
+    device before recording: a stream zeroes them once, on the first launch that needs them,
+    and every launch leaves them zero, so that torch.zeros is not a launch of each call."""
+    from tokenkern._triton.ticket import counters
+
+    counters(max(int(call.params.get("B", 1)) for call in headline), torch.device("cpu"))
 
 
 @contextlib.contextmanager
