@@ -102,6 +102,19 @@ def test_recording_skips_execution_and_counts_torch_launches(gen):
     assert os.environ.get("TOKENKERN_POISON") != "1" or bool(torch.isnan(scores).all())
 
 
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="records through the Triton interpreter")
+def test_spectral_ipr_all_is_one_launch_once_the_counters_exist(gen):
+    """All singular values: one Triton launch and no torch op per call; the ticket counters
+    (one torch.zeros per stream, ever) are allocated by record_launches before it records."""
+    from tokenkern.kernel_report.triton_report import _no_poison, record_launches
+    from tokenkern.ops import spectral
+
+    x = _randn(gen, 3, 150, 70)  # min(N, D) = 70: 2 x 2 tiles, folded onto 1 x 3 programs
+    with _no_poison(), record_launches(execute=False) as launches:
+        spectral.spectral_ipr_triton(x, -1)
+    assert [(launch.name, launch.grid) for launch in launches] == [("_gram_ipr_kernel", (3 * 3, 1, 1))]
+
+
 def _kernel(**over: object) -> KernelLaunch:
     base = KernelLaunch(
         op="toy", shape="B=8 N=2880", kernel="_k", backend="triton", grid=[264, 1, 1], ctas=264, threads=128,

@@ -73,6 +73,60 @@ def test_all_singular_values_match_svd(backend, b, n, d, dtype, gen):
     check_ipr(ipr_of(backend, x), x, -1, FULL_TOL[backend] if dtype != torch.bfloat16 else 2e-5)
 
 
+# All singular values at extreme scales. Each Gram tile scales x by the power of two of the
+# running max |x| of its two row blocks (exact), so x * 2^e is computed as x is and the error
+# is FULL_TOL's: float32 rounding of sums of <= 200 products here. A subnormal or 16-bit x is
+# compared with the reference of x as rounded to its dtype (scaling it is exact too).
+def _sides(b: int, m: int, k: int, tall: bool, gen: torch.Generator) -> torch.Tensor:
+    """(B, M, K) float64 (M <= K: the Gram matrix is M x M) with rows of random scale; as
+    (B, K, M) when tall (N > D: G = x^T x, its rows are the features)."""
+    x = torch.randn(b, m, k, generator=gen, dtype=torch.float64) * torch.exp(torch.randn(b, m, 1, generator=gen))
+    return x.mT if tall else x
+
+
+EXTREME = [(e, torch.float32) for e in (-140, -126, -100, -60, 60, 100, 125)] + [
+    (e, torch.float16) for e in (-22, -16, 12, 14)
+]
+if HAS_CUDA:
+    EXTREME += [(e, torch.bfloat16) for e in (-130, -100, 100, 125)]
+
+
+@pytest.mark.parametrize("tall", [False, True])
+@pytest.mark.parametrize(("e", "dtype"), EXTREME)
+def test_all_singular_values_at_extreme_scales(e, dtype, tall, gen):
+    """max |x| = 2^e (x * 2^-140 is all subnormal float32, x * 2^-22 all subnormal float16)."""
+    x64 = _sides(2, 150, 200, tall, gen)
+    x = (x64 / x64.abs().amax(dim=(1, 2), keepdim=True) * 2.0**e).to(dtype)
+    tol = FULL_TOL["triton"] if dtype != torch.bfloat16 else 2e-5
+    check_ipr(ipr_of("triton", x), x, -1, tol)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("tall", [False, True])
+@pytest.mark.parametrize("gap", [10, 60, 200])
+def test_row_blocks_of_wildly_different_size(backend, gap, tall, gen):
+    """Rows 0..63 (one tile row of the Gram matrix) 2^gap times larger than the rest; at
+    gap = 10 both matter, at 200 the small block is ~2^-400 of the energy (float32 range)."""
+    x64 = _sides(2, 150, 200, False, gen)
+    x64 = x64 / x64.abs().amax(dim=(1, 2), keepdim=True)
+    x64[:, :64] *= 2.0 ** min(gap, 100)
+    x64[:, 64:] *= 2.0 ** (min(gap, 100) - gap)
+    x = (x64.mT if tall else x64).float()
+    check_ipr(ipr_of(backend, x), x, -1, FULL_TOL[backend])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("tall", [False, True])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_in_one_sample_of_many_tiles(backend, bad, tall, gen):
+    """min(N, D) = 150: 3 x 3 Gram tiles; the bad entry is in the last tile row of sample 1."""
+    x = _sides(3, 150, 200, tall, gen).float()
+    (x[1].mT if tall else x[1])[140, 3] = bad
+    out = ipr_of(backend, x)
+    assert torch.isnan(out[1]) and torch.isfinite(out[[0, 2]]).all()
+    check_ipr(out[[0, 2]], x[[0, 2]], -1, FULL_TOL[backend])
+
+
 # (backend, B, N, D, rank, dtype, tol): ranks 1, 8, 32; the sketch spanning min(N, D) and not.
 TOP_CASES = [
     ("triton", 2, 17, 1024, 8, torch.float16, SPAN_TOL),

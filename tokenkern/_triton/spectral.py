@@ -5,22 +5,36 @@ side, G = x x^T (N <= D) or x^T x (m = min(N, D) rows), are lam_i = s_i^2, and
 
     IPR = sum_i p_i^2,  p_i = lam_i / sum_j lam_j.
 
-All singular values (r = None): ``IPR = ||G||_F^2 / tr(G)^2``, no eigen-solve needed.
+All singular values (r = None): ``IPR = ||G||_F^2 / tr(G)^2``, no eigen-solve, in one launch
+that reads x once:
 
-    _gram_tiles_kernel   one program per (tile row ti, tile column tj, sample) with ti <= tj:
-                         the 64 x 64 tile of G in float32 (16-bit x: exact products on the
-                         tensor cores; float32 x: 3xTF32), reduced to three numbers: the
-                         largest |entry| a_t, the sum of (entry / a_t)^2 (times 2 off the
-                         diagonal: the mirrored tile is not computed) and the tile's trace.
-                         Programs with ti > tj write zeros. Scaling by a_t keeps the squares
-                         from overflowing for any G float32 can hold.
-    _gram_reduce_kernel  one program per sample sums the partials in a fixed order:
-                         ``IPR = (A / tr)^2 * sum_t (a_t / A)^2 s_t`` with A = max_t a_t <= tr.
+    _gram_ipr_kernel     one program per 64 x 64 tile (ti, tj), ti <= tj, of G and sample: the
+                         upper triangle folded onto a (NT + 1) / 2 x (NT + 1) grid (tile rows r
+                         and NT - 1 - r share a grid row; for odd NT the middle grid row's
+                         second half is idle). The tile is accumulated in float32 (16-bit x:
+                         exact products on the tensor cores; float32 x: 3xTF32) and reduced to
+                         (a_t = max |entry|, s_t = sum (entry / a_t)^2 (times 2 off the
+                         diagonal: the mirrored tile is not computed), trace_t, q_t). The
+                         program that arrives last for its sample (ticket.py) combines the
+                         sample's partials in tile order: bit-for-bit the same whichever
+                         program it is.
 
-Each output is owned by one program and summed in a fixed order: no atomics, bit-for-bit
-deterministic, and the batch is per sample. The IPR does not depend on the scale of x[b]:
-both paths read x[b] times the exact power of two 2^-e that brings max |x[b]| into [1, 2)
-(sketch.py), so that no sum of squares overflows or underflows for any finite x.
+Scale, without a pass over x to find max |x[b]|: a tile streams its two row blocks in K
+chunks and keeps its accumulator at 2^(-2 q), 2^q <= the largest |x| of the chunks seen so
+far < 2^(q + 1) (from the exponent bits of each chunk). The chunk is read times 2^-q (exact:
+scale_tile) and, when a chunk raises q, the accumulator is first multiplied by the exact
+power of two 2^(2 (q_old - q_new)). So every scaled entry is below 4 whatever x's scale
+(unscaled float32 squares overflow for |x| > 2^64 and lose bits below 2^-63), and x * 2^e
+gives the same bits as x while no entry leaves the normal range. Rounding: a power-of-two
+scaling is exact but for results below 2^-126, which the global scale of a pre-pass would
+have flushed too (it scales by 2^-Q with Q >= every tile's q). The combine works in the frame
+2^(-2Q), Q = max_t q_t: ``||G||_F^2 = sum_t (a_t 2^(2 (q_t - Q)))^2 s_t`` and
+``tr G = sum_t trace_t 2^(2 (q_t - Q))``, the factors built from exponent bits and 0 below
+2^-126. That flush is negligible: the diagonal tile of the row block holding the max has an
+entry >= 1 in that frame (>= 2^-44 for a subnormal max), so tr G and ||G||_F^2 are at least
+that, while a flushed tile's entries are < K 2^-125 (K products below 4, times < 2^-126).
+A NaN or Inf in x[b] reaches its diagonal tile (as a NaN/Inf entry): that sample gets NaN,
+the others are unaffected.
 
 Top r (1 <= r < m): the randomized range finder of sketch.py on x (Gaussian sketch of width
 l = ``spectral_sketch(m, r)``, ``POWER_ITERS`` power iterations with CholeskyQR2
@@ -40,8 +54,9 @@ import triton
 import triton.language as tl
 
 from .leverage import JACOBI_MAX_SWEEPS, JACOBI_TOL2, JACOBI_WARPS, jacobi_eigen, top_r_mask
-from .sketch import abs_max, gram, pow2_inverse, range_finder, scale_tile, sketch_width
-from .utils import empty, flat_grid, interpreted, unflatten3
+from .sketch import gram, range_finder, scale_tile, sketch_width
+from .ticket import arrive, counters, load_partial
+from .utils import empty, flat_grid, interpreted, unflatten2
 
 # The top-r sketch must fit the register-resident eigen-solver: at most SPECTRAL_MAX_SKETCH
 # columns, at least r + SPECTRAL_MIN_OVERSAMPLE of them unless it spans all min(N, D).
@@ -53,13 +68,58 @@ POWER_ITERS = 6
 SKETCH_SEED = 0
 BLOCK_M = 64
 BLOCK_K = 64
+# Partials per step of the last program's combine.
+COMBINE_BLOCK = 256
+# The Gram tile kernel holds a 64 x 64 float32 accumulator and both x tiles in registers while
+# it finds their max exponent: with 4 warps that is ~210 registers (bf16, sm_90) and spills at
+# float32; 8 warps: 88 (bf16) / 215 (float32), no spills, as many warps per SM as 4 warps had.
+GRAM_WARPS = 8
 
 
 @triton.jit
-def _gram_tiles_kernel(
+def _exp2i(e):
+    """2^e in float32 for an int32 e, from the exponent bits: exact for -126 <= e <= 127,
+    0 for e < -126 (where it scales a contribution that is negligible, see full_ipr)."""
+    return ((tl.minimum(tl.maximum(e, -127), 127) + 127) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _chunk_exponent(t):
+    """floor(log2 max |t|) for a tile of x, clamped to [-127, 126], from the exponent bits (an
+    integer max: no NaN comparisons): a zero or subnormal max counts as -127 (float16: -14, so
+    that 2^-q stays within what scale_tile keeps exact); an Inf or NaN as 126 (float16: 16),
+    at least any finite value's."""
+    if t.dtype == tl.float16:
+        top = tl.max(tl.max(t.to(tl.int16, bitcast=True) & 0x7FFF, axis=1), axis=0).to(tl.int32)
+        q = tl.maximum(top >> 10, 1) - 15
+    else:
+        if t.dtype == tl.bfloat16:
+            top = tl.max(tl.max(t.to(tl.int16, bitcast=True) & 0x7FFF, axis=1), axis=0).to(tl.int32) >> 7
+        else:
+            top = tl.max(tl.max(t.to(tl.int32, bitcast=True) & 0x7FFFFFFF, axis=1), axis=0) >> 23
+        q = tl.minimum(tl.maximum(top - 127, -127), 126)
+    return q
+
+
+@triton.jit
+def _tile_of(p, NT):
+    """Program p of a sample -> (ti, tj, live): row r of the (NT + 1) / 2 x (NT + 1) grid
+    holds tile row r of the upper triangle (NT - r tiles) and then tile row NT - 1 - r
+    (r + 1 tiles). With NT odd the middle row would repeat itself: those programs are idle."""
+    r = p // (NT + 1)
+    c = p % (NT + 1)
+    first = c < NT - r
+    ti = tl.where(first, r, NT - 1 - r)
+    tj = tl.where(first, r + c, c - 1)
+    return ti, tj, first | (NT - 1 - r > r)
+
+
+@triton.jit
+def _gram_ipr_kernel(
     x_ptr,
-    amax_ptr,
     part_ptr,
+    cnt_ptr,
+    out_ptr,
     M,
     K,
     x_sb,
@@ -67,35 +127,42 @@ def _gram_tiles_kernel(
     s_k,
     p_sb,
     NT,
+    P,
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    BLOCK_T: tl.constexpr,
     IS_F32: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """Tile (ti, tj) of G = A A^T for A[i, k] = x[b, i * s_m + k * s_k] / 2^e: (M, K)."""
-    ti, tj, b = unflatten3(tl.program_id(0), NT, NT)
+    """Tile (ti, tj) of G = A A^T for A[i, k] = x[b, i * s_m + k * s_k]: (M, K), at the
+    tile's own scale; the last of the sample's P programs to finish writes out[b]."""
+    p, b = unflatten2(tl.program_id(0), P)
     b = b.to(tl.int64)
-    inv = pow2_inverse(tl.load(amax_ptr + b))
-    slot = part_ptr + b * p_sb + (ti * NT + tj) * 3
+    ti, tj, live = _tile_of(p, NT)
     ri = ti * BLOCK_M + tl.arange(0, BLOCK_M)
     rj = tj * BLOCK_M + tl.arange(0, BLOCK_M)
     base = x_ptr + b * x_sb
     acc = tl.zeros((BLOCK_M, BLOCK_M), tl.float32)
-    # Tiles below the diagonal are mirrors: their programs run no iteration and write zeros.
-    k_end = tl.where(ti <= tj, K, 0)
-    for k0 in range(0, k_end, BLOCK_K):
+    # acc holds the tile times 2^(-2 q): 2^q <= max |x| over the chunks seen so far (both row
+    # blocks) < 2^(q + 1), q clamped to [-127, 126] (subnormal maxima; 2^-q stays normal).
+    q = tl.full((), -127, tl.int32)
+    for k0 in range(0, tl.where(live, K, 0), BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
         a = tl.load(
             base + ri[:, None].to(tl.int64) * s_m + rk[None, :].to(tl.int64) * s_k,
             mask=(ri < M)[:, None] & (rk < K)[None, :],
             other=0.0,
         )
-        a = scale_tile(a, inv)
         c = tl.load(
             base + rk[:, None].to(tl.int64) * s_k + rj[None, :].to(tl.int64) * s_m,
             mask=(rk < K)[:, None] & (rj < M)[None, :],
             other=0.0,
         )
+        q_new = tl.maximum(q, tl.maximum(_chunk_exponent(a), _chunk_exponent(c)))
+        acc = acc * _exp2i(2 * (q - q_new))  # an exact power of two: 1 unless the max grew
+        q = q_new
+        inv = _exp2i(-q)
+        a = scale_tile(a, inv)
         c = scale_tile(c, inv)
         if IS_F32:
             acc = tl.dot(a, c, acc, input_precision=PRECISION)
@@ -110,40 +177,45 @@ def _gram_tiles_kernel(
     ssq = tl.where(bad > 0, float("nan"), ssq)
     diag = (ri[:, None] == rj[None, :]) & (ti == tj)
     trace = tl.sum(tl.sum(tl.where(diag, acc, 0.0), axis=1), axis=0)
+    slot = part_ptr + b * p_sb + p * 4
     tl.store(slot, amax)
     tl.store(slot + 1, ssq)
     tl.store(slot + 2, trace)
+    tl.store(slot + 3, q.to(tl.float32))
+    if arrive(cnt_ptr + b, P):
+        _combine(part_ptr + b * p_sb, out_ptr + b, P, BLOCK_T)
 
 
 @triton.jit
-def _gram_reduce_kernel(part_ptr, out_ptr, T, p_sb, BLOCK_T: tl.constexpr):
-    b = tl.program_id(0).to(tl.int64)
-    base = part_ptr + b * p_sb
-    top = tl.zeros((BLOCK_T,), tl.float32)
-    for t0 in range(0, T, BLOCK_T):
+def _combine(part_ptr, out_ptr, P, BLOCK_T: tl.constexpr):
+    """out = ||G||_F^2 / tr(G)^2 from the P partials (a_t, s_t, trace_t, q_t) of one sample,
+    in tile order, in the frame 2^(-2Q) of the largest q_t: ||G||_F^2 = sum_t a_t'^2 s_t."""
+    top = tl.full((BLOCK_T,), -127, tl.int32)
+    for t0 in range(0, P, BLOCK_T):
         rt = t0 + tl.arange(0, BLOCK_T)
-        top = tl.maximum(top, tl.load(base + rt * 3, mask=rt < T, other=0.0))
+        top = tl.maximum(top, load_partial(part_ptr + rt * 4 + 3, mask=rt < P, other=-127.0).to(tl.int32))
     big = tl.max(top, axis=0)
-    inv = 1.0 / tl.where(big > 0.0, big, 1.0)
-    ssq = tl.zeros((BLOCK_T,), tl.float32)
+    fro = tl.zeros((BLOCK_T,), tl.float32)
     trace = tl.zeros((BLOCK_T,), tl.float32)
     bad = tl.zeros((BLOCK_T,), tl.int32)
-    for t0 in range(0, T, BLOCK_T):
+    for t0 in range(0, P, BLOCK_T):
         rt = t0 + tl.arange(0, BLOCK_T)
-        live = rt < T
-        a = tl.load(base + rt * 3, mask=live, other=0.0)
-        s = tl.load(base + rt * 3 + 1, mask=live, other=0.0)
-        tr = tl.load(base + rt * 3 + 2, mask=live, other=0.0)
-        ratio = a * inv
-        ssq += ratio * ratio * s
-        trace += tr
+        live = rt < P
+        a = load_partial(part_ptr + rt * 4, mask=live, other=0.0)
+        s = load_partial(part_ptr + rt * 4 + 1, mask=live, other=0.0)
+        tr = load_partial(part_ptr + rt * 4 + 2, mask=live, other=0.0)
+        qt = load_partial(part_ptr + rt * 4 + 3, mask=live, other=-127.0).to(tl.int32)
+        f = _exp2i(2 * (qt - big))
+        af = a * f
+        fro += af * af * s
+        trace += tr * f
         bad += ((s != s) | (a != a) | (tl.abs(a) == float("inf"))).to(tl.int32)
-    s_all = tl.sum(ssq, axis=0)
+    f_all = tl.sum(fro, axis=0)
     tr_all = tl.sum(trace, axis=0)
-    q = big / tl.where(tr_all > 0.0, tr_all, 1.0)
-    ipr = tl.where(tr_all > 0.0, q * q * s_all, 0.0)
+    den = tl.where(tr_all > 0.0, tr_all, 1.0)
+    ipr = tl.where(tr_all > 0.0, f_all / den / den, 0.0)
     finite = (tl.sum(bad, axis=0) == 0) & (tl.abs(tr_all) < float("inf")) & (tr_all == tr_all)
-    tl.store(out_ptr + b, tl.where(finite, ipr, float("nan")))
+    tl.store(out_ptr, tl.where(finite, ipr, float("nan")))
 
 
 @triton.jit
@@ -179,19 +251,21 @@ def _ritz_ipr_kernel(
 
 def full_ipr(x: torch.Tensor) -> torch.Tensor:
     """x: (B, N, D) -> (B,) float32 IPR over all singular values, through the Gram matrix of
-    the smaller side."""
+    the smaller side: one launch, x read once."""
     batch, n, d = x.shape
     if n <= d:
         m, k, s_m, s_k = n, d, x.stride(1), x.stride(2)
     else:
         m, k, s_m, s_k = d, n, x.stride(2), x.stride(1)
     nt = triton.cdiv(m, BLOCK_M)
-    part = empty(batch, nt * nt, 3, dtype=torch.float32, device=x.device)
-    is_f32 = x.dtype == torch.float32
-    _gram_tiles_kernel[flat_grid("spectral_ipr", nt, nt, batch)](
+    programs = (nt + 1) // 2 * (nt + 1)
+    part = empty(batch, programs, 4, dtype=torch.float32, device=x.device)
+    out = empty(batch, dtype=torch.float32, device=x.device)
+    _gram_ipr_kernel[flat_grid("spectral_ipr", programs, batch)](
         x,
-        abs_max(x),
         part,
+        counters(batch, x.device),
+        out,
         m,
         k,
         x.stride(0),
@@ -199,13 +273,14 @@ def full_ipr(x: torch.Tensor) -> torch.Tensor:
         s_k,
         part.stride(0),
         nt,
+        programs,
         BLOCK_M=BLOCK_M,
         BLOCK_K=BLOCK_K,
-        IS_F32=is_f32,
+        BLOCK_T=COMBINE_BLOCK,
+        IS_F32=x.dtype == torch.float32,
         PRECISION="ieee" if interpreted() else "tf32x3",
+        num_warps=GRAM_WARPS,
     )
-    out = empty(batch, dtype=torch.float32, device=x.device)
-    _gram_reduce_kernel[(batch,)](part, out, nt * nt, part.stride(0), BLOCK_T=256)
     return out
 
 

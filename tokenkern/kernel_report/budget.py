@@ -61,9 +61,6 @@ ALLOWED: dict[tuple[str, str, str], float] = {
     ("spectral_ipr", "", "launches"): 29,
     ("spectral_ipr", "_cholqr_kernel", "per_sample_b1"): 1,
     ("spectral_ipr", "_ritz_ipr_kernel", "per_sample_b1"): 1,
-    ("spectral_ipr (all)", "", "bytes"): 2,
-    ("spectral_ipr (all)", "", "launches"): 3,
-    ("spectral_ipr (all)", "_gram_reduce_kernel", "per_sample_b1"): 1,
 }
 
 
