@@ -74,7 +74,8 @@ def test_parse_sass_counts_load_widths_and_tensor_core_ops():
     [
         ("_ZN9tokenkern4cuda17similarity_kernelI13__nv_bfloat16EEvPKT_NS0_6RowMapES5_S6_llllPf",
          "similarity_kernel<__nv_bfloat16>"),
-        ("_ZN9tokenkern4cuda19inverse_norm_kernelI6__halfEEvPKT_llPf", "inverse_norm_kernel<__half>"),
+        ("_ZN9tokenkern4cuda17similarity_kernelI6__halfEEvPKT_NS0_6RowMapES5_S6_llllNS0_13SimilarityOutE",
+         "similarity_kernel<__half>"),
         ("_ZN9tokenkern4cuda19merge_reduce_kernelIfEEvPKT_PKlPKfPKiSA_S8_SA_lllllbNS_7CombineEPS2_Pf",
          "merge_reduce_kernel<float>"),
         ("_ZN9tokenkern4cuda18edge_select_kernelEPKillbPhPi", "edge_select_kernel"),
@@ -97,21 +98,34 @@ def test_plan_kernel_names_match_the_header():
     assert tuple(by_id[i] for i in range(len(by_id))) == cuda_report.PLAN_KERNELS
 
 
+def test_tile_constants_match_the_header():
+    header = (ROOT / "csrc/common/merge_plan.h").read_text()
+    assert re.search(rf"constexpr int kTileM = {cuda_report.SIMILARITY_TILE}, kTileN = {cuda_report.SIMILARITY_TILE};",
+                     header)  # fmt: skip
+    assert re.search(rf"constexpr int64_t kKeyTile = {cuda_report.KEY_TILE};", header)
+    shift = cuda_report.EDGE_REDUCE_PARTIALS.bit_length() - 1
+    assert cuda_report.EDGE_REDUCE_PARTIALS == 1 << shift
+    assert f"constexpr int64_t kEdgeReducePartials = int64_t{{1}} << {shift};" in header
+
+
 @pytest.mark.parametrize(
     ("args", "kernels"),
     [
-        ((8, 2880, 4096, 720, 4096, 1, False, True),
-         ["merge_prepare_kernel", "inverse_norm_kernel", "similarity_kernel", "select_targets_kernel",
-          "merge_reduce_kernel"]),
+        ((8, 2880, 4096, 720, 4096, 1, False, True),  # topm = 1: the similarity tiles select
+         ["merge_prepare_kernel", "similarity_kernel", "merge_reduce_kernel"]),
+        ((8, 2880, 4096, 720, 4096, 2, False, True),
+         ["merge_prepare_kernel", "similarity_kernel", "select_targets_kernel", "merge_reduce_kernel"]),
         ((2, 30, 8, 30, 4, 1, False, True),  # K = N: no dropped tokens, no similarity
-         ["merge_prepare_kernel", "inverse_norm_kernel", "merge_reduce_kernel"]),
+         ["merge_prepare_kernel", "merge_reduce_kernel"]),
         ((3, 50, 8, 7, 4, 4, True, False),  # kept mode with a query metric
          ["merge_prepare_kernel", "similarity_kernel", "select_targets_kernel", "merge_reduce_kernel"]),
+        ((3, 50, 8, 7, 4, 1, True, False),
+         ["merge_prepare_kernel", "similarity_kernel", "merge_reduce_kernel"]),
     ],
 )  # fmt: skip
 def test_merge_tokens_plan(args, kernels):
     plan = PLAN(*args)
-    assert plan.shape == (5, 7) and plan.dtype == torch.int64
+    assert plan.shape == (4, 7) and plan.dtype == torch.int64
     assert _kernels(plan) == kernels
     used = plan[plan[:, 0] >= 0]
     assert (plan[len(used) :] == torch.tensor([-1, 0, 0, 0, 0, 0, 0])).all()
@@ -119,9 +133,7 @@ def test_merge_tokens_plan(args, kernels):
     assert (used[:, 6] == 1).all()  # one launch chunk
     batch = args[0]
     for row, name in zip(used.tolist(), kernels, strict=True):
-        if name == "inverse_norm_kernel":  # one warp per token of every sample, 1-D
-            assert row[2:4] == [1, 1] and row[1] * 256 >= batch * args[1] * 32
-        elif name == "merge_prepare_kernel":  # one block per 256 tokens of every sample
+        if name == "merge_prepare_kernel":  # one block per 256 tokens of every sample
             assert row[1:4] == [-(-args[1] // 256), batch, 1]
         else:
             assert batch in row[2:4]
@@ -130,9 +142,14 @@ def test_merge_tokens_plan(args, kernels):
 @pytest.mark.parametrize(
     ("args", "kernels"),
     [
-        ((8, 577, 1024, 64, 144),
-         ["inverse_norm_kernel", "similarity_kernel", "best_match_kernel", "edge_select_kernel",
-          "bipartite_output_kernel"]),
+        ((8, 577, 1024, 64, 144),  # edge_select reduces the similarity tiles' partials
+         ["similarity_kernel", "edge_select_kernel", "bipartite_output_kernel"]),
+        ((2, 8194, 16, 16, 100),  # more A tokens than kKeyTile: best_match reduces them first
+         ["similarity_kernel", "best_match_kernel", "edge_select_kernel", "bipartite_output_kernel"]),
+        ((2, 4098, 16, 16, 100),  # 2049 x 33 partials per sample: too many for every edge_select CTA
+         ["similarity_kernel", "best_match_kernel", "edge_select_kernel", "bipartite_output_kernel"]),
+        ((2, 4096, 16, 16, 100),  # 2048 x 32
+         ["similarity_kernel", "edge_select_kernel", "bipartite_output_kernel"]),
         ((1, 1, 8, 8, 0), ["edge_select_kernel", "bipartite_output_kernel"]),
     ],
 )  # fmt: skip
@@ -177,15 +194,18 @@ def test_headline_merge_tokens_bytes_and_floors():
     b, n, k, d = 8, 2880, 720, 4096
     x, merged = b * n * d * 2, b * k * d * 2
     assert call.hbm_floor_bytes == x + merged + b * k * 8 + b * n * 4 + b * k * 4  # + keep, weight, mass
-    # three kernels read x (inverse norms, similarity, reduction); the similarity matrix is
-    # written and read back once each in float32
-    sims = b * (n - k) * k * 4
-    assert 3 * x + merged + 2 * sims < call.bytes_moved < 3 * x + merged + 2 * sims + 2_000_000
+    # two kernels read x (the similarity, with the norms from its staged tiles, and the
+    # reduction); no similarity matrix: the row-best partials (key, index per row and 64-column
+    # tile) are written and read back once each
+    partials = b * (n - k) * -(-k // 64) * 8
+    small = b * (k * 8 * 3 + n * 4 * 2 + (n - k) * 4 * 8)  # keep, weights, lists, targets, flags...
+    assert 2 * x + merged + 2 * partials < call.bytes_moved < 2 * x + merged + 2 * partials + small
     assert call.bytes_moved == sum(kr.compulsory_bytes for kr in call.kernels)
     flops = 2 * b * (n - k) * k * d
     assert call.params["compute_floor_flops"] == flops
     assert call.params["compute_floor_us"] == pytest.approx(flops / cuda_report.SM90_PEAK_FLOPS * 1e6, abs=0.01)
-    assert call.launches == len(call.kernels) == 5  # 5 kernels, no glue fills
+    assert call.launches == len(call.kernels) == 3  # 3 kernels, no glue fills
+    assert call.kernels[1].flops == flops + 2 * b * ((n - k) * -(-k // 64) + k * -(-(n - k) // 64)) * d
     assert all(kr.backend == "cuda" and kr.registers is None and "not compiled" in kr.notes for kr in call.kernels)
 
 

@@ -112,6 +112,37 @@ def best_target_gap(metric: torch.Tensor, keep: torch.Tensor) -> float:
     return gap
 
 
+def bipartite_gap(metric: torch.Tensor, r: int, protect_first: bool) -> float:
+    """bipartite_merge's counterpart of best_target_gap: over every sample, the smaller of the
+    float64 gaps between each A token's two most cosine-similar B tokens and between the r-th and
+    (r + 1)-th best matches of the merge candidates (inf where a set has fewer than two)."""
+    unit = torch.nn.functional.normalize(metric.double(), dim=-1)
+    a, b = unit[:, 0::2], unit[:, 1::2]
+    if b.shape[1] == 0:
+        return float("inf")
+    scores = a @ b.transpose(1, 2)
+    gap = float("inf")
+    if b.shape[1] >= 2:
+        top = scores.topk(2, dim=-1).values
+        gap = (top[..., 0] - top[..., 1]).min().item()
+    best = scores.amax(-1)[:, int(protect_first) :]
+    if 0 < r < best.shape[1]:
+        cut = best.topk(r + 1, dim=-1).values
+        gap = min(gap, (cut[:, r - 1] - cut[:, r]).min().item())
+    return gap
+
+
+def bipartite_inputs(gen, b: int, n: int, d: int, c: int, r: int, protect_first: bool):
+    """x, metric, size with no near-tie in the matches or at the cut (see bipartite_gap)."""
+    for _ in range(50):
+        metric = torch.randn(b, n, c, generator=gen)
+        if bipartite_gap(metric, r, protect_first) > tie_gap(c):
+            break
+    else:
+        pytest.fail("50 draws in a row had a near-tie: the gap bound is wrong")
+    return torch.randn(b, n, d, generator=gen), metric, torch.rand(b, n, generator=gen) + 0.5
+
+
 RULES = [
     dict(),
     dict(combine="sum"),
@@ -120,6 +151,8 @@ RULES = [
     dict(topm=3, temperature=0.1),
     dict(topm=5, temperature=2.0, combine="sum"),
     dict(topm=4, temperature=0.5, combine="add_mean"),
+    dict(assign="kept"),
+    dict(assign="kept", combine="add_mean"),
     dict(assign="kept", topm=6, combine="sum"),
     dict(assign="kept", topm=3, temperature=0.3),
 ]
@@ -224,9 +257,7 @@ def test_zero_weights_keep_the_token():
 def test_bipartite_matches_reference(device, n, r, protect_first, gen):
     mergeable = (n + 1) // 2 - int(protect_first)
     r = min(r, mergeable)
-    x = torch.randn(2, n, 32, generator=gen)
-    metric = torch.randn(2, n, 16, generator=gen)
-    size = torch.rand(2, n, generator=gen) + 0.5
+    x, metric, size = bipartite_inputs(gen, 2, n, 32, 16, r, protect_first)
     out, out_size = (
         t.cpu()
         for t in torch.ops.tokenkern.bipartite_merge(x.to(device), metric.to(device), r, size.to(device), protect_first)
@@ -238,6 +269,23 @@ def test_bipartite_matches_reference(device, n, r, protect_first, gen):
     assert torch.allclose(out_size.sum(-1).double(), size.double().sum(-1))
     if protect_first:
         assert torch.equal(out[:, 0], x[:, 0])
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="the CUDA path with best_match_kernel")
+@pytest.mark.parametrize("n", [4098, 8194])
+@pytest.mark.parametrize("protect_first", [False, True])
+def test_bipartite_with_best_match_matches_the_cpu_op(n, protect_first, gen):
+    """4098 tokens: too many similarity partials (2049 x 33) for every CUDA edge-selection block
+    to reduce, so best_match_kernel does first; 8194: also more A tokens (4097) than the edge
+    selection holds in shared memory. The float32 CPU op (checked against the float64 reference
+    at up to 2880 tokens above; the reference's loops are too slow here) is the oracle: same
+    matches, outputs within float32 rounding."""
+    r = n // 3
+    x, metric, size = bipartite_inputs(gen, 2, n, 32, 8, r, protect_first)
+    got = [t.cpu() for t in torch.ops.tokenkern.bipartite_merge(x.cuda(), metric.cuda(), r, size.cuda(), protect_first)]
+    want = torch.ops.tokenkern.bipartite_merge(x, metric, r, size, protect_first)
+    assert_rel_close(got[0], want[0], 1e-5)
+    assert_rel_close(got[1], want[1], 1e-6)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -25,12 +25,8 @@ constexpr int64_t kMaxTokens = kMaxGridYZ * kTileM;
 
 inline int64_t blocks_for(int64_t items, int64_t per_block) { return (items + per_block - 1) / per_block; }
 
-// Samples per launch: the batch sits on grid axis y or z, and inverse_norm_kernel puts one
-// warp per token of the chunk on axis x. Larger batches run in chunks.
-inline int64_t batch_per_launch(int64_t n) {
-  const int64_t by_x = kMaxGridX / blocks_for((n > 0 ? n : 1) * kWarp, kThreads);
-  return by_x < kMaxGridYZ ? (by_x > 0 ? by_x : 1) : kMaxGridYZ;
-}
+// Samples per launch: the batch sits on grid axis y or z. Larger batches run in chunks.
+inline int64_t batch_per_launch(int64_t /*n*/) { return kMaxGridYZ; }
 
 // Launch chunks of a call over `batch` samples of n tokens.
 inline int64_t launch_chunks(int64_t batch, int64_t n) { return blocks_for(batch, batch_per_launch(n)); }
@@ -49,20 +45,18 @@ struct MergeTokensProblem {
 // Every kernel of merge_kernels.cuh; the ids are part of the _merge_launch_plan op's output.
 enum class MergeKernel : int32_t {
   kPrepare = 0,
-  kInverseNorm = 1,
-  kSimilarity = 2,
-  kSelectTargets = 3,
-  kMergeReduce = 4,
-  kBestMatch = 5,
-  kEdgeSelect = 6,
-  kBipartiteOutput = 7,
+  kSimilarity = 1,
+  kSelectTargets = 2,
+  kMergeReduce = 3,
+  kBestMatch = 4,
+  kEdgeSelect = 5,
+  kBipartiteOutput = 6,
 };
-constexpr int kMergeKernelCount = 8;
+constexpr int kMergeKernelCount = 7;
 
 inline const char* merge_kernel_name(MergeKernel k) {
   switch (k) {
     case MergeKernel::kPrepare: return "merge_prepare_kernel";
-    case MergeKernel::kInverseNorm: return "inverse_norm_kernel";
     case MergeKernel::kSimilarity: return "similarity_kernel";
     case MergeKernel::kSelectTargets: return "select_targets_kernel";
     case MergeKernel::kMergeReduce: return "merge_reduce_kernel";
@@ -88,8 +82,9 @@ struct Launch {
   int64_t dynamic_smem;  // bytes
 };
 
-// Most launches of one chunk of either op.
-constexpr int kMaxMergeLaunches = 5;
+// Most launches of one chunk of either op (merge_tokens with topm > 1; bipartite_merge when
+// edge_select_kernel does not reduce the similarity partials itself).
+constexpr int kMaxMergeLaunches = 4;
 
 struct LaunchPlan {
   Launch launch[kMaxMergeLaunches] = {};
@@ -99,15 +94,60 @@ struct LaunchPlan {
   }
 };
 
+// The similarity tiles' epilogue (similarity_kernel): the cosine normalization (row norms summed
+// from the staged tiles: no norm kernel) and then
+//   kStore:      the (normalized) similarity matrix, for select_targets_kernel (topm > 1);
+//   kRowBest:    each tile row's best column (order key, index; ties to the lower index) as one
+//                partial per (row, column tile), reduced by edge_select_kernel (bipartite_merge);
+//   kSelectBest: kRowBest, then the last tile of each row block to arrive (arrival counters
+//                zeroed by merge_prepare_kernel) reduces its rows' partials into the targets and
+//                coefficients: merge_tokens with topm = 1 runs no select_targets_kernel.
+enum class SimilarityEpilogue : int32_t { kStore = 0, kRowBest = 1, kSelectBest = 2 };
+
+inline SimilarityEpilogue merge_tokens_epilogue(const MergeTokensProblem& p) {
+  return p.topm == 1 ? SimilarityEpilogue::kSelectBest : SimilarityEpilogue::kStore;
+}
+
+// Column tiles of a similarity matrix with `cols` columns: the partials per row of kRowBest.
+inline int64_t column_tiles(int64_t cols) { return blocks_for(cols, kTileN); }
+
+// bipartite node keys of a sample that edge_select_kernel holds in shared memory (above it, it
+// reads them from global memory).
+constexpr int64_t kKeyTile = 4096;
+// Every CTA of edge_select_kernel needs all of its sample's node keys: it reduces the similarity
+// tiles' partials itself (one launch fewer) when they fit in shared memory and are at most this
+// many per sample (at most 256 per thread, each CTA reading all of them); else
+// best_match_kernel reduces each A token's partials once first.
+constexpr int64_t kEdgeReducePartials = int64_t{1} << 16;
+
+inline bool edge_select_reduces(int64_t n) {
+  const int64_t n_a = (n + 1) / 2, n_b = n / 2;
+  return n_a <= kKeyTile && n_a * column_tiles(n_b) <= kEdgeReducePartials;
+}
+
+// Elements per sample of merge_tokens' epilogue-dependent scratch (0 where the epilogue needs none):
+// the similarity matrix (kStore), the row-best partials and the arrival counters (kSelectBest).
+inline int64_t merge_tokens_sims_per_sample(const MergeTokensProblem& p) {
+  return merge_tokens_epilogue(p) == SimilarityEpilogue::kStore ? p.chooser_rows() * p.candidates() : 0;
+}
+inline int64_t merge_tokens_partials_per_sample(const MergeTokensProblem& p) {
+  return merge_tokens_epilogue(p) == SimilarityEpilogue::kSelectBest ? p.chooser_rows() * column_tiles(p.candidates())
+                                                                      : 0;
+}
+inline int64_t merge_tokens_counters_per_sample(const MergeTokensProblem& p) {
+  return merge_tokens_epilogue(p) == SimilarityEpilogue::kSelectBest ? blocks_for(p.chooser_rows(), kTileM) : 0;
+}
+
 // One chunk of merge_tokens (p.batch samples, at most batch_per_launch(p.n)).
 inline LaunchPlan merge_tokens_plan(const MergeTokensProblem& p) {
   LaunchPlan plan;
   const int64_t rows_c = p.chooser_rows(), cols_c = p.candidates();
   plan.add(MergeKernel::kPrepare, merge_tokens_flag_tiles(p.n), p.batch);
-  if (p.cosine) plan.add(MergeKernel::kInverseNorm, blocks_for(p.batch * p.n * kWarp, kThreads));
   if (rows_c > 0) {
-    plan.add(MergeKernel::kSimilarity, blocks_for(cols_c, kTileN), blocks_for(rows_c, kTileM), p.batch);
-    plan.add(MergeKernel::kSelectTargets, blocks_for(rows_c * kWarp, kThreads), p.batch);
+    plan.add(MergeKernel::kSimilarity, column_tiles(cols_c), blocks_for(rows_c, kTileM), p.batch);
+    if (merge_tokens_epilogue(p) == SimilarityEpilogue::kStore) {
+      plan.add(MergeKernel::kSelectTargets, blocks_for(rows_c * kWarp, kThreads), p.batch);
+    }
   }
   plan.add(MergeKernel::kMergeReduce, p.k, p.batch);
   return plan;
@@ -119,9 +159,8 @@ inline LaunchPlan bipartite_merge_plan(int64_t batch, int64_t n, int64_t r) {
   LaunchPlan plan;
   const int64_t n_a = (n + 1) / 2, n_b = n / 2;
   if (n_b > 0) {
-    plan.add(MergeKernel::kInverseNorm, blocks_for(batch * n * kWarp, kThreads));
-    plan.add(MergeKernel::kSimilarity, blocks_for(n_b, kTileN), blocks_for(n_a, kTileM), batch);
-    plan.add(MergeKernel::kBestMatch, blocks_for(n_a * kWarp, kThreads), batch);
+    plan.add(MergeKernel::kSimilarity, column_tiles(n_b), blocks_for(n_a, kTileM), batch);
+    if (!edge_select_reduces(n)) plan.add(MergeKernel::kBestMatch, blocks_for(n_a, kThreads), batch);
   }
   plan.add(MergeKernel::kEdgeSelect, bipartite_flag_tiles(n), batch);
   plan.add(MergeKernel::kBipartiteOutput, n - r, batch);

@@ -46,6 +46,20 @@ TOKENKERN_HD int64_t dropped_slot(const int64_t* keep, int64_t k, int64_t i) {
   return (below < k && keep[below] == i) ? -1 : i - below;
 }
 
+// ------------------------------------------------------------------ best match
+
+// A best-match candidate: order key (common/merge_math.h) and column index; kNoMatch marks none.
+constexpr int32_t kNoMatch = 2147483647;
+
+// Whether candidate (key, j) beats the best so far (best_key, best_j): a larger key, or the same
+// key at a lower index; anything beats kNoMatch, kNoMatch beats nothing. The similarity tiles scan
+// their columns with it and reduce the per-tile partials with it: any order of the reduction gives
+// the serial argmax (first index of the largest key).
+TOKENKERN_HD bool better_match(int32_t key, int32_t j, int32_t best_key, int32_t best_j) {
+  if (j == kNoMatch) return false;
+  return best_j == kNoMatch || key > best_key || (key == best_key && j < best_j);
+}
+
 // --------------------------------------------------------------- bipartite_merge
 
 // The cut of bipartite_merge's edge selection: of the candidate A tokens (all, or all but token 0

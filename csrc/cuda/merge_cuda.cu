@@ -73,21 +73,24 @@ std::tuple<at::Tensor, at::Tensor> merge_tokens_cuda(const at::Tensor& x, const 
 
   cuda::MergeTokensProblem p{a.batch, a.n, a.d, a.k, a.c, topm, static_cast<float>(temperature), a.combine,
                              a.kept_mode, a.cosine};
-  const int64_t rows_c = p.chooser_rows(), cols_c = p.candidates();
+  const int64_t rows_c = p.chooser_rows();
   const auto i32 = xc.options().dtype(at::kInt);
   const auto f32 = xc.options().dtype(at::kFloat);
   // Written in full by the first kernel: no fills (merge_kernels.cuh).
   at::Tensor invalid = at::empty({a.batch, cuda::merge_tokens_flag_tiles(a.n)}, i32);
   at::Tensor dropped = at::empty({a.batch, a.n - a.k}, i32);
-  at::Tensor inv = at::empty({a.cosine ? a.batch * a.n : 0}, f32);
-  at::Tensor sims = at::empty({a.batch, rows_c, cols_c}, f32);
+  at::Tensor sims = at::empty({a.batch * cuda::merge_tokens_sims_per_sample(p)}, f32);
+  at::Tensor part_key = at::empty({a.batch * cuda::merge_tokens_partials_per_sample(p)}, i32);
+  at::Tensor part_idx = at::empty_like(part_key);
+  at::Tensor counters = at::empty({a.batch * cuda::merge_tokens_counters_per_sample(p)}, i32);  // zeroed by the first kernel
   at::Tensor targets = at::empty({a.batch, rows_c, topm}, i32);
   at::Tensor coef = at::empty({a.batch, rows_c, topm}, f32);
   at::Tensor merged = at::empty({a.batch, a.k, a.d}, xc.options());
   at::Tensor mass = at::empty({a.batch, a.k}, f32);
 
-  cuda::MergeTokensScratch s{ptr<int32_t>(invalid), ptr<int32_t>(dropped), ptr<float>(inv),  ptr<float>(sims),
-                             ptr<int32_t>(targets), ptr<float>(coef)};
+  cuda::MergeTokensScratch s{ptr<int32_t>(invalid),  ptr<int32_t>(dropped),  ptr<float>(sims),
+                             ptr<int32_t>(part_key), ptr<int32_t>(part_idx), ptr<int32_t>(counters),
+                             ptr<int32_t>(targets),  ptr<float>(coef)};
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   dispatch_float(xc.scalar_type(), [&](auto tx) {
     using TX = typename decltype(tx)::type;
@@ -114,16 +117,16 @@ std::tuple<at::Tensor, at::Tensor> bipartite_merge_cuda(const at::Tensor& x, con
   const auto i32 = xc.options().dtype(at::kInt);
   const auto f32 = xc.options().dtype(at::kFloat);
   at::Tensor invalid = at::empty({a.batch, cuda::bipartite_flag_tiles(a.n)}, i32);  // written by edge_select
-  at::Tensor inv = at::empty({a.batch, a.n}, f32);
-  at::Tensor sims = at::empty({a.batch, a.n_a, a.n_b}, f32);
+  at::Tensor part_key = at::empty({a.batch, a.n_a, cuda::column_tiles(a.n_b)}, i32);
+  at::Tensor part_idx = at::empty_like(part_key);
   at::Tensor node_key = at::empty({a.batch, a.n_a}, i32);
   at::Tensor node_idx = at::empty({a.batch, a.n_a}, i32);
   at::Tensor merged_flag = at::empty({a.batch, a.n_a}, xc.options().dtype(at::kByte));
   at::Tensor unmerged = at::empty({a.batch, a.n_a - r}, i32);
   at::Tensor out = at::empty({a.batch, a.n - r, a.d}, xc.options());
   at::Tensor out_size = at::empty({a.batch, a.n - r}, f32);
-  cuda::BipartiteScratch s{ptr<int32_t>(invalid),  ptr<float>(inv),         ptr<float>(sims),
-                           ptr<int32_t>(node_key), ptr<int32_t>(node_idx), ptr<uint8_t>(merged_flag),
+  cuda::BipartiteScratch s{ptr<int32_t>(invalid),  ptr<int32_t>(part_key),    ptr<int32_t>(part_idx),
+                           ptr<int32_t>(node_key), ptr<int32_t>(node_idx),    ptr<uint8_t>(merged_flag),
                            ptr<int32_t>(unmerged)};
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   dispatch_float(xc.scalar_type(), [&](auto tx) {

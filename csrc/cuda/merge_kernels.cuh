@@ -4,7 +4,9 @@
 // tokenkern_kernels). Per-token math is shared with the CPU ops (common/merge_math.h).
 //
 // Determinism: every output element is written by one thread, sums run in a fixed order
-// (contributions in ascending source order), there are no atomics. Invalid inputs raise
+// (contributions in ascending source order). The one atomic is the similarity tiles' arrival
+// counter (topm = 1), which only elects the tile that reduces a row block's partials, in tile
+// order: which tile that is does not change the result. Invalid inputs raise
 // per-(sample, tile) flags that each CTA of merge_prepare_kernel / edge_select_kernel writes
 // unconditionally (no zero fill); later launches OR a sample's flags (common/merge_plan.h).
 #pragma once
@@ -25,7 +27,6 @@ namespace tokenkern {
 namespace cuda {
 
 constexpr int kAccTile = 4096;  // floats of a receiver's accumulator held in shared memory
-constexpr int kKeyTile = 4096;  // bipartite node keys of a sample held in shared memory (n_a <= 4096)
 
 template <typename T>
 __device__ __forceinline__ float to_float(T v) {
@@ -117,10 +118,12 @@ __device__ __forceinline__ bool sample_invalid_warp(const int32_t* flags, int64_
 
 // Grid (merge_tokens_flag_tiles(n), B), one token i per thread: checks weight[b, i] and keep slot
 // i (i < k; common/merge_select.h), writes token i to its slot of the dropped list when
-// `list_dropped` (dropped mode: the tokens keep does not contain, ascending), and each CTA writes
-// its (sample, tile) invalid flag. A sample flagged invalid gets NaN outputs.
+// `list_dropped` (dropped mode: the tokens keep does not contain, ascending), zeroes arrival
+// counter i of the sample when i < n_counters (similarity_kernel's kSelectBest; n_counters <= n),
+// and each CTA writes its (sample, tile) invalid flag. A sample flagged invalid gets NaN outputs.
 __global__ void __launch_bounds__(kThreads) merge_prepare_kernel(const int64_t* keep, const float* weight, int64_t n,
                                                                  int64_t k, bool list_dropped, int32_t* dropped,
+                                                                 int32_t* counters, int64_t n_counters,
                                                                  int32_t* invalid) {
   const int64_t b = blockIdx.y;
   const int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
@@ -133,23 +136,9 @@ __global__ void __launch_bounds__(kThreads) merge_prepare_kernel(const int64_t* 
       if (slot >= 0 && slot < n - k) dropped[b * (n - k) + slot] = static_cast<int32_t>(i);
     }
   }
+  if (i < n_counters) counters[b * n_counters + i] = 0;
   const int any = __syncthreads_or(bad);
   if (threadIdx.x == 0) invalid[b * gridDim.x + blockIdx.x] = any != 0 ? 1 : 0;
-}
-
-// inv[b, i] = 1 / max(||m[b, i, :]||, eps), one warp per row.
-template <typename TM>
-__global__ void inverse_norm_kernel(const TM* m, int64_t rows, int64_t c, float* inv) {
-  const int64_t row = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarp;
-  const int lane = threadIdx.x % kWarp;
-  if (row >= rows) return;
-  float s = 0.0f;
-  for (int64_t e = lane; e < c; e += kWarp) {
-    const float v = to_float(m[row * c + e]);
-    s += v * v;
-  }
-  s = warp_sum(s);
-  if (lane == 0) inv[row] = inverse_norm(static_cast<double>(s));
 }
 
 // Which token row of a (batch, n, c) matrix is row i of a GEMM operand: an index list
@@ -165,7 +154,32 @@ struct RowMap {
   }
 };
 
+// What a similarity tile does with its values (common/merge_plan.h, SimilarityEpilogue), and where.
+struct SimilarityOut {
+  SimilarityEpilogue epilogue;
+  bool cosine;        // normalize by the rows' norms (summed from the staged tiles)
+  bool exclude_self;  // a chooser is not its own candidate (merge_tokens' kept mode)
+  float* sims;        // kStore: (batch, rows, cols)
+  int32_t* part_key;  // kRowBest, kSelectBest: (batch, rows, column_tiles(cols))
+  int32_t* part_idx;
+  // kSelectBest only
+  int32_t* counters;           // (batch, row blocks), zero on entry (merge_prepare_kernel)
+  const int32_t* invalid;      // (batch, flag_tiles), written by merge_prepare_kernel
+  int64_t flag_tiles;
+  const int32_t* chooser_tok;  // the dropped list (dropped mode) or nullptr (kept mode)
+  const float* weight;         // (batch, n)
+  int32_t* targets;            // (batch, rows, 1)
+  float* coef;                 // (batch, rows, 1)
+};
+
 constexpr int kTileK = 32, kPad = 8;  // kTileM x kTileN output tiles: common/merge_plan.h
+// Staged elements per thread per operand and k step. Element (r, e) of a staged tile goes to
+// thread r % 8 * 32 + e, so lane e of warp w stages column e of rows w, w + 8, ...: a row's sum
+// of squares is a per-lane sum over the k steps and then a warp sum, the order of the former
+// inverse-norm kernel (one warp per row, lane-strided), the same in every tile that holds the row.
+constexpr int kStage = kTileM * kTileK / kThreads;
+static_assert(kTileK == kWarp && kTileM == kTileN && kTileM * kTileK % kThreads == 0, "staging layout");
+static_assert(kThreads == 4 * kTileM && kTileN % 4 == 0, "row-best layout: four threads per tile row");
 
 // Token row of each row/column of the output tile (-1 past the end or out of [0, n)).
 __device__ __forceinline__ void tile_rows(RowMap qmap, RowMap kmap, int64_t b, int64_t i0, int64_t j0, int64_t n,
@@ -188,34 +202,45 @@ __device__ __forceinline__ TM load_or_zero(const TM* base, int64_t row, int64_t 
   return (row >= 0 && e < c) ? base[row * c + e] : from_float<TM>(0.0f);
 }
 
-__device__ __forceinline__ void store_tile(const float (*c_tile)[kTileN + 4], int64_t b, int64_t i0, int64_t j0,
-                                           int64_t rows, int64_t cols, float* sims) {
-  for (int t = threadIdx.x; t < kTileM * kTileN; t += kThreads) {
-    const int r = t / kTileN, col = t % kTileN;
-    const int64_t i = i0 + r, j = j0 + col;
-    if (i < rows && j < cols) sims[(b * rows + i) * cols + j] = c_tile[r][col];
+// The inverse norms of the tile's rows and columns (see kStage) into shared inv_a / inv_b.
+__device__ __forceinline__ void store_inverse_norms(const float* sq_a, const float* sq_b, float* inv_a,
+                                                    float* inv_b) {
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+#pragma unroll
+  for (int u = 0; u < kStage; ++u) {
+    const float sa = warp_sum(sq_a[u]), sb = warp_sum(sq_b[u]);
+    if (lane == 0) {
+      inv_a[warp + u * (kThreads / kWarp)] = inverse_norm(static_cast<double>(sa));
+      inv_b[warp + u * (kThreads / kWarp)] = inverse_norm(static_cast<double>(sb));
+    }
   }
 }
 
 // Tensor-core tile (16-bit inputs, sm_80+): 8 warps x 2 WMMA fragments of 16 x 16.
 template <typename TM>
-__device__ void similarity_tile_wmma(const TM* q, const TM* m, int64_t b, int64_t i0, int64_t j0, int64_t n,
-                                     int64_t c, int64_t rows, int64_t cols, const int64_t* a_rows,
-                                     const int64_t* b_rows, float* sims) {
+__device__ void similarity_tile_wmma(const TM* q, const TM* m, int64_t b, int64_t n, int64_t c, bool norms,
+                                     const int64_t* a_rows, const int64_t* b_rows, float (*c_tile)[kTileN + 4],
+                                     float* inv_a, float* inv_b) {
   namespace wmma = nvcuda::wmma;
   __shared__ __align__(32) TM a_tile[kTileM][kTileK + kPad];
   __shared__ __align__(32) TM b_tile[kTileN][kTileK + kPad];
-  __shared__ __align__(32) float c_tile[kTileM][kTileN + 4];
   const int warp = threadIdx.x / kWarp;
   wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2];
   for (auto& f : acc) wmma::fill_fragment(f, 0.0f);
+  float sq_a[kStage] = {}, sq_b[kStage] = {};
   const TM* qb = q + b * n * c;
   const TM* mb = m + b * n * c;
   for (int64_t e0 = 0; e0 < c; e0 += kTileK) {
-    for (int t = threadIdx.x; t < kTileM * kTileK; t += kThreads) {
+#pragma unroll
+    for (int u = 0; u < kStage; ++u) {
+      const int t = threadIdx.x + u * kThreads;
       const int r = t / kTileK, e = t % kTileK;
-      a_tile[r][e] = load_or_zero(qb, a_rows[r], e0 + e, c);
-      b_tile[r][e] = load_or_zero(mb, b_rows[r], e0 + e, c);
+      const TM va = load_or_zero(qb, a_rows[r], e0 + e, c), vb = load_or_zero(mb, b_rows[r], e0 + e, c);
+      a_tile[r][e] = va;
+      b_tile[r][e] = vb;
+      const float fa = to_float(va), fb = to_float(vb);
+      sq_a[u] += fa * fa;
+      sq_b[u] += fb * fb;
     }
     __syncthreads();
     for (int f = 0; f < 2; ++f) {
@@ -235,28 +260,34 @@ __device__ void similarity_tile_wmma(const TM* q, const TM* m, int64_t b, int64_
     const int tile = warp * 2 + f;
     wmma::store_matrix_sync(&c_tile[(tile / 4) * 16][(tile % 4) * 16], acc[f], kTileN + 4, wmma::mem_row_major);
   }
+  if (norms) store_inverse_norms(sq_a, sq_b, inv_a, inv_b);
   __syncthreads();
-  store_tile(c_tile, b, i0, j0, rows, cols, sims);
 }
 
 // float32 FMA tile: 16 x 16 threads x 4 x 4 outputs; the staged tiles are k-major so that a
 // warp reads consecutive words.
 template <typename TM>
-__device__ void similarity_tile_fma(const TM* q, const TM* m, int64_t b, int64_t i0, int64_t j0, int64_t n,
-                                    int64_t c, int64_t rows, int64_t cols, const int64_t* a_rows,
-                                    const int64_t* b_rows, float* sims) {
+__device__ void similarity_tile_fma(const TM* q, const TM* m, int64_t b, int64_t n, int64_t c, bool norms,
+                                    const int64_t* a_rows, const int64_t* b_rows, float (*c_tile)[kTileN + 4],
+                                    float* inv_a, float* inv_b) {
   __shared__ __align__(16) float a_tile[kTileK][kTileM + 4];
   __shared__ __align__(16) float b_tile[kTileK][kTileN + 4];
-  __shared__ __align__(16) float c_tile[kTileM][kTileN + 4];
   const int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
   float acc[4][4] = {};
+  float sq_a[kStage] = {}, sq_b[kStage] = {};
   const TM* qb = q + b * n * c;
   const TM* mb = m + b * n * c;
   for (int64_t e0 = 0; e0 < c; e0 += kTileK) {
-    for (int t = threadIdx.x; t < kTileM * kTileK; t += kThreads) {
+#pragma unroll
+    for (int u = 0; u < kStage; ++u) {
+      const int t = threadIdx.x + u * kThreads;
       const int r = t / kTileK, e = t % kTileK;
-      a_tile[e][r] = to_float(load_or_zero(qb, a_rows[r], e0 + e, c));
-      b_tile[e][r] = to_float(load_or_zero(mb, b_rows[r], e0 + e, c));
+      const float fa = to_float(load_or_zero(qb, a_rows[r], e0 + e, c));
+      const float fb = to_float(load_or_zero(mb, b_rows[r], e0 + e, c));
+      a_tile[e][r] = fa;
+      b_tile[e][r] = fb;
+      sq_a[u] += fa * fa;
+      sq_b[u] += fb * fb;
     }
     __syncthreads();
     for (int e = 0; e < kTileK; ++e) {
@@ -272,18 +303,105 @@ __device__ void similarity_tile_fma(const TM* q, const TM* m, int64_t b, int64_t
   }
   for (int u = 0; u < 4; ++u)
     for (int v = 0; v < 4; ++v) c_tile[ty * 4 + u][tx * 4 + v] = acc[u][v];
+  if (norms) store_inverse_norms(sq_a, sq_b, inv_a, inv_b);
   __syncthreads();
-  store_tile(c_tile, b, i0, j0, rows, cols, sims);
 }
 
-// sims[b, i, j] = sum_e q[b, qmap(i), e] * m[b, kmap(j), e] in float32, one 64 x 64 tile per
-// block: tensor cores (WMMA, float32 accumulation) for 16-bit inputs on sm_80+, float32 FMA
-// otherwise. Rows that map outside [0, n) read as 0.
+// Best (order key, index) over the valid candidates of partial lists [0, tiles), in order.
+__device__ __forceinline__ void reduce_row_best(const int32_t* keys, const int32_t* idx, int64_t tiles,
+                                                int32_t* best_key, int32_t* best_j) {
+  int32_t bk = INT32_MIN, bj = kNoMatch;
+  for (int64_t t = 0; t < tiles; ++t) {
+    const int32_t key = __ldcg(keys + t), j = __ldcg(idx + t);  // L2: written by other CTAs
+    if (better_match(key, j, bk, bj)) {
+      bk = key;
+      bj = j;
+    }
+  }
+  *best_key = bk;
+  *best_j = bj;
+}
+
+// kSelectBest, in the last tile of row block blockIdx.y to arrive: each row's best candidate over
+// the partials of every column tile becomes its target (topm = 1: coefficient 1 * its weight).
+__device__ void select_best_rows(const SimilarityOut& out, int64_t b, int64_t i0, int64_t n, int64_t rows) {
+  __shared__ int last;
+  __threadfence();  // this thread's partials are visible device-wide before the ticket
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    last = atomicAdd(out.counters + b * gridDim.y + blockIdx.y, 1) == static_cast<int>(gridDim.x) - 1 ? 1 : 0;
+  }
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  if (sample_invalid_block(out.invalid, b, out.flag_tiles)) return;  // merge_reduce writes NaN
+  const int64_t tiles = gridDim.x;
+  for (int r = threadIdx.x; r < kTileM; r += kThreads) {
+    const int64_t i = i0 + r;
+    if (i >= rows) continue;
+    const int64_t row = b * rows + i;
+    int32_t key, j;
+    reduce_row_best(out.part_key + row * tiles, out.part_idx + row * tiles, tiles, &key, &j);
+    if (j == kNoMatch) j = 0;  // no candidate: excluded by the op's topm check
+    const int64_t src = out.chooser_tok != nullptr ? out.chooser_tok[row] : j;
+    out.targets[row] = j;
+    out.coef[row] = 1.0f * out.weight[b * n + src];
+  }
+}
+
+// The epilogue on the tile's values in c_tile (normalized already when cosine).
+__device__ void similarity_epilogue(const SimilarityOut& out, float (*c_tile)[kTileN + 4], const int64_t* a_rows,
+                                    const int64_t* b_rows, int64_t b, int64_t i0, int64_t j0, int64_t n,
+                                    int64_t rows, int64_t cols) {
+  if (out.epilogue == SimilarityEpilogue::kStore) {
+    for (int t = threadIdx.x; t < kTileM * kTileN; t += kThreads) {
+      const int r = t / kTileN, col = t % kTileN;
+      const int64_t i = i0 + r, j = j0 + col;
+      if (i < rows && j < cols) out.sims[(b * rows + i) * cols + j] = c_tile[r][col];
+    }
+    return;
+  }
+  // Four threads (adjacent lanes) per tile row, kTileN / 4 columns each, ascending.
+  const int r = threadIdx.x / 4, part = threadIdx.x % 4;
+  int32_t best_key = INT32_MIN, best_j = kNoMatch;
+  for (int u = 0; u < kTileN / 4; ++u) {
+    const int col = part * (kTileN / 4) + u;
+    const int64_t j = j0 + col;
+    if (j >= cols || (out.exclude_self && b_rows[col] == a_rows[r])) continue;
+    const int32_t key = order_key(c_tile[r][col]);
+    if (better_match(key, static_cast<int32_t>(j), best_key, best_j)) {
+      best_key = key;
+      best_j = static_cast<int32_t>(j);
+    }
+  }
+  for (int o = 1; o < 4; o *= 2) {
+    const int32_t ok = __shfl_xor_sync(0xffffffffu, best_key, o);
+    const int32_t oj = __shfl_xor_sync(0xffffffffu, best_j, o);
+    if (better_match(ok, oj, best_key, best_j)) {
+      best_key = ok;
+      best_j = oj;
+    }
+  }
+  const int64_t i = i0 + r;
+  if (part == 0 && i < rows) {
+    const int64_t slot = (b * rows + i) * gridDim.x + blockIdx.x;
+    out.part_key[slot] = best_key;
+    out.part_idx[slot] = best_j;
+  }
+  if (out.epilogue == SimilarityEpilogue::kSelectBest) select_best_rows(out, b, i0, n, rows);
+}
+
+// sim[b, i, j] = sum_e q[b, qmap(i), e] * m[b, kmap(j), e] in float32 (divided by both rows'
+// norms when out.cosine), one 64 x 64 tile per block: tensor cores (WMMA, float32 accumulation)
+// for 16-bit inputs on sm_80+, float32 FMA otherwise; then out.epilogue. Rows that map outside
+// [0, n) read as 0. Grid (column_tiles(cols), blocks_for(rows, kTileM), batch).
 template <typename TM>
 __global__ void __launch_bounds__(kThreads) similarity_kernel(const TM* q, RowMap qmap, const TM* m, RowMap kmap,
                                                               int64_t n, int64_t c, int64_t rows, int64_t cols,
-                                                              float* sims) {
+                                                              SimilarityOut out) {
   __shared__ int64_t a_rows[kTileM], b_rows[kTileN];
+  __shared__ float inv_a[kTileM], inv_b[kTileN];
+  __shared__ __align__(32) float c_tile[kTileM][kTileN + 4];
   const int64_t b = blockIdx.z;
   const int64_t i0 = static_cast<int64_t>(blockIdx.y) * kTileM, j0 = static_cast<int64_t>(blockIdx.x) * kTileN;
   tile_rows(qmap, kmap, b, i0, j0, n, rows, cols, a_rows, b_rows);
@@ -293,22 +411,30 @@ __global__ void __launch_bounds__(kThreads) similarity_kernel(const TM* q, RowMa
   constexpr bool kTensorCores = false;  // also the host pass, which never runs this body
 #endif
   if constexpr (kTensorCores) {
-    similarity_tile_wmma(q, m, b, i0, j0, n, c, rows, cols, a_rows, b_rows, sims);
+    similarity_tile_wmma(q, m, b, n, c, out.cosine, a_rows, b_rows, c_tile, inv_a, inv_b);
   } else {
-    similarity_tile_fma(q, m, b, i0, j0, n, c, rows, cols, a_rows, b_rows, sims);
+    similarity_tile_fma(q, m, b, n, c, out.cosine, a_rows, b_rows, c_tile, inv_a, inv_b);
   }
+  if (out.cosine) {
+    // (s * inv_row) * inv_col: the product order of the former select / best-match kernels.
+    for (int t = threadIdx.x; t < kTileM * kTileN; t += kThreads) {
+      const int r = t / kTileN, col = t % kTileN;
+      c_tile[r][col] = c_tile[r][col] * inv_a[r] * inv_b[col];
+    }
+    __syncthreads();
+  }
+  similarity_epilogue(out, c_tile, a_rows, b_rows, b, i0, j0, n, rows, cols);
 }
 
 // --------------------------------------------------------------------- target selection
 
 // One warp per chooser row: its topm best candidates (similarity descending, ties to the
 // lower candidate index, NaN as -inf), written in ascending candidate order to targets, and
-// their coefficients a * w[source] to coef.
+// their coefficients a * w[source] to coef. The similarities come normalized (similarity_kernel).
 //   dropped mode: chooser = dropped token, candidates = kept positions 0..K-1
 //   kept mode:    chooser = kept token,    candidates = all tokens except the chooser
 __global__ void select_targets_kernel(const float* sims, int64_t rows_c, int64_t cols_c, const int32_t* chooser_tok,
-                                      const int64_t* keep, int64_t k, int64_t n, const float* inv, bool cosine,
-                                      bool kept_mode, int64_t topm, float temperature, const float* weight,
+                                      const int64_t* keep, int64_t k, int64_t n, bool kept_mode, int64_t topm, float temperature, const float* weight,
                                       const int32_t* invalid, int64_t flag_tiles, int32_t* targets, float* coef) {
   const int64_t warp_id = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarp;
   const int64_t b = blockIdx.y;
@@ -316,17 +442,14 @@ __global__ void select_targets_kernel(const float* sims, int64_t rows_c, int64_t
   if (warp_id >= rows_c || sample_invalid_warp(invalid, b, flag_tiles)) return;
   const float* row = sims + (b * rows_c + warp_id) * cols_c;
   const int64_t self = kept_mode ? keep[b * k + warp_id] : chooser_tok[b * rows_c + warp_id];
-  const float inv_self = cosine ? inv[b * n + self] : 1.0f;
   auto key_of = [&](int64_t j, bool* valid) {
     if (j >= cols_c) {
       *valid = false;
       return int32_t{0};
     }
-    const int64_t tok = kept_mode ? j : keep[b * k + j];
-    *valid = !(kept_mode && tok == self);
+    *valid = !(kept_mode && j == self);  // kept mode: candidate j is token j
     if (!*valid) return int32_t{0};
-    const float s = cosine ? row[j] * inv_self * inv[b * n + tok] : row[j];
-    return order_key(s);
+    return order_key(row[j]);
   };
   // Threshold: the largest key T with #{key >= T} >= topm.
   int64_t lo = INT32_MIN, hi = INT32_MAX;
@@ -365,9 +488,8 @@ __global__ void select_targets_kernel(const float* sims, int64_t rows_c, int64_t
     const unsigned sel_ballot = __ballot_sync(0xffffffffu, sel);
     if (sel) {
       const int64_t pos = sel_before + __popc(sel_ballot & lanes_below());
-      const int64_t tok = kept_mode ? j : keep[b * k + j];
-      out_t[pos] = static_cast<int32_t>(kept_mode ? tok : j);
-      out_c[pos] = cosine ? row[j] * inv_self * inv[b * n + tok] : row[j];
+      out_t[pos] = static_cast<int32_t>(j);
+      out_c[pos] = row[j];
     }
     eq_before += __popc(eq_ballot);
     sel_before += __popc(sel_ballot);
@@ -482,45 +604,35 @@ __global__ void merge_reduce_kernel(const TX* x, const int64_t* keep, const floa
 
 // --------------------------------------------------------------------- bipartite (ToMe)
 
-// One warp per A token i (position 2i): best B token j (position 2j + 1) by cosine,
-// ties to the lower j; writes its order key and index.
-__global__ void best_match_kernel(const float* sims, int64_t n_a, int64_t n_b, int64_t n, const float* inv,
+// One thread per A token i (position 2i), where edge_select_kernel does not reduce the partials
+// itself (common/merge_plan.h, edge_select_reduces): its best B token j (position 2j + 1) by
+// cosine, ties to the lower j, from the similarity tiles' partials (kRowBest); writes its order
+// key and index.
+__global__ void best_match_kernel(const int32_t* part_key, const int32_t* part_idx, int64_t n_a, int64_t tiles,
                                   int32_t* node_key, int32_t* node_idx) {
-  const int64_t i = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarp;
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t b = blockIdx.y;
-  const int lane = threadIdx.x % kWarp;
   if (i >= n_a) return;
-  int32_t best_key = INT32_MIN;
-  int32_t best_j = INT32_MAX;
-  for (int64_t j = lane; j < n_b; j += kWarp) {
-    const float s = sims[(b * n_a + i) * n_b + j] * inv[b * n + 2 * i] * inv[b * n + 2 * j + 1];
-    const int32_t key = order_key(s);
-    if (best_j == INT32_MAX || key > best_key) {
-      best_key = key;
-      best_j = static_cast<int32_t>(j);
-    }
-  }
-  for (int o = kWarp / 2; o > 0; o /= 2) {
-    const int32_t ok = __shfl_xor_sync(0xffffffffu, best_key, o);
-    const int32_t oj = __shfl_xor_sync(0xffffffffu, best_j, o);
-    if (oj != INT32_MAX && (best_j == INT32_MAX || ok > best_key || (ok == best_key && oj < best_j))) {
-      best_key = ok;
-      best_j = oj;
-    }
-  }
-  if (lane == 0) {
-    node_key[b * n_a + i] = best_key;
-    node_idx[b * n_a + i] = best_j == INT32_MAX ? 0 : best_j;
-  }
+  const int64_t row = b * n_a + i;
+  int32_t key, j;
+  reduce_row_best(part_key + row * tiles, part_idx + row * tiles, tiles, &key, &j);
+  node_key[row] = key;
+  node_idx[row] = j == kNoMatch ? 0 : j;
 }
 
 // Grid (bipartite_flag_tiles(n), B), one A token i per thread. Every CTA finds the sample's cut
-// (the r-th best key, common/merge_select.h) by block-wide counts over all n_a node keys (held in
-// shared memory when they fit), then for its A tokens writes merged[i] and, for the unmerged
-// ones, their slot of the unmerged list (ascending; n_a - r entries): the same r tokens (best keys,
-// ties to the lower index, token 0 excluded when protected) as a serial selection. It also checks
-// the sizes of tokens 2i and 2i + 1 and writes the CTA's (sample, tile) invalid flag.
-__global__ void __launch_bounds__(kThreads) edge_select_kernel(const int32_t* node_key, const float* size, int64_t n,
+// (the r-th best key, common/merge_select.h) by block-wide counts over all n_a node keys, then
+// for its A tokens writes merged[i] and, for the unmerged ones, their slot of the unmerged list
+// (ascending; n_a - r entries): the same r tokens (best keys, ties to the lower index, token 0
+// excluded when protected) as a serial selection. With `reduce_partials` (edge_select_reduces)
+// every CTA reduces the similarity partials of all of them into shared memory and writes node_idx
+// of its own; else best_match_kernel has written node_key / node_idx, held in shared memory up to
+// kKeyTile A tokens. It also checks the sizes of tokens 2i and 2i + 1 and writes the CTA's
+// (sample, tile) invalid flag.
+__global__ void __launch_bounds__(kThreads) edge_select_kernel(const int32_t* part_key, const int32_t* part_idx,
+                                                               int64_t tiles, bool reduce_partials,
+                                                               const int32_t* node_key, int32_t* node_idx,
+                                                               const float* size, int64_t n,
                                                                int64_t n_a, int64_t r, bool protect_first,
                                                                uint8_t* merged, int32_t* unmerged, int32_t* invalid) {
   __shared__ int32_t smem_keys[kKeyTile];
@@ -530,7 +642,17 @@ __global__ void __launch_bounds__(kThreads) edge_select_kernel(const int32_t* no
   const int64_t i0 = static_cast<int64_t>(blockIdx.x) * kThreads, i = i0 + threadIdx.x;
   const int32_t* keys = node_key + b * n_a;  // read only when r > 0 (no keys exist when n_b = 0)
   if (r > 0 && n_a <= kKeyTile) {
-    for (int64_t j = threadIdx.x; j < n_a; j += kThreads) smem_keys[j] = keys[j];
+    for (int64_t j = threadIdx.x; j < n_a; j += kThreads) {
+      const int64_t row = b * n_a + j;
+      if (!reduce_partials) {
+        smem_keys[j] = keys[j];
+        continue;
+      }
+      int32_t key, best;
+      reduce_row_best(part_key + row * tiles, part_idx + row * tiles, tiles, &key, &best);
+      smem_keys[j] = key;
+      if (j >= i0 && j < i0 + kThreads) node_idx[row] = best == kNoMatch ? 0 : best;
+    }
     __syncthreads();
     keys = smem_keys;
   }
@@ -638,8 +760,10 @@ inline dim3 grid_of(const Launch& l) {
 struct MergeTokensScratch {
   int32_t* invalid;   // batch * merge_tokens_flag_tiles(n), no fill needed
   int32_t* dropped;   // batch * (n - k)
-  float* inv;         // batch * n (cosine only)
-  float* sims;        // batch * chooser_rows * candidates
+  float* sims;        // batch * merge_tokens_sims_per_sample(p)
+  int32_t* part_key;  // batch * merge_tokens_partials_per_sample(p)
+  int32_t* part_idx;  // batch * merge_tokens_partials_per_sample(p)
+  int32_t* counters;  // batch * merge_tokens_counters_per_sample(p), no fill needed
   int32_t* targets;   // batch * chooser_rows * topm
   float* coef;        // batch * chooser_rows * topm
 };
@@ -661,6 +785,21 @@ void merge_tokens_chunk(const MergeTokensProblem& p, const TX* x, const int64_t*
   }
   const TM* chooser = query != nullptr ? query : metric;
   const int64_t flag_tiles = merge_tokens_flag_tiles(p.n);
+  const int64_t n_counters = merge_tokens_counters_per_sample(p);
+  SimilarityOut out{};
+  out.epilogue = merge_tokens_epilogue(p);
+  out.cosine = p.cosine;
+  out.exclude_self = p.kept_mode;
+  out.sims = s.sims;
+  out.part_key = s.part_key;
+  out.part_idx = s.part_idx;
+  out.counters = s.counters;
+  out.invalid = s.invalid;
+  out.flag_tiles = flag_tiles;
+  out.chooser_tok = p.kept_mode ? nullptr : s.dropped;
+  out.weight = weight;
+  out.targets = s.targets;
+  out.coef = s.coef;
   const LaunchPlan plan = merge_tokens_plan(p);
   for (int i = 0; i < plan.count; ++i) {
     const Launch& l = plan.launch[i];
@@ -670,19 +809,16 @@ void merge_tokens_chunk(const MergeTokensProblem& p, const TX* x, const int64_t*
     switch (l.kernel) {
       case MergeKernel::kPrepare:
         merge_prepare_kernel<<<grid, threads, smem, stream>>>(keep, weight, p.n, p.k, !p.kept_mode, s.dropped,
-                                                              s.invalid);
-        break;
-      case MergeKernel::kInverseNorm:
-        inverse_norm_kernel<TM><<<grid, threads, smem, stream>>>(metric, p.batch * p.n, p.c, s.inv);
+                                                              s.counters, n_counters, s.invalid);
         break;
       case MergeKernel::kSimilarity:
         similarity_kernel<TM><<<grid, threads, smem, stream>>>(chooser, qmap, metric, kmap, p.n, p.c, rows_c, cols_c,
-                                                               s.sims);
+                                                               out);
         break;
       case MergeKernel::kSelectTargets:
         select_targets_kernel<<<grid, threads, smem, stream>>>(s.sims, rows_c, cols_c, s.dropped, keep, p.k, p.n,
-                                                               s.inv, p.cosine, p.kept_mode, p.topm, p.temperature,
-                                                               weight, s.invalid, flag_tiles, s.targets, s.coef);
+                                                               p.kept_mode, p.topm, p.temperature, weight, s.invalid,
+                                                               flag_tiles, s.targets, s.coef);
         break;
       case MergeKernel::kMergeReduce:
         merge_reduce_kernel<TX><<<grid, threads, smem, stream>>>(x, keep, weight, s.dropped, s.targets, s.coef,
@@ -700,15 +836,19 @@ cudaError_t merge_tokens(const MergeTokensProblem& p, const TX* x, const int64_t
                          const TM* query, const float* weight, TX* merged, float* mass, const MergeTokensScratch& s,
                          cudaStream_t stream) {
   if (p.n > kMaxTokens) return cudaErrorInvalidValue;
-  const int64_t rows_c = p.chooser_rows(), cols_c = p.candidates();
+  const int64_t rows_c = p.chooser_rows();
+  const int64_t sims = merge_tokens_sims_per_sample(p), partials = merge_tokens_partials_per_sample(p);
+  const int64_t counters = merge_tokens_counters_per_sample(p);
   const int64_t chunk = batch_per_launch(p.n);
   for (int64_t b0 = 0; b0 < p.batch; b0 += chunk) {
     MergeTokensProblem q = p;
     q.batch = p.batch - b0 < chunk ? p.batch - b0 : chunk;
     const MergeTokensScratch sc{s.invalid + b0 * merge_tokens_flag_tiles(p.n),
                                 s.dropped + b0 * (p.n - p.k),
-                                p.cosine ? s.inv + b0 * p.n : s.inv,
-                                s.sims + b0 * rows_c * cols_c,
+                                s.sims + b0 * sims,
+                                s.part_key + b0 * partials,
+                                s.part_idx + b0 * partials,
+                                s.counters + b0 * counters,
                                 s.targets + b0 * rows_c * p.topm,
                                 s.coef + b0 * rows_c * p.topm};
     merge_tokens_chunk<TX, TM>(q, x + b0 * p.n * p.d, keep + b0 * p.k, metric + b0 * p.n * p.c,
@@ -722,9 +862,9 @@ cudaError_t merge_tokens(const MergeTokensProblem& p, const TX* x, const int64_t
 
 struct BipartiteScratch {
   int32_t* invalid;   // batch * bipartite_flag_tiles(n), no fill needed
-  float* inv;         // batch * n
-  float* sims;        // batch * n_a * n_b
-  int32_t* node_key;  // batch * n_a
+  int32_t* part_key;  // batch * n_a * column_tiles(n_b): the similarity tiles' row bests
+  int32_t* part_idx;  // batch * n_a * column_tiles(n_b)
+  int32_t* node_key;  // batch * n_a (written by best_match_kernel only)
   int32_t* node_idx;  // batch * n_a
   uint8_t* merged;    // batch * n_a
   int32_t* unmerged;  // batch * (n_a - r)
@@ -737,10 +877,16 @@ void bipartite_merge_chunk(int64_t batch, int64_t n, int64_t d, int64_t c, int64
                            const TX* x, const TM* metric, const float* size, TX* out, float* out_size,
                            const BipartiteScratch& s, cudaStream_t stream) {
   const int64_t n_a = (n + 1) / 2, n_b = n / 2;
+  const int64_t tiles = column_tiles(n_b);
   RowMap a_rows, b_rows;  // set A: even positions, set B: odd positions
   a_rows.step = 2;
   b_rows.step = 2;
   b_rows.offset = 1;
+  SimilarityOut sim{};
+  sim.epilogue = SimilarityEpilogue::kRowBest;
+  sim.cosine = true;
+  sim.part_key = s.part_key;
+  sim.part_idx = s.part_idx;
   const LaunchPlan plan = bipartite_merge_plan(batch, n, r);
   for (int i = 0; i < plan.count; ++i) {
     const Launch& l = plan.launch[i];
@@ -748,18 +894,17 @@ void bipartite_merge_chunk(int64_t batch, int64_t n, int64_t d, int64_t c, int64
     const unsigned threads = static_cast<unsigned>(l.threads);
     const size_t smem = static_cast<size_t>(l.dynamic_smem);
     switch (l.kernel) {
-      case MergeKernel::kInverseNorm:
-        inverse_norm_kernel<TM><<<grid, threads, smem, stream>>>(metric, batch * n, c, s.inv);
-        break;
       case MergeKernel::kSimilarity:
-        similarity_kernel<TM><<<grid, threads, smem, stream>>>(metric, a_rows, metric, b_rows, n, c, n_a, n_b, s.sims);
+        similarity_kernel<TM><<<grid, threads, smem, stream>>>(metric, a_rows, metric, b_rows, n, c, n_a, n_b, sim);
         break;
       case MergeKernel::kBestMatch:
-        best_match_kernel<<<grid, threads, smem, stream>>>(s.sims, n_a, n_b, n, s.inv, s.node_key, s.node_idx);
+        best_match_kernel<<<grid, threads, smem, stream>>>(s.part_key, s.part_idx, n_a, tiles, s.node_key,
+                                                           s.node_idx);
         break;
       case MergeKernel::kEdgeSelect:
-        edge_select_kernel<<<grid, threads, smem, stream>>>(s.node_key, size, n, n_a, r, protect_first, s.merged,
-                                                            s.unmerged, s.invalid);
+        edge_select_kernel<<<grid, threads, smem, stream>>>(s.part_key, s.part_idx, tiles, edge_select_reduces(n),
+                                                            s.node_key, s.node_idx, size, n, n_a, r, protect_first,
+                                                            s.merged, s.unmerged, s.invalid);
         break;
       case MergeKernel::kBipartiteOutput:
         bipartite_output_kernel<TX><<<grid, threads, smem, stream>>>(x, size, s.merged, s.node_idx, s.unmerged,
@@ -779,11 +924,13 @@ cudaError_t bipartite_merge(int64_t batch, int64_t n, int64_t d, int64_t c, int6
   if (n == 0) return cudaSuccess;
   if (n > kMaxTokens) return cudaErrorInvalidValue;
   const int64_t n_a = (n + 1) / 2, n_b = n / 2;
+  const int64_t partials = n_a * column_tiles(n_b);
   const int64_t chunk = batch_per_launch(n);
   for (int64_t b0 = 0; b0 < batch; b0 += chunk) {
     const int64_t nb = batch - b0 < chunk ? batch - b0 : chunk;
-    const BipartiteScratch sc{s.invalid + b0 * bipartite_flag_tiles(n), s.inv + b0 * n,      s.sims + b0 * n_a * n_b,
-                              s.node_key + b0 * n_a, s.node_idx + b0 * n_a, s.merged + b0 * n_a,
+    const BipartiteScratch sc{s.invalid + b0 * bipartite_flag_tiles(n), s.part_key + b0 * partials,
+                              s.part_idx + b0 * partials,                s.node_key + b0 * n_a,
+                              s.node_idx + b0 * n_a,                     s.merged + b0 * n_a,
                               s.unmerged + b0 * (n_a - r)};
     bipartite_merge_chunk<TX, TM>(nb, n, d, c, r, protect_first, x + b0 * n * d, metric + b0 * n * c, size + b0 * n,
                                   out + b0 * (n - r) * d, out_size + b0 * (n - r), sc, stream);

@@ -2,7 +2,8 @@
 // kernels build their lists in parallel (merge_prepare_kernel's dropped list, edge_select_kernel's
 // r best edges and unmerged list), run here as the kernels run them (tile by tile, counts before
 // the tile plus an exclusive scan inside it) and compared with serial formulations and with the CPU
-// ops' rules (the bitmap dropped list of merge_cpu.cpp, topk_indices_ascending of bipartite_cpu.cpp).
+// ops' rules (the bitmap dropped list of merge_cpu.cpp, topk_indices_ascending of bipartite_cpu.cpp);
+// and the similarity tiles' row-best partials (better_match) against the serial first argmax.
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -242,12 +243,105 @@ void test_edges(std::mt19937& rng) {
   }
 }
 
+// ------------------------------------------------------------------ best match
+
+// Serial: the first column of the largest order key among the allowed ones (-1: none allowed), as
+// the CPU ops pick a single target (first argmax, NaN as -inf).
+int64_t best_serial(const std::vector<int32_t>& keys, const std::vector<char>& allowed) {
+  int64_t best = -1;
+  for (int64_t j = 0; j < static_cast<int64_t>(keys.size()); ++j)
+    if (allowed[j] && (best < 0 || keys[j] > keys[best])) best = j;
+  return best;
+}
+
+// similarity_kernel's row-best epilogue and its reductions: per column tile of `tile` columns,
+// `parts` threads scan tile / parts ascending columns each and combine by xor shuffles (1, 2, ...);
+// the per-tile partials are then reduced in tile order (reduce_row_best) or in reverse order.
+int64_t best_tiled(const std::vector<int32_t>& keys, const std::vector<char>& allowed, int64_t tile, int parts,
+                   bool reverse) {
+  using tokenkern::better_match;
+  using tokenkern::kNoMatch;
+  const int64_t cols = static_cast<int64_t>(keys.size());
+  std::vector<int32_t> part_key, part_idx;
+  for (int64_t j0 = 0; j0 < cols; j0 += tile) {
+    std::vector<int32_t> k(static_cast<size_t>(parts), std::numeric_limits<int32_t>::min());
+    std::vector<int32_t> idx(static_cast<size_t>(parts), kNoMatch);
+    for (int part = 0; part < parts; ++part) {
+      for (int64_t u = 0; u < tile / parts; ++u) {
+        const int64_t j = j0 + part * (tile / parts) + u;
+        if (j >= cols || !allowed[j]) continue;
+        if (better_match(keys[j], static_cast<int32_t>(j), k[part], idx[part])) {
+          k[part] = keys[j];
+          idx[part] = static_cast<int32_t>(j);
+        }
+      }
+    }
+    for (int o = 1; o < parts; o *= 2) {  // every lane takes its xor partner's pre-round value
+      const std::vector<int32_t> k0 = k, i0 = idx;
+      for (int part = 0; part < parts; ++part) {
+        if (better_match(k0[part ^ o], i0[part ^ o], k[part], idx[part])) {
+          k[part] = k0[part ^ o];
+          idx[part] = i0[part ^ o];
+        }
+      }
+    }
+    for (int part = 1; part < parts; ++part)
+      expect(k[part] == k[0] && idx[part] == idx[0], "lanes of a row disagree after the shuffles", cols, tile, part);
+    part_key.push_back(k[0]);
+    part_idx.push_back(idx[0]);
+  }
+  if (reverse) {
+    std::reverse(part_key.begin(), part_key.end());
+    std::reverse(part_idx.begin(), part_idx.end());
+  }
+  int32_t bk = std::numeric_limits<int32_t>::min(), bj = kNoMatch;
+  for (size_t t = 0; t < part_key.size(); ++t) {
+    if (better_match(part_key[t], part_idx[t], bk, bj)) {
+      bk = part_key[t];
+      bj = part_idx[t];
+    }
+  }
+  return bj == kNoMatch ? -1 : bj;
+}
+
+void test_best_match(std::mt19937& rng) {
+  for (int trial = 0; trial < 1500; ++trial) {
+    const int64_t cols = trial < 40 ? 1 + trial % 8 : 1 + static_cast<int64_t>(rng() % 500);
+    const int style = trial % 4;
+    std::vector<int32_t> keys(static_cast<size_t>(cols));
+    std::vector<char> allowed(static_cast<size_t>(cols), 1);
+    for (int64_t j = 0; j < cols; ++j) keys[j] = tokenkern::order_key(random_value(rng, style));
+    switch ((trial / 4) % 4) {
+      case 1: allowed[rng() % cols] = 0; break;  // kept mode: the chooser itself
+      case 2:  // whole column tiles without a candidate
+        for (int64_t j = 0; j < cols; ++j) allowed[j] = (j / 64) % 2 == 1 ? 1 : 0;
+        break;
+      case 3: std::fill(allowed.begin(), allowed.end(), 0); break;  // none: kNoMatch survives
+      default: break;
+    }
+    const int64_t want = best_serial(keys, allowed);
+    for (const bool reverse : {false, true}) {
+      expect(best_tiled(keys, allowed, 64, 4, reverse) == want, "64-column tiles, 4 lanes", cols, want, reverse);
+      expect(best_tiled(keys, allowed, 8, 2, reverse) == want, "8-column tiles, 2 lanes", cols, want, reverse);
+      expect(best_tiled(keys, allowed, 1, 1, reverse) == want, "1-column tiles", cols, want, reverse);
+    }
+  }
+  using tokenkern::better_match;
+  using tokenkern::kNoMatch;
+  const int32_t lo = std::numeric_limits<int32_t>::min();
+  expect(better_match(lo, 0, lo, kNoMatch) && !better_match(5, kNoMatch, lo, kNoMatch) &&
+             !better_match(5, kNoMatch, 1, 3) && better_match(1, 2, 1, 3) && !better_match(1, 4, 1, 3) &&
+             better_match(2, 9, 1, 3),
+         "better_match: anything beats none, none beats nothing, ties to the lower index", 0, 0);
+}
+
 }  // namespace
 
 int main() {
   std::mt19937 rng(2212);
   test_dropped_list(rng);
   test_edges(rng);
+  test_best_match(rng);
   if (failures) {
     std::fprintf(stderr, "test_merge_select: %d failures\n", failures);
     return 1;

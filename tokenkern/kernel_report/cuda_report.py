@@ -49,7 +49,6 @@ SM90_PEAK_FLOPS = 989.4e12
 # Kernel ids of the launch plan (enum MergeKernel in csrc/common/merge_plan.h), in id order.
 PLAN_KERNELS = (
     "merge_prepare_kernel",
-    "inverse_norm_kernel",
     "similarity_kernel",
     "select_targets_kernel",
     "merge_reduce_kernel",
@@ -60,7 +59,6 @@ PLAN_KERNELS = (
 # Template kernels and the operand whose dtype instantiates them (merge_kernels.cuh: TM is the
 # metric's element type, TX the tokens').
 _TEMPLATE_OPERAND = {
-    "inverse_norm_kernel": "metric",
     "similarity_kernel": "metric",
     "merge_reduce_kernel": "x",
     "bipartite_output_kernel": "x",
@@ -347,28 +345,47 @@ class MergeCall:
         return f"B={self.b} N={self.n} D={self.d} C={self.c} {self.dtype} r={self.k}"
 
 
+# csrc/common/merge_plan.h: the similarity tiles' side (kTileM = kTileN), the most A tokens whose
+# node keys edge_select_kernel holds in shared memory (kKeyTile) and the most similarity partials
+# per sample it reduces itself (kEdgeReducePartials).
+SIMILARITY_TILE = 64
+KEY_TILE = 4096
+EDGE_REDUCE_PARTIALS = 1 << 16
+
+
+def _tiles(items: int) -> int:
+    return -(-items // SIMILARITY_TILE)
+
+
 def _merge_tokens_bytes(kernel: str, p: MergeCall) -> int:
     """Compulsory bytes of a merge_tokens kernel (dropped mode, cosine: the headline calls)."""
     b, n, d, k, c, es, topm = p.b, p.n, p.d, p.k, p.c, p.es, p.topm
     rows, cols = n - k, k
     i32, i64, f32 = 4, 8, 4
     flags = b * -(-n // 256) * i32  # one invalid flag per (sample, 256-token tile)
+    counters = b * _tiles(rows) * i32 if topm == 1 else 0  # one arrival counter per row block
+    partials = b * rows * _tiles(cols) * 2 * i32  # (key, index) per (row, column tile)
+    targets = 2 * b * rows * topm * 4  # targets and coefficients (B, N - K, topm)
+    if topm == 1:
+        # row-best partials written, then read back by the last tile of each row block; its
+        # counter; the choosers' weights and the flags read; targets and coefficients written
+        epilogue = 2 * partials + 2 * counters + b * rows * f32 + flags + targets
+    else:
+        epilogue = b * rows * cols * f32  # the similarity matrix (B, N - K, K) written
     table = {
-        # keep (B, K) and weight (B, N) read, dropped (B, N - K) and the flags written
-        "merge_prepare_kernel": b * k * i64 + b * n * f32 + b * rows * i32 + flags,
-        # metric (B, N, C) read, inverse norms (B, N) written
-        "inverse_norm_kernel": b * n * c * es + b * n * f32,
-        # the chooser and candidate rows of metric (all N, each once), the row maps (dropped,
-        # keep), the float32 similarity matrix (B, N - K, K) written
-        "similarity_kernel": b * n * c * es + b * rows * i32 + b * k * i64 + b * rows * cols * f32,
-        # similarities read; dropped, keep, inverse norms, the choosers' weights read; targets
-        # and coefficients (B, N - K, topm) written
-        "select_targets_kernel": b * rows * cols * f32 + b * rows * i32 + b * k * i64 + b * n * f32 + b * rows * f32
-        + 2 * b * rows * topm * 4 + flags,
+        # keep (B, K) and weight (B, N) read, dropped (B, N - K), the arrival counters and the
+        # flags written
+        "merge_prepare_kernel": b * k * i64 + b * n * f32 + b * rows * i32 + counters + flags,
+        # the chooser and candidate rows of metric (all N, each once; the norms come from the
+        # staged tiles) and the row maps (dropped, keep) read, then the epilogue
+        "similarity_kernel": b * n * c * es + b * rows * i32 + b * k * i64 + epilogue,
+        # topm > 1: similarities, dropped and the choosers' weights read; targets and
+        # coefficients written
+        "select_targets_kernel": b * rows * cols * f32 + b * rows * i32 + b * rows * f32 + targets + flags,
         # x rows (every token: kept rows and their sources), keep, the kept weights, dropped,
         # targets and coefficients read; merged (B, K, D) and mass (B, K) written
-        "merge_reduce_kernel": b * n * d * es + b * k * (i64 + f32) + b * rows * i32 + 2 * b * rows * topm * 4
-        + flags + b * k * d * es + b * k * f32,
+        "merge_reduce_kernel": b * n * d * es + b * k * (i64 + f32) + b * rows * i32 + targets + flags
+        + b * k * d * es + b * k * f32,
     }  # fmt: skip
     return table[kernel]
 
@@ -379,16 +396,20 @@ def _bipartite_bytes(kernel: str, p: MergeCall) -> int:
     n_a, n_b = (n + 1) // 2, n // 2
     i32, f32 = 4, 4
     flags = b * -(-n_a // 256) * i32  # one invalid flag per (sample, 256-A-token tile)
+    partials = b * n_a * _tiles(n_b) * 2 * i32  # (key, index) per (A token, column tile)
+    # edge_select reduces the partials and writes the node indices (edge_select_reduces), or
+    # best_match does, writing node keys and indices that edge_select reads
+    small = n_a <= KEY_TILE and n_a * _tiles(n_b) <= EDGE_REDUCE_PARTIALS
     table = {
-        # metric (B, N, C) read, inverse norms (B, N) written
-        "inverse_norm_kernel": b * n * c * es + b * n * f32,
-        # metric rows (A and B sets, each once) read, similarities (B, N_A, N_B) written
-        "similarity_kernel": b * n * c * es + b * n_a * n_b * f32,
-        # similarities and inverse norms read, node key and index (B, N_A) written
-        "best_match_kernel": b * n_a * n_b * f32 + b * n * f32 + 2 * b * n_a * i32,
-        # node keys and size (B, N) read, merged flags (B, N_A) uint8, unmerged list (B, N_A - r)
-        # and the invalid flags written
-        "edge_select_kernel": b * n_a * i32 + b * n * f32 + b * n_a + b * (n_a - r) * i32 + flags,
+        # metric rows (A and B sets, each once; the norms come from the staged tiles) read, the
+        # row-best partials written
+        "similarity_kernel": b * n * c * es + partials,
+        # partials read, node key and index (B, N_A) written
+        "best_match_kernel": partials + 2 * b * n_a * i32,
+        # partials (or node keys) and size (B, N) read, node indices when it reduces them, merged
+        # flags (B, N_A) uint8, unmerged list (B, N_A - r) and the invalid flags written
+        "edge_select_kernel": (partials + b * n_a * i32 if small else b * n_a * i32) + b * n * f32 + b * n_a
+        + b * (n_a - r) * i32 + flags,
         # x rows (all N), sizes, flags, node index, unmerged list read; out (B, N - r, D) and
         # out_size (B, N - r) written
         "bipartite_output_kernel": b * n * d * es + b * n * f32 + b * n_a * (1 + i32) + b * (n_a - r) * i32 + flags
@@ -399,7 +420,8 @@ def _bipartite_bytes(kernel: str, p: MergeCall) -> int:
 
 def _flops(kernel: str, p: MergeCall) -> int | None:
     """Floating point operations of a kernel where they matter: the similarity GEMM (tensor
-    cores for 16-bit metrics), the norms and the weighted sums (FMA)."""
+    cores for 16-bit metrics) with the squares of the staged tiles (every tile sums its rows'
+    and columns' norms: FMA), and the weighted sums (FMA)."""
     b, n, d, c = p.b, p.n, p.d, p.c
     if p.op == "merge_tokens":
         rows, cols = p.n - p.k, p.k
@@ -407,9 +429,9 @@ def _flops(kernel: str, p: MergeCall) -> int | None:
     else:
         rows, cols = (n + 1) // 2, n // 2
         sums = 2 * b * (p.k + n // 2) * d
+    norms = 2 * b * (rows * _tiles(cols) + cols * _tiles(rows)) * c
     return {
-        "similarity_kernel": 2 * b * rows * cols * c,
-        "inverse_norm_kernel": 2 * b * n * c,
+        "similarity_kernel": 2 * b * rows * cols * c + norms,
         "merge_reduce_kernel": sums,
         "bipartite_output_kernel": sums,
     }.get(kernel)

@@ -370,7 +370,7 @@ def _bipartite_merge_kernel_fake(x, metric, r, size, protect_first):
 
 # The launch plans of the CUDA merge launchers (csrc/common/merge_plan.h), read by the static
 # kernel report: (kMaxMergeLaunches, 7) int64 CPU tensors.
-LAUNCH_PLAN_SHAPE = (5, 7)
+LAUNCH_PLAN_SHAPE = (4, 7)
 
 
 @register_fake("tokenkern::_merge_tokens_launch_plan")
