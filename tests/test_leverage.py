@@ -209,7 +209,14 @@ def test_jacobi_top_subspace_matches_eigh(l, r, gen):
     w = torch.zeros(3, 150, width)
     w[..., :l] = (q1 * sigma) @ q2.mT
     w[2, :, : l // 2] = w[2, :, :1]  # repeated columns: a rank-deficient Gram matrix
-    vsel, evals = triton_leverage.top_subspace(w.to(TRITON_DEVICE), l, r)
+    # A well-conditioned upper-triangular right factor t (as the range finder's T): the
+    # solver works on the Gram of w t (the range finder's G(W), W = W1 T) and returns t @ vsel.
+    t = torch.eye(width).repeat(3, 1, 1)
+    t[:, :l, :l] += 0.1 * torch.randn(3, l, l, generator=gen).triu() / l**0.5
+    w = w @ t
+    g = triton_sketch.pack_symmetric(w.mT @ w, l)  # float32, as the kernels' Gram
+    vt, evals = triton_leverage.top_subspace(g.to(TRITON_DEVICE), t.to(TRITON_DEVICE), l, r)
+    vsel = torch.linalg.solve(t.double(), vt.cpu().double()).float()  # exact enough: cond(t) ~ 1
     vsel, evals = vsel.cpu().double(), evals.cpu().double()
     h = (w.mT @ w).double()[:, :l, :l]
     e, v = torch.linalg.eigh(h)
@@ -229,19 +236,30 @@ def test_jacobi_top_subspace_matches_eigh(l, r, gen):
     assert int((vsel[2].norm(dim=0) > 0.5).sum()) == r
 
 
-@pytest.mark.parametrize("l", [3, 16, 40])
-def test_cholesky_qr_orthonormalizes(l, gen):
+@pytest.mark.parametrize(("l", "m"), [(3, 300), (16, 300), (40, 300), (40, 2100)])
+def test_cholesky_qr_orthonormalizes(l, m, gen):
+    """orthonormalize returns Q1 and T: the basis Q1 T is orthonormal (float64 check) and
+    spans y, also when y is ill-conditioned (column scales 1 .. 1e-3) or has a dependent
+    column (finite, no NaN); m = 2100 splits each sample over several programs."""
     width = max(16, 1 << (l - 1).bit_length())
-    y = torch.zeros(2, 300, width)
-    y[..., :l] = torch.randn(2, 300, l, generator=gen) * torch.logspace(0, -3, l)
+    y = torch.zeros(2, m, width)
+    y[..., :l] = torch.randn(2, m, l, generator=gen) * torch.logspace(0, -3, l)
     y[1, :, l - 1] = y[1, :, 0]  # a dependent column must not produce NaN
-    q = triton_sketch.orthonormalize(y.to(TRITON_DEVICE), l).cpu().double()
-    assert torch.isfinite(q).all()
-    assert bool((q[..., l:] == 0).all())
+    g = triton_sketch.pack_symmetric(y.mT @ y, l)
+    counters = torch.zeros(2, dtype=torch.int32, device=TRITON_DEVICE)
+    q1, t = triton_sketch.orthonormalize(y.to(TRITON_DEVICE), g.to(TRITON_DEVICE), l, counters, "test")
+    assert triton_sketch.orth_block(m) * triton_sketch.ORTH_MAX_TILES >= m
+    assert bool((counters == 0).all())  # the arrival counters are left as found
+    q1, t = q1.cpu().double(), t.cpu().double()
+    assert torch.isfinite(q1).all() and torch.isfinite(t).all()
+    assert bool((q1[..., l:] == 0).all()) and torch.equal(t[:, l:, l:], torch.eye(width - l).expand(2, -1, -1))
+    assert bool((t[:, :l, l:] == 0).all()) and bool((t[:, l:, :l] == 0).all())
+    q = (q1 @ t)[..., :l]
     eye = torch.eye(l, dtype=torch.float64)
-    assert torch.allclose(q[0, :, :l].mT @ q[0, :, :l], eye, atol=1e-5)
+    # CholeskyQR2 in float32: ||Q^T Q - I|| ~ m u (sums of m products), far below 1e-5.
+    assert torch.allclose(q[0].mT @ q[0], eye, atol=1e-5)
     # Same span as y.
-    proj = q[0, :, :l] @ q[0, :, :l].mT
+    proj = q[0] @ q[0].mT
     assert torch.allclose(proj @ y[0, :, :l].double(), y[0, :, :l].double(), atol=1e-4)
 
 
@@ -267,8 +285,8 @@ def test_pass_blocks_give_the_same_bits(dtype, gen):
     for block in (64, 32, 16):
         passes = triton_sketch.ScaledPasses(x.to(TRITON_DEVICE), 12, "leverage_scores", out_block=block)
         assert (passes.block_n, passes.block_d) == (block, block)
-        outs.append([t.cpu() for t in (passes.x_mm(z.to(TRITON_DEVICE)), passes.x_mm(z[0].to(TRITON_DEVICE)),
-                                       passes.xt_mm(q.to(TRITON_DEVICE)))])  # fmt: skip
+        outs.append([t[0].cpu() for t in (passes.x_mm(z.to(TRITON_DEVICE)), passes.x_mm(z[0].to(TRITON_DEVICE)),
+                                          passes.xt_mm(q.to(TRITON_DEVICE)))])  # fmt: skip
     if HAS_CUDA:  # the interpreter's tl.dot is numpy's, whose summation order may follow the shape
         for other in outs[1:]:
             for mine, first in zip(other, outs[0], strict=True):

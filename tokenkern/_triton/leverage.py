@@ -1,10 +1,11 @@
 """Randomized-SVD leverage scores on the GPU, with no host synchronization.
 
 The range finder of :mod:`.sketch` (Gaussian sketch of width l, power iterations with
-CholeskyQR2, W = X^T Q, all on X / 2^e), then, every stage a Triton kernel:
+CholeskyQR2, the basis Q = Q1 T and the Gram of W = X^T Q, all on X / 2^e), then, every
+stage a Triton kernel:
 
     V_r = top-r eigenvectors of W^T W           (B, L, L) Jacobi, in registers
-    scores = rownorm^2(Q V_r)                   (B, N)
+    scores = rownorm^2(Q1 (T V_r))              (B, N); V_r of T^T (W1^T W1) T, W1 = X^T Q1
 
 ``L`` is the sketch width ``l = min(rank + oversample, N, D)`` rounded up to a power of two
 (at least 16, for tl.dot); the columns past ``l`` stay exactly zero throughout. Leverage
@@ -21,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .sketch import gram, range_finder
+from .sketch import load_square, load_sym, range_finder, sketch_width, small_matmul
 from .utils import empty, flat_grid, unflatten2
 
 # The sketch width l is padded to a power of two L (>= 16); the Jacobi solver holds L x L
@@ -114,30 +115,30 @@ def top_r_mask(d, l, r, L: tl.constexpr):
 
 @triton.jit
 def _top_subspace_kernel(
-    w_ptr,
+    g_ptr,
+    t_ptr,
     vsel_ptr,
     eval_ptr,
-    D,
     l,
     r,
-    w_sb,
-    w_sd,
     v_sb,
     e_sb,
     L: tl.constexpr,
-    BLOCK_D: tl.constexpr,
     MAX_SWEEPS: tl.constexpr,
     TOL2: tl.constexpr,
 ):
-    """Eigenvectors of W^T W (cyclic parallel Jacobi); writes those of the r largest
-    eigenvalues (ties: lower index) as columns of vsel, the others as zero columns."""
+    """Eigenvectors V of the packed symmetric G[b] (cyclic parallel Jacobi); writes T[b] V_r,
+    V_r those of the r largest eigenvalues (ties: lower index) as columns and zero columns for
+    the others."""
     b = tl.program_id(0).to(tl.int64)
     idx = tl.arange(0, L)
     rows = idx[:, None]
     cols = idx[None, :]
-    d, v = jacobi_eigen(gram(w_ptr + b * w_sb, D, w_sd, L, BLOCK_D), l, L, MAX_SWEEPS, TOL2, True)
+    tt = t_ptr + b * L * L
+    d, v = jacobi_eigen(load_sym(g_ptr + b * (l * (l + 1) // 2), l, L), l, L, MAX_SWEEPS, TOL2, True)
     keep = top_r_mask(d, l, r, L)
-    tl.store(vsel_ptr + b * v_sb + rows * L + cols, tl.where(keep[None, :], v, 0.0))
+    vsel = small_matmul(load_square(tt, L), tl.where(keep[None, :], v, 0.0), L)
+    tl.store(vsel_ptr + b * v_sb + rows * L + cols, vsel)
     tl.store(eval_ptr + b * e_sb + idx, d)
 
 
@@ -155,26 +156,26 @@ def _row_scores_kernel(
     tl.store(s_ptr + b * s_sb + rn, tl.sum(u * u, axis=1), mask=rn < N)
 
 
-def top_subspace(w: torch.Tensor, l: int, r: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Jacobi eigen-solve of w^T w for w: (B, M, L) float32 (columns >= l zero).
-    Returns vsel (B, L, L), whose columns are the eigenvectors of the r largest eigenvalues
-    (ties: lower index) and zero elsewhere, and the eigenvalues (B, L), unordered."""
-    batch, m, width = w.shape
-    vsel = empty(batch, width, width, dtype=torch.float32, device=w.device)
-    evals = empty(batch, width, dtype=torch.float32, device=w.device)
+def top_subspace(g: torch.Tensor, t: torch.Tensor, l: int, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Jacobi eigen-solve of the symmetric l x l matrices G packed in g: (B, l (l + 1) / 2)
+    float32 (sketch.pack_symmetric; the range finder's G(W) = t^T G(W1) t), with t: (B, L, L)
+    (L = sketch_width(l); zero past l but for a unit diagonal). Returns t @ vsel (B, L, L), vsel
+    the eigenvectors of the r largest eigenvalues (ties: lower index) as columns and zero
+    elsewhere, and the eigenvalues (B, L), unordered."""
+    batch = g.shape[0]
+    width = sketch_width(l)
+    vsel = empty(batch, width, width, dtype=torch.float32, device=g.device)
+    evals = empty(batch, width, dtype=torch.float32, device=g.device)
     _top_subspace_kernel[(batch,)](
-        w,
+        g,
+        t,
         vsel,
         evals,
-        m,
         l,
         r,
-        w.stride(0),
-        w.stride(1),
         vsel.stride(0),
         evals.stride(0),
         L=width,
-        BLOCK_D=64,
         MAX_SWEEPS=JACOBI_MAX_SWEEPS,
         TOL2=JACOBI_TOL2,
         num_warps=JACOBI_WARPS,
@@ -207,6 +208,6 @@ def row_scores(q: torch.Tensor, vsel: torch.Tensor) -> torch.Tensor:
 def leverage_scores(x: torch.Tensor, r: int, l: int, power_iters: int, seed: int) -> torch.Tensor:
     """x: (B, N, D) -> (B, N) float32 leverage scores of the top-r left singular subspace,
     estimated from a sketch of width l (r <= l <= min(N, D))."""
-    _, q, w = range_finder(x, l, seed, power_iters, "leverage_scores")
-    vsel, _ = top_subspace(w, l, r)
+    _, q, t, g = range_finder(x, l, seed, power_iters, "leverage_scores")
+    vsel, _ = top_subspace(g, t, l, r)
     return row_scores(q, vsel)

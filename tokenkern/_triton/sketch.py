@@ -2,19 +2,39 @@
 the stages shared by the leverage-score and spectral-IPR kernels.
 
     omega, amax = gaussian(D, l, seed), max|X[b]|  (D, L), (B,)  one launch; omega shared by the batch
-    Y = X @ omega;  Q = orth(Y)                 (B, N, L) one pass over X
+    Y = X @ omega, G(Y);  Q1, T = orth(Y)       (B, N, L) one pass over X, then one orth launch
     repeat power_iters:                         two passes over X per iteration
-        Z = orth(X^T Q);  Q = orth(X Z)
-    W = X^T Q                                   (B, D, L) one pass over X
+        Z1, Tz = orth(X^T Q1, T);  Q1, T = orth(X Z1, Tz)   (CholeskyQR2 of P' T)
+    G(W), W = (X^T Q1) T                        (B, l (l + 1) / 2) one pass over X; W is not stored
 
 ``L`` is the sketch width ``l`` rounded up to a power of two (at least 16, for tl.dot); the
-columns past ``l`` stay exactly zero throughout. ``orth`` is CholeskyQR2 in float32 with one
-program per batch element. The passes over X read it in its own dtype; a 16-bit X is
-multiplied against the float32 operand split into hi + lo 16-bit halves (two tensor-core
-products, float32 accumulation), a float32 X uses 3xTF32.
+columns past ``l`` stay exactly zero throughout. The passes over X read it in its own dtype;
+a 16-bit X is multiplied against the float32 operand split into hi + lo 16-bit halves (two
+tensor-core products, float32 accumulation), a float32 X uses 3xTF32.
 
-Scale: every pass reads X[b] times 2^-e, the power of two that brings max |x[b]| (one torch
-reduction) into [1, 2). The product is exact (for float16 x: for the entries above
+orth is CholeskyQR2 in float32 over many programs, with no per-sample phase: every pass also
+writes the Gram P^T P of its output P (exact float32 products), as partials of GRAM_ROWS rows
+that the sample's last program (ticket.py) sums in a fixed order into the packed Gram G(P)
+(upper triangle of the l x l part). ``_orth_kernel`` (tiles of M rows x B) then forms
+R1^-1 from G(P) in every program (O(L^3), redundant, no cross-program wait), stores
+Q1 = P R1^-1 in place of P and the partial Grams of Q1; the sample's last program turns them
+into T = R2^-1 (Q1^T Q1 = R2^T R2). The orthonormal basis Q = Q1 T is never formed: the next
+pass reads Q1 (P' = X^T Q1, so X^T Q = P' T) and the next orth takes T along: the Gram of
+P' T is T^T G(P') T and Q1' = P' (T R1^-1). Q1 is orthonormal to ~u cond(P)^2, so T is well
+conditioned and that reassociation is benign for the power iterations. Not so for the Ritz
+values: T^T G(W1) T carries the first-order rounding of G(W1) times |T|^2 (a rank-one x then
+leaks ~1e-5 of its energy into the other Ritz values), so the last pass applies T to each
+tile of W1 = X^T Q1 before its Gram: G(W) of W = W1 T, whose eigenvalues are the Ritz values.
+The leverage scores use Q1 (T V_r). Scratch per pass: (B, M / GRAM_ROWS,
+l (l + 1) / 2) float32 partial Grams (about |P| l / (2 GRAM_ROWS)), per orth at most
+ORTH_MAX_TILES partials per sample, plus G (B, l (l + 1) / 2) and T (B, L, L).
+
+Determinism: every sum runs in a fixed order (no float atomics; the arrival counters are
+int32). The partial-Gram rows (GRAM_ROWS, for pass blocks of 32 or 64) and orth's tiles
+depend on M only, not on the batch.
+
+Scale: every pass reads X[b] times 2^-e, the power of two that brings max |x[b]| (found by the
+prep launch) into [1, 2). The product is exact (for float16 x: for the entries above
 2^-14 max |x[b]|; smaller ones round to float16's subnormal grid, an error below
 2^-25 max |x[b]| each), so any finite x in the float32 range (subnormal included) is solved
 as if it were of unit size; a zero, NaN or Inf sample is read unscaled. The callers' results
@@ -33,9 +53,10 @@ from .ticket import arrive, counters, load_partial
 from .utils import empty, flat_grid, interpreted, next_pow2, split_dtype, unflatten2
 
 CHOLESKY_FLOOR = 1e-12
-# CholeskyQR holds three L x L float32 matrices per program: at L = 64 four warps spill ~3 KB
-# per thread (sm_90) and eight sit at the 255-register cap; sixteen need ~100 registers.
-CHOLQR_WARPS = 16
+# The orth kernel holds four L x L float32 matrices per program (the Cholesky factor, its
+# inverse, the chunk product and the partial Gram): at L = 64 four warps spill ~3 KB per
+# thread (sm_90) and eight sit at the 255-register cap; sixteen need ~100 registers.
+ORTH_WARPS = 16
 # The passes over X: each program owns an output tile of out-block rows (x_mm) or columns
 # (xt_mm) of X by L and sums over the other side of X in REDUCE_BLOCK chunks. The out block
 # is halved from PASS_MAX_BLOCK down to PASS_MIN_BLOCK until B x blocks reach FILL_CTAS (the
@@ -44,9 +65,23 @@ CHOLQR_WARPS = 16
 # (D, L) / (N, L) float32 operand from L2: per pass that is (programs x |operand|), L / 8
 # times x's bytes at block 16 (16-bit x), hence the floor of 32.
 REDUCE_BLOCK = 64
+# The last pass also multiplies its (64, L) tile by T (L, L): at four warps that spills on sm_90.
+T_PASS_WARPS = 8
 PASS_MAX_BLOCK = 64
 PASS_MIN_BLOCK = 32
 FILL_CTAS = 132
+# The passes' Gram partials cover GRAM_ROWS output rows each (a 64-row tile writes two), so
+# their sums do not depend on the block either.
+GRAM_ROWS = 32
+# orth: each program owns a tile of at least ORTH_MIN_BLOCK rows (ORTH_CHUNK at a time), and
+# the tile doubles until a sample has at most ORTH_MAX_TILES of them (a fixed function of M:
+# the partial Grams, and so the bits, do not depend on the batch). Each program repeats the
+# O(L^3) Cholesky of its sample, which dominates its time: up to B = 8 the grid is one wave
+# (<= 128 programs of 16 warps, one per SM) rather than two.
+ORTH_MIN_BLOCK = 128
+ORTH_CHUNK = 64
+ORTH_MAX_TILES = 16
+SUM_BLOCK = 1024
 # The prep launch (scale and sketch): rows of x per max-reduction program, and rows of omega
 # (and columns of the x tile) per program.
 PREP_ROWS = 16
@@ -187,28 +222,95 @@ def _dot_x_f32(a, b, acc, SPLIT: tl.constexpr, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _sym_offsets(l, L: tl.constexpr):
+    """Offsets of the packed upper triangle of an l x l symmetric matrix (entries i <= j < l,
+    row-major: l (l + 1) / 2 floats) for every (i, j) of its L x L register tile, the mask of
+    the stored entries and that of the ones inside l x l."""
+    idx = tl.arange(0, L)
+    i = idx[:, None]
+    j = idx[None, :]
+    lo = tl.minimum(i, j)
+    hi = tl.maximum(i, j)
+    off = lo * l - (lo * (lo - 1)) // 2 + (hi - lo)
+    return off, (i <= j) & (j < l), hi < l
+
+
+@triton.jit
+def store_sym(ptr, g, l, L: tl.constexpr):
+    """Store the upper triangle of the symmetric (L, L) g, columns >= l dropped, packed."""
+    off, stored, _ = _sym_offsets(l, L)
+    tl.store(ptr + off, g, mask=stored)
+
+
+@triton.jit
+def load_sym(ptr, l, L: tl.constexpr, PARTIAL: tl.constexpr = False):
+    """The (L, L) symmetric matrix of a packed triangle (zero past l); PARTIAL: written by
+    another program of this launch before its ``arrive``."""
+    off, _, inside = _sym_offsets(l, L)
+    if PARTIAL:
+        return load_partial(ptr + off, mask=inside, other=0.0)
+    return tl.load(ptr + off, mask=inside, other=0.0)
+
+
+@triton.jit
+def _gram_epilogue(acc, b, pid, n_blocks, l, part_ptr, gram_ptr, cnt_ptr, L: tl.constexpr, BLOCK: tl.constexpr,
+                   SLOTS: tl.constexpr, SUM_BLOCK: tl.constexpr):  # fmt: skip
+    """Write the Gram of the pass's output tile acc (BLOCK, L) as SLOTS packed partials (one
+    per BLOCK / SLOTS rows); the sample's last program sums all of them in slot order into
+    its packed Gram."""
+    pack = l * (l + 1) // 2
+    n_slots = n_blocks * SLOTS
+    slot = part_ptr + (b * n_slots + pid * SLOTS) * pack
+    if SLOTS == 2:
+        halves = tl.permute(tl.reshape(acc, (2, BLOCK // 2, L)), (1, 2, 0))
+        a0, a1 = tl.split(halves)
+        store_sym(slot, tl.dot(tl.trans(a0), a0, input_precision="ieee"), l, L)
+        store_sym(slot + pack, tl.dot(tl.trans(a1), a1, input_precision="ieee"), l, L)
+    else:
+        store_sym(slot, tl.dot(tl.trans(acc), acc, input_precision="ieee"), l, L)
+    if arrive(cnt_ptr + b, n_blocks):
+        base = part_ptr + b * n_slots * pack
+        for c0 in range(0, pack, SUM_BLOCK):
+            rc = c0 + tl.arange(0, SUM_BLOCK)
+            live = rc < pack
+            total = tl.zeros((SUM_BLOCK,), tl.float32)
+            for s in range(n_slots):
+                total += load_partial(base + s * pack + rc, mask=live, other=0.0)
+            tl.store(gram_ptr + b * pack + rc, total, mask=live)
+
+
+@triton.jit
 def _x_mm_kernel(
     x_ptr,
     amax_ptr,
     z_ptr,
-    y_ptr,
+    out_ptr,
+    part_ptr,
+    gram_ptr,
+    cnt_ptr,
     N,
     D,
+    l,
     n_blocks,
     x_sb,
     x_sn,
     x_sd,
     z_sb,
     z_sd,
-    y_sb,
-    y_sn,
+    o_sb,
+    o_sn,
     L: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     SPLIT: tl.constexpr,
     PRECISION: tl.constexpr,
+    STORE_OUT: tl.constexpr,
+    GRAM: tl.constexpr,
+    SLOTS: tl.constexpr,
+    SUM_BLOCK: tl.constexpr,
 ):
-    """Y[b] = (X[b] / 2^e) @ Z[b]: (N, D) @ (D, L), one program per BLOCK_N rows."""
+    """P[b] = (X[b] / 2^e) @ Z[b]: (N, D) @ (D, L), one program per
+    BLOCK_N rows; with GRAM also the packed Gram P[b]^T P[b] (see _gram_epilogue)."""
     pid, b = unflatten2(tl.program_id(0), n_blocks)
     b = b.to(tl.int64)
     inv = pow2_inverse(tl.load(amax_ptr + b))
@@ -222,7 +324,10 @@ def _x_mm_kernel(
         xt = scale_tile(xt, inv)
         zt = tl.load(z_ptr + b * z_sb + rd[:, None] * z_sd + cl[None, :], mask=(rd < D)[:, None], other=0.0)
         acc = _dot_x_f32(xt, zt, acc, SPLIT, PRECISION)
-    tl.store(y_ptr + b * y_sb + rn[:, None] * y_sn + cl[None, :], acc, mask=(rn < N)[:, None])
+    if STORE_OUT:
+        tl.store(out_ptr + b * o_sb + rn[:, None] * o_sn + cl[None, :], acc, mask=(rn < N)[:, None])
+    if GRAM:
+        _gram_epilogue(acc, b, pid, n_blocks, l, part_ptr, gram_ptr, cnt_ptr, L, BLOCK_N, SLOTS, SUM_BLOCK)
 
 
 @triton.jit
@@ -230,24 +335,37 @@ def _xt_mm_kernel(
     x_ptr,
     amax_ptr,
     q_ptr,
-    z_ptr,
+    out_ptr,
+    part_ptr,
+    gram_ptr,
+    cnt_ptr,
     N,
     D,
+    l,
     n_blocks,
     x_sb,
     x_sn,
     x_sd,
     q_sb,
     q_sn,
-    z_sb,
-    z_sd,
+    o_sb,
+    o_sd,
+    t_ptr,
     L: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     SPLIT: tl.constexpr,
     PRECISION: tl.constexpr,
+    STORE_OUT: tl.constexpr,
+    GRAM: tl.constexpr,
+    SLOTS: tl.constexpr,
+    SUM_BLOCK: tl.constexpr,
+    HAS_T: tl.constexpr,
 ):
-    """Z[b] = (X[b] / 2^e)^T @ Q[b]: (D, N) @ (N, L), one program per BLOCK_D columns of X."""
+    """P[b] = (X[b] / 2^e)^T @ Q[b]: (D, N) @ (N, L), one program per
+    BLOCK_D columns of X, times T[b] (L, L) with HAS_T (applied to the tile before its Gram:
+    the Gram of P T, not T^T G(P) T, whose rounding T would amplify); with GRAM also the
+    packed Gram P[b]^T P[b]."""
     pid, b = unflatten2(tl.program_id(0), n_blocks)
     b = b.to(tl.int64)
     inv = pow2_inverse(tl.load(amax_ptr + b))
@@ -264,18 +382,12 @@ def _xt_mm_kernel(
         xt = scale_tile(xt, inv)
         qt = tl.load(q_ptr + b * q_sb + rn[:, None] * q_sn + cl[None, :], mask=(rn < N)[:, None], other=0.0)
         acc = _dot_x_f32(xt, qt, acc, SPLIT, PRECISION)
-    tl.store(z_ptr + b * z_sb + rd[:, None] * z_sd + cl[None, :], acc, mask=(rd < D)[:, None])
-
-
-@triton.jit
-def gram(src, M, s_sm, L: tl.constexpr, BLOCK_M: tl.constexpr):
-    """A^T A of an (M, L) float32 matrix, in exact float32 products."""
-    g = tl.zeros((L, L), tl.float32)
-    for m0 in range(0, M, BLOCK_M):
-        rm = m0 + tl.arange(0, BLOCK_M)
-        t = tl.load(src + rm[:, None] * s_sm + tl.arange(0, L)[None, :], mask=(rm < M)[:, None], other=0.0)
-        g = tl.dot(tl.trans(t), t, g, input_precision="ieee")
-    return g
+    if HAS_T:
+        acc = tl.dot(acc, load_square(t_ptr + b * L * L, L), input_precision=PRECISION)
+    if STORE_OUT:
+        tl.store(out_ptr + b * o_sb + rd[:, None] * o_sd + cl[None, :], acc, mask=(rd < D)[:, None])
+    if GRAM:
+        _gram_epilogue(acc, b, pid, n_blocks, l, part_ptr, gram_ptr, cnt_ptr, L, BLOCK_D, SLOTS, SUM_BLOCK)
 
 
 @triton.jit
@@ -314,36 +426,90 @@ def _cholesky_inverse(g, l, L: tl.constexpr, FLOOR: tl.constexpr):
 
 
 @triton.jit
-def _cholqr_kernel(
-    y_ptr,
+def small_matmul(a, b, L: tl.constexpr, TRANS_A: tl.constexpr = False):
+    """a @ b (a^T @ b with TRANS_A) of (L, L) float32 register tiles as L rank-one updates
+    in k order: float32 products and sums like an ieee tl.dot, but it holds only the two
+    operands and the result (an L x L FMA tl.dot next to a Cholesky spills)."""
+    idx = tl.arange(0, L)
+    rows = idx[:, None]
+    cols = idx[None, :]
+    c = tl.zeros((L, L), tl.float32)
+    for k in range(L):
+        if TRANS_A:
+            ak = tl.sum(tl.where(rows == k, a, 0.0), axis=0)
+        else:
+            ak = tl.sum(tl.where(cols == k, a, 0.0), axis=1)
+        bk = tl.sum(tl.where(rows == k, b, 0.0), axis=0)
+        c += ak[:, None] * bk[None, :]
+    return c
+
+
+@triton.jit
+def load_square(ptr, L: tl.constexpr):
+    """The (L, L) row-major float32 matrix at ptr."""
+    cl = tl.arange(0, L)
+    return tl.load(ptr + cl[:, None] * L + cl[None, :])
+
+
+@triton.jit
+def congruence(g, t, L: tl.constexpr):
+    """T^T g T for (L, L) g and T: the Gram of P T from that of P. T is well conditioned (the
+    second CholeskyQR factor of a nearly orthonormal Q1), so this is as accurate as g."""
+    return small_matmul(t, small_matmul(g, t, L), L, True)
+
+
+@triton.jit
+def _orth_kernel(
+    p_ptr,
     q_ptr,
+    g_ptr,
+    tin_ptr,
+    part_ptr,
+    t_ptr,
+    cnt_ptr,
     M,
     l,
-    y_sb,
-    y_sm,
+    n_tiles,
+    p_sb,
+    p_sm,
     q_sb,
     q_sm,
     L: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    PASSES: tl.constexpr,
+    BLOCK: tl.constexpr,
+    CHUNK: tl.constexpr,
     FLOOR: tl.constexpr,
+    HAS_T: tl.constexpr,
 ):
-    """Q[b] = orth(Y[b]) by CholeskyQR repeated PASSES times, one program per batch element."""
-    b = tl.program_id(0).to(tl.int64)
+    """CholeskyQR2 of P[b] = P'[b] Tin[b] (Tin = I unless HAS_T) from P' (M, L) and its packed
+    Gram G[b], one program per BLOCK rows: Q1 = P' (Tin R1^-1) (R1 from Tin^T G Tin,
+    recomputed by every program of the sample) is stored (q_ptr may be p_ptr), and the
+    sample's last program turns the partial Grams of Q1 into T[b] = R2^-1
+    (Q1^T Q1 = R2^T R2): the orthonormal basis is Q1 T[b]."""
+    pid, b = unflatten2(tl.program_id(0), n_tiles)
+    b = b.to(tl.int64)
+    pack = l * (l + 1) // 2
     cl = tl.arange(0, L)
-    for p in tl.static_range(PASSES):
-        if p == 0:
-            src = y_ptr + b * y_sb
-            s_sm = y_sm
-        else:
-            src = q_ptr + b * q_sb
-            s_sm = q_sm
-        rinv = _cholesky_inverse(gram(src, M, s_sm, L, BLOCK_M), l, L, FLOOR)
-        for m0 in range(0, M, BLOCK_M):
-            rm = m0 + tl.arange(0, BLOCK_M)
-            t = tl.load(src + rm[:, None] * s_sm + cl[None, :], mask=(rm < M)[:, None], other=0.0)
-            qt = tl.dot(t, rinv, input_precision="ieee")
-            tl.store(q_ptr + b * q_sb + rm[:, None] * q_sm + cl[None, :], qt, mask=(rm < M)[:, None])
+    g = load_sym(g_ptr + b * pack, l, L)
+    if HAS_T:
+        g = congruence(g, load_square(tin_ptr + b * L * L, L), L)
+    rinv = _cholesky_inverse(g, l, L, FLOOR)
+    if HAS_T:
+        rinv = small_matmul(load_square(tin_ptr + b * L * L, L), rinv, L)
+    g2 = tl.zeros((L, L), tl.float32)
+    for m0 in range(0, BLOCK, CHUNK):
+        rm = pid * BLOCK + m0 + tl.arange(0, CHUNK)
+        live = (rm < M)[:, None]
+        t = tl.load(p_ptr + b * p_sb + rm[:, None] * p_sm + cl[None, :], mask=live, other=0.0)
+        qt = tl.dot(t, rinv, input_precision="ieee")
+        tl.store(q_ptr + b * q_sb + rm[:, None] * q_sm + cl[None, :], qt, mask=live)
+        g2 = tl.dot(tl.trans(qt), qt, g2, input_precision="ieee")
+    store_sym(part_ptr + (b * n_tiles + pid) * pack, g2, l, L)
+    if arrive(cnt_ptr + b, n_tiles):
+        g = tl.zeros((L, L), tl.float32)
+        for s in range(n_tiles):
+            g += load_sym(part_ptr + (b * n_tiles + s) * pack, l, L, True)
+        tinv = _cholesky_inverse(g, l, L, FLOOR)
+        tl.store(t_ptr + b * L * L + cl[:, None] * L + cl[None, :], tinv)
 
 
 def pass_block(extent: int, batch: int) -> int:
@@ -360,36 +526,83 @@ def sketch_width(l: int) -> int:
     return max(16, next_pow2(l))
 
 
-def orthonormalize(y: torch.Tensor, l: int) -> torch.Tensor:
-    """CholeskyQR2 of y: (B, M, L) float32 whose columns >= l are zero."""
-    q = torch.empty_like(y)
-    _cholqr_kernel[(y.shape[0],)](
-        y,
+def packed_size(l: int) -> int:
+    """Floats of a packed symmetric l x l matrix (its upper triangle): l (l + 1) / 2."""
+    return l * (l + 1) // 2
+
+
+def pack_symmetric(h: torch.Tensor, l: int) -> torch.Tensor:
+    """(B, L, L) symmetric -> (B, l (l + 1) / 2): the upper triangle of h[:, :l, :l] in the
+    kernels' packed layout (row-major, i <= j)."""
+    i, j = torch.triu_indices(l, l, device=h.device)
+    return h[:, i, j].contiguous()
+
+
+def orth_block(m: int) -> int:
+    """Rows per program of orth for M rows: ORTH_MIN_BLOCK doubled until M needs at most
+    ORTH_MAX_TILES programs per sample (independent of the batch)."""
+    block = ORTH_MIN_BLOCK
+    while triton.cdiv(m, block) > ORTH_MAX_TILES:
+        block *= 2
+    return block
+
+
+def orthonormalize(
+    p: torch.Tensor,
+    g: torch.Tensor,
+    l: int,
+    counters: torch.Tensor,
+    op: str,
+    inplace: bool = False,
+    tin: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """CholeskyQR2 of p tin (tin: (B, L, L), well conditioned; None: the identity) for
+    p: (B, M, L) float32 (columns >= l zero) given the packed Gram g of p (B, l (l + 1) / 2)
+    -> (Q1 (B, M, L), T (B, L, L)), Q1 T orthonormal, T upper triangular.
+    counters: >= B int32 zeros (left zero). Scratch: (B, tiles, l (l + 1) / 2) float32
+    partial Grams of Q1, at most ORTH_MAX_TILES per sample."""
+    batch, m, width = p.shape
+    q = p if inplace else torch.empty_like(p)
+    block = orth_block(m)
+    n_tiles = triton.cdiv(m, block)
+    part = empty(batch, n_tiles, packed_size(l), dtype=torch.float32, device=p.device)
+    t = empty(batch, width, width, dtype=torch.float32, device=p.device)
+    _orth_kernel[flat_grid(op, n_tiles, batch)](
+        p,
         q,
-        y.shape[1],
+        g,
+        t if tin is None else tin,
+        part,
+        t,
+        counters,
+        m,
         l,
-        y.stride(0),
-        y.stride(1),
+        n_tiles,
+        p.stride(0),
+        p.stride(1),
         q.stride(0),
         q.stride(1),
-        L=y.shape[2],
-        BLOCK_M=64,
-        PASSES=2,
+        L=width,
+        BLOCK=block,
+        CHUNK=ORTH_CHUNK,
         FLOOR=CHOLESKY_FLOOR,
-        num_warps=CHOLQR_WARPS,
+        HAS_T=tin is not None,
+        num_warps=ORTH_WARPS,
     )
-    return q
+    return q, t
 
 
 class ScaledPasses:
     """The two bandwidth-bound products over X / 2^e (see the module docstring), with the
     block sizes for this X (``pass_block``; ``out_block`` forces the output-tile block of
-    both passes). ``op`` names the calling op in launch errors."""
+    both passes) and the arrival counters of the stream (ticket.py). ``op`` names the
+    calling op in launch errors."""
 
     def __init__(
         self, x: torch.Tensor, l: int, op: str, out_block: int | None = None, amax: torch.Tensor | None = None
     ):
         self.x = x
+        self.l = l
         self.op = op
         self.amax = abs_max(x) if amax is None else amax
         self.batch, self.n, self.d = x.shape
@@ -398,77 +611,91 @@ class ScaledPasses:
         self.precision = "ieee" if interpreted() else "tf32x3"
         self.block_n = out_block or pass_block(self.n, self.batch)
         self.block_d = out_block or pass_block(self.d, self.batch)
+        self.counters = counters(self.batch, x.device)
 
-    def x_mm(self, z: torch.Tensor) -> torch.Tensor:
-        """X @ z for z of shape (B, D, L), or (D, L) shared by the batch -> (B, N, L)."""
+    def _run(self, kernel, s, extent, block, gram, store, **blocks) -> tuple[torch.Tensor | None, ...]:
         x = self.x
-        y = empty(self.batch, self.n, self.width, dtype=torch.float32, device=x.device)
-        z_sb = 0 if z.dim() == 2 else z.stride(0)
-        n_blocks = triton.cdiv(self.n, self.block_n)
-        _x_mm_kernel[flat_grid(self.op, n_blocks, self.batch)](
+        dev = x.device
+        n_blocks = triton.cdiv(extent, block)
+        slots = 2 if block > GRAM_ROWS else 1
+        pack = packed_size(self.l)
+        out = empty(self.batch, extent, self.width, dtype=torch.float32, device=dev) if store else None
+        part = empty(self.batch, n_blocks * slots, pack, dtype=torch.float32, device=dev) if gram else None
+        g = empty(self.batch, pack, dtype=torch.float32, device=dev) if gram else None
+        unused = self.counters  # the pointer of a disabled stage (never read or written)
+        s_sb = 0 if s.dim() == 2 else s.stride(0)
+        kernel[flat_grid(self.op, n_blocks, self.batch)](
             x,
             self.amax,
-            z,
-            y,
+            s,
+            unused if out is None else out,
+            unused if part is None else part,
+            unused if g is None else g,
+            self.counters,
             self.n,
             self.d,
+            self.l,
             n_blocks,
             x.stride(0),
             x.stride(1),
             x.stride(2),
-            z_sb,
-            z.stride(-2),
-            y.stride(0),
-            y.stride(1),
+            s_sb,
+            s.stride(-2),
+            0 if out is None else out.stride(0),
+            0 if out is None else out.stride(1),
             L=self.width,
-            BLOCK_N=self.block_n,
-            BLOCK_D=REDUCE_BLOCK,
             SPLIT=self.split,
             PRECISION=self.precision,
+            STORE_OUT=store,
+            GRAM=gram,
+            SLOTS=slots,
+            SUM_BLOCK=SUM_BLOCK,
+            **blocks,
         )
-        return y
+        return out, g
 
-    def xt_mm(self, q: torch.Tensor) -> torch.Tensor:
-        """X^T @ q for q: (B, N, L) -> (B, D, L)."""
-        x = self.x
-        z = empty(self.batch, self.d, self.width, dtype=torch.float32, device=x.device)
-        n_blocks = triton.cdiv(self.d, self.block_d)
-        _xt_mm_kernel[flat_grid(self.op, n_blocks, self.batch)](
-            x,
-            self.amax,
-            q,
-            z,
-            self.n,
-            self.d,
-            n_blocks,
-            x.stride(0),
-            x.stride(1),
-            x.stride(2),
-            q.stride(0),
-            q.stride(1),
-            z.stride(0),
-            z.stride(1),
-            L=self.width,
-            BLOCK_N=REDUCE_BLOCK,
-            BLOCK_D=self.block_d,
-            SPLIT=self.split,
-            PRECISION=self.precision,
-        )
-        return z
+    def x_mm(
+        self, z: torch.Tensor, gram: bool = False, store: bool = True
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """X @ z for z of shape (B, D, L), or (D, L) shared by the batch -> (P (B, N, L)
+        unless not store, packed Gram of P (B, l (l + 1) / 2) if gram). Scratch with gram:
+        (B, N / GRAM_ROWS, l (l + 1) / 2) float32 partial Grams."""
+        return self._run(_x_mm_kernel, z, self.n, self.block_n, gram, store, BLOCK_N=self.block_n,
+                         BLOCK_D=REDUCE_BLOCK)  # fmt: skip
+
+    def xt_mm(
+        self, q: torch.Tensor, gram: bool = False, store: bool = True, t: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """X^T @ q (@ t for t: (B, L, L)) for q: (B, N, L) -> (P (B, D, L) unless not store,
+        packed Gram of P if gram), as x_mm."""
+        return self._run(_xt_mm_kernel, q, self.d, self.block_d, gram, store, BLOCK_N=REDUCE_BLOCK,
+                         BLOCK_D=self.block_d, t_ptr=self.counters if t is None else t,
+                         HAS_T=t is not None, num_warps=T_PASS_WARPS if t is not None else 4)  # fmt: skip
+
+    def orth(
+        self, p: torch.Tensor, g: torch.Tensor, tin: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """orthonormalize(p, g, tin=tin) in place, with this call's counters."""
+        return orthonormalize(p, g, self.l, self.counters, self.op, True, tin)
 
 
 def range_finder(
     x: torch.Tensor, l: int, seed: int, power_iters: int, op: str
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x: (B, N, D) -> (amax, Q, W): max |x[b]| (B,) (NaN or Inf exactly where x[b] has a
-    NaN or Inf), the orthonormal basis Q of the range after power_iters power iterations
-    (B, N, L) and W = X^T Q (B, D, L), both float32 and of the scaled X (columns >= l zero).
-    The Ritz values of X on Q are the eigenvalues of W^T W."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x: (B, N, D) -> (amax, Q1, T, G): max |x[b]| (B,) (NaN or Inf exactly where x[b] has
+    a NaN or Inf); the orthonormal basis Q = Q1 T of the range after power_iters power
+    iterations as Q1 (B, N, L) and T (B, L, L); the packed Gram G (B, l (l + 1) / 2) of
+    W = X^T Q = (X^T Q1) T (T applied to each tile of the last pass before its Gram; W is
+    never stored). All float32 and of the scaled X (columns >= l zero). The Ritz values of X
+    on Q are the eigenvalues of G."""
     amax, omega = scale_and_sketch(x, l, seed, op)
     passes = ScaledPasses(x, l, op, amax=amax)
-    y = passes.x_mm(omega)
-    q = orthonormalize(y, l)
+    y, g = passes.x_mm(omega, gram=True)
+    q, t = passes.orth(y, g)
     for _ in range(power_iters):
-        z = orthonormalize(passes.xt_mm(q), l)
-        q = orthonormalize(passes.x_mm(z), l)
-    return amax, q, passes.xt_mm(q)
+        z, g = passes.xt_mm(q, gram=True)  # X^T Q = z t
+        z, tz = passes.orth(z, g, t)
+        p, g = passes.x_mm(z, gram=True)
+        q, t = passes.orth(p, g, tz)
+    _, g = passes.xt_mm(q, gram=True, store=False, t=t)
+    return amax, q, t, g

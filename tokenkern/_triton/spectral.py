@@ -54,7 +54,7 @@ import triton
 import triton.language as tl
 
 from .leverage import JACOBI_MAX_SWEEPS, JACOBI_TOL2, JACOBI_WARPS, jacobi_eigen, top_r_mask
-from .sketch import gram, range_finder, scale_tile, sketch_width
+from .sketch import load_sym, range_finder, scale_tile, sketch_width
 from .ticket import arrive, counters, load_partial
 from .utils import empty, flat_grid, interpreted, unflatten2
 
@@ -220,24 +220,21 @@ def _combine(part_ptr, out_ptr, P, BLOCK_T: tl.constexpr):
 
 @triton.jit
 def _ritz_ipr_kernel(
-    w_ptr,
+    g_ptr,
     amax_ptr,
     out_ptr,
-    D,
     l,
     r,
-    w_sb,
-    w_sd,
     L: tl.constexpr,
-    BLOCK_D: tl.constexpr,
     MAX_SWEEPS: tl.constexpr,
     TOL2: tl.constexpr,
 ):
-    """IPR of the r largest of the l Ritz values of sample b: the eigenvalues of W^T W (Jacobi,
-    no eigenvectors; negative rounding clamped to 0); NaN where x[b] has a NaN or Inf (its
-    max |x[b]| is then NaN or Inf)."""
+    """IPR of the r largest of the l Ritz values of sample b: the eigenvalues of the packed
+    Gram G[b] = W^T W of W = X^T Q (Jacobi, no eigenvectors; negative rounding clamped to 0);
+    NaN where x[b] has a NaN or Inf (its max |x[b]| is then NaN or Inf)."""
     b = tl.program_id(0).to(tl.int64)
-    e, _ = jacobi_eigen(gram(w_ptr + b * w_sb, D, w_sd, L, BLOCK_D), l, L, MAX_SWEEPS, TOL2, False)
+    g = load_sym(g_ptr + b * (l * (l + 1) // 2), l, L)
+    e, _ = jacobi_eigen(g, l, L, MAX_SWEEPS, TOL2, False)
     keep = top_r_mask(e, l, r, L)
     lam = tl.where(keep, tl.maximum(e, 0.0), 0.0)
     total = tl.sum(lam, axis=0)
@@ -305,19 +302,15 @@ def topr_ipr(x: torch.Tensor, r: int) -> torch.Tensor:
     batch, n, d = x.shape
     l = spectral_sketch(min(n, d), r)
     power_iters = 0 if l == min(n, d) else POWER_ITERS
-    amax, _, w = range_finder(x, l, SKETCH_SEED, power_iters, "spectral_ipr")
+    amax, _, _, g = range_finder(x, l, SKETCH_SEED, power_iters, "spectral_ipr")
     out = empty(batch, dtype=torch.float32, device=x.device)
     _ritz_ipr_kernel[(batch,)](
-        w,
+        g,
         amax,
         out,
-        d,
         l,
         r,
-        w.stride(0),
-        w.stride(1),
         L=sketch_width(l),
-        BLOCK_D=64,
         MAX_SWEEPS=JACOBI_MAX_SWEEPS,
         TOL2=JACOBI_TOL2,
         num_warps=JACOBI_WARPS,

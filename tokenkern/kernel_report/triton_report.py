@@ -373,6 +373,8 @@ def headline_calls(small: bool = False) -> list[Call]:
 # Pointer parameters that get a placeholder tensor (never read) when their flag is off.
 _PLACEHOLDERS = {
     "qm_ptr": "HAS_QMASK", "km_ptr": "HAS_KMASK", "noise_ptr": "STORE_NOISE", "scores_ptr": "WRITE_SCORES",
+    # the range finder's passes (sketch.py): right factor T, stored output, partial Grams
+    "t_ptr": "APPLY_T", "out_ptr": "STORE_OUT", "part_ptr": "GRAM", "gram_ptr": "GRAM", "cnt_ptr": "GRAM",
 }  # fmt: skip
 
 
