@@ -5,7 +5,8 @@
 Covers merge_tokens (dropped and kept assignment, cosine and query similarity, topm 1 and > 1,
 every combine, float32 / float16 / bfloat16, K = N, awkward sizes, several 256-token tiles of
 merge_prepare_kernel per sample) and bipartite_merge (odd and even N, protect_first, r = 0,
-several edge_select tiles per sample, node keys past its shared-memory tile), each checked
+several edge_select tiles per sample, the best_match_kernel path, node keys past edge_select's
+shared-memory tile), each checked
 against the float64 reference so that a run that computes garbage fails too. ``--device cpu``
 runs the same calls on the CPU kernels (the dry form of ``make gpu-check``).
 """
@@ -46,6 +47,7 @@ def merge_cases(device: str, dtypes: list[torch.dtype]) -> list[str]:
             (3, 50, 7, 96, 16, 4, "kept", "mean", False),
             (2, 600, 150, 24, 16, 2, "dropped", "mean", False),  # several 256-token tiles per sample
             (1, 700, 300, 16, 8, 1, "dropped", "sum", False),  # keep slots in two tiles
+            (2, 300, 80, 32, 16, 1, "kept", "mean", False),  # topm = 1 kept: self excluded in the tiles
         ):
             x = torch.randn(b, n, d, generator=gen).to(dtype)
             metric = torch.randn(b, n, c, generator=gen).to(dtype)
@@ -73,8 +75,9 @@ def bipartite_cases(device: str, dtypes: list[torch.dtype]) -> list[str]:
         # N = 1100: three edge_select tiles per sample
         cases = [(2, 77, 40, 16, 20, False), (1, 300, 130, 64, 149, True), (2, 10, 8, 8, 0, False),
                  (2, 1100, 24, 16, 400, False)]  # fmt: skip
-        if dtype == torch.float32:  # 4100 A tokens: more node keys than edge_select holds in shared memory
-            cases.append((1, 8200, 8, 8, 3000, True))
+        if dtype == torch.float32:
+            cases.append((1, 4098, 8, 8, 1000, False))  # too many similarity partials: best_match_kernel
+            cases.append((1, 8200, 8, 8, 3000, True))  # 4100 A tokens: node keys past edge_select's shared memory
         for b, n, d, c, r, protect in cases:
             x = torch.randn(b, n, d, generator=gen).to(dtype)
             metric = torch.randn(b, n, c, generator=gen).to(dtype)
