@@ -232,6 +232,11 @@ def test_compiled_records_validate():
             sass = compiled[kr.config["instantiation"]].sass
             if kr.kernel == "similarity_kernel":  # bf16 metric: tensor cores (WMMA)
                 assert kr.tensor_cores is (True if sass else None)
+            if sass and kr.kernel in ("similarity_kernel", "merge_reduce_kernel", "bipartite_output_kernel"):
+                assert "16" in kr.config["global_loads_by_bytes"], (kr.kernel, kr.config["global_loads_by_bytes"])
+    # every instantiation (float32 and float16 too, which the bf16 headline calls do not launch)
+    # keeps everything in registers
+    assert [k.name for k in compiled.values() if k.spill_stores or k.spill_loads or k.stack_bytes] == []
     # every kernel of the plan is in the cubin, for every dtype
     bases = {k.base for k in compiled.values()}
     assert set(cuda_report.PLAN_KERNELS) <= bases

@@ -242,6 +242,53 @@ def test_deterministic(device, gen):
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
 
 
+def _unaligned(t: torch.Tensor) -> torch.Tensor:
+    """t's values in a contiguous tensor whose data starts one element past a 16-byte boundary."""
+    buf = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+    out = buf[1:].view(t.shape)
+    out.copy_(t)
+    return out
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rule", [dict(), dict(topm=3, temperature=0.5), dict(assign="kept", topm=1)])
+def test_unaligned_rows_give_the_same_bits(device, dtype, rule, gen):
+    """The CUDA kernels read 16-byte aligned rows in packets and others element by element, in the
+    same order: the results are the same bits."""
+    b, n, k, d, c = 2, 150, 40, 64, 32
+    x = torch.randn(b, n, d, generator=gen).to(dtype).to(device)
+    metric = torch.randn(b, n, c, generator=gen).to(dtype).to(device)
+    keep = random_keep(gen, b, n, k).to(device)
+    want = torch.ops.tokenkern.merge_tokens(x, keep, metric=metric, **rule)
+    got = torch.ops.tokenkern.merge_tokens(_unaligned(x), keep, metric=_unaligned(metric), **rule)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    out = torch.ops.tokenkern.bipartite_merge(x, metric, 30)
+    out_unaligned = torch.ops.tokenkern.bipartite_merge(_unaligned(x), _unaligned(metric), 30)
+    assert torch.equal(out[0], out_unaligned[0]) and torch.equal(out[1], out_unaligned[1])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_widths_that_are_not_whole_packets(device, gen):
+    """D and C that no 16-byte packet divides: the element-by-element path against the reference."""
+    b, n, k, d, c = 2, 130, 33, 37, 13
+    for _ in range(50):
+        x = torch.randn(b, n, d, generator=gen)
+        keep = random_keep(gen, b, n, k)
+        metric = torch.randn(b, n, c, generator=gen)
+        if best_target_gap(metric, keep) > tie_gap(c):
+            break
+    else:
+        pytest.fail("50 draws in a row had a near-tie: the gap bound is wrong")
+    check(device, x, keep, metric=metric, weight=torch.rand(b, n, generator=gen) + 0.1)
+    x, metric, size = bipartite_inputs(gen, b, n, d, c, 40, False)
+    out, out_size = (t.cpu() for t in torch.ops.tokenkern.bipartite_merge(x.to(device), metric.to(device), 40,
+                                                                          size.to(device)))  # fmt: skip
+    ref, ref_size = reference.bipartite_merge(x, metric, 40, size)
+    assert_rel_close(out, ref, 1e-5)
+    assert_rel_close(out_size, ref_size, 1e-6)
+
+
 def test_zero_weights_keep_the_token():
     x = torch.randn(1, 6, 4)
     merged, mass = torch.ops.tokenkern.merge_tokens(x, torch.tensor([[0, 3]]), weight=torch.zeros(1, 6))

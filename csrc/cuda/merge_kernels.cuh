@@ -26,7 +26,12 @@
 namespace tokenkern {
 namespace cuda {
 
-constexpr int kAccTile = 4096;  // floats of a receiver's accumulator held in shared memory
+// A receiver's row is summed kAccTile columns at a time, kAccPerThread float32 accumulators per
+// thread in registers.
+constexpr int kAccTile = 4096;
+constexpr int kAccPerThread = kAccTile / kThreads;
+static_assert(kAccPerThread * kThreads == kAccTile && kAccPerThread % 8 == 0,
+              "whole 16-byte packets of every element type per thread");
 
 template <typename T>
 __device__ __forceinline__ float to_float(T v) {
@@ -51,6 +56,79 @@ __device__ __forceinline__ __half from_float<__half>(float v) {
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
   return __float2bfloat16_rn(v);
+}
+
+// ------------------------------------------------------------------ 16-byte packets
+
+// Elements of TX in one 16-byte packet (8 for 16-bit types, 4 for float32).
+template <typename TX>
+constexpr int kPackLen = 16 / static_cast<int>(sizeof(TX));
+
+__device__ __forceinline__ bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+// Whether every row of d elements from base is made of whole, aligned 16-byte packets.
+template <typename TX>
+__device__ __forceinline__ bool packed_rows(const TX* base, int64_t d) {
+  return d % kPackLen<TX> == 0 && aligned16(base);
+}
+
+// The bits of one element (float32 or 16-bit), without taking an address (a punned uint4
+// would live in local memory).
+template <typename T>
+__device__ __forceinline__ T from_bits(uint32_t u);
+template <>
+__device__ __forceinline__ float from_bits<float>(uint32_t u) {
+  return __uint_as_float(u);
+}
+template <>
+__device__ __forceinline__ __half from_bits<__half>(uint32_t u) {
+  return __ushort_as_half(static_cast<unsigned short>(u));
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_bits<__nv_bfloat16>(uint32_t u) {
+  return __ushort_as_bfloat16(static_cast<unsigned short>(u));
+}
+__device__ __forceinline__ uint32_t to_bits(float v) { return __float_as_uint(v); }
+__device__ __forceinline__ uint32_t to_bits(__half v) { return __half_as_ushort(v); }
+__device__ __forceinline__ uint32_t to_bits(__nv_bfloat16 v) { return __bfloat16_as_ushort(v); }
+
+__device__ __forceinline__ uint32_t word_of(const uint4& raw, int w) {
+  return w == 0 ? raw.x : w == 1 ? raw.y : w == 2 ? raw.z : raw.w;
+}
+
+// The kPackLen elements of a 16-byte packet (little-endian: element i in the low bits first).
+template <typename T>
+__device__ __forceinline__ void unpack(const uint4& raw, T* v) {
+  constexpr int kPerWord = 4 / static_cast<int>(sizeof(T));
+#pragma unroll
+  for (int i = 0; i < kPackLen<T>; ++i) v[i] = from_bits<T>(word_of(raw, i / kPerWord) >> (32 / kPerWord * (i % kPerWord)));
+}
+
+template <typename T>
+__device__ __forceinline__ uint4 pack(const T* v) {
+  constexpr int kPerWord = 4 / static_cast<int>(sizeof(T));
+  uint32_t w[4] = {0u, 0u, 0u, 0u};
+#pragma unroll
+  for (int i = 0; i < kPackLen<T>; ++i) w[i / kPerWord] |= to_bits(v[i]) << (32 / kPerWord * (i % kPerWord));
+  return make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+// One 16-byte load of kPackLen elements at p (16-byte aligned), as float32.
+template <typename TX>
+__device__ __forceinline__ void load_pack(const TX* p, float* out) {
+  TX e[kPackLen<TX>];
+  unpack(__ldg(reinterpret_cast<const uint4*>(p)), e);
+#pragma unroll
+  for (int i = 0; i < kPackLen<TX>; ++i) out[i] = to_float(e[i]);
+}
+
+// One 16-byte store of kPackLen elements (rounded from float32) at p (16-byte aligned).
+template <typename TX>
+__device__ __forceinline__ void store_pack(TX* p, const float* in) {
+  TX e[kPackLen<TX>];
+#pragma unroll
+  for (int i = 0; i < kPackLen<TX>; ++i) e[i] = from_float<TX>(in[i]);
+  *reinterpret_cast<uint4*>(p) = pack(e);
 }
 
 __device__ __forceinline__ unsigned lanes_below() {
@@ -173,14 +251,26 @@ struct SimilarityOut {
 };
 
 constexpr int kTileK = 32, kPad = 8;  // kTileM x kTileN output tiles: common/merge_plan.h
-// Staged elements per thread per operand and k step. Element (r, e) of a staged tile goes to
-// thread r % 8 * 32 + e, so lane e of warp w stages column e of rows w, w + 8, ...: a row's sum
-// of squares is a per-lane sum over the k steps and then a warp sum, the order of the former
-// inverse-norm kernel (one warp per row, lane-strided), the same in every tile that holds the row.
-constexpr int kStage = kTileM * kTileK / kThreads;
-static_assert(kTileK == kWarp && kTileM == kTileN && kTileM * kTileK % kThreads == 0, "staging layout");
+static_assert(kTileK == kWarp && kTileM == kTileN, "staging layout");
 static_assert(kThreads == 4 * kTileM && kTileN % 4 == 0, "row-best layout: four threads per tile row");
 
+// How a k step of kTileK columns of the tile's kTileM rows is staged: in packets of V =
+// kPackLen<TM> consecutive elements (one 16-byte load each where the rows allow it, else V
+// scalar loads: the same values and the same order of squares). Packet q of the step covers row
+// q / kLanesPerRow, columns (q % kLanesPerRow) * V + [0, V); thread t stages packets
+// t + u * kThreads, u < kPacks, so the kLanesPerRow adjacent lanes holding a row sum its squares
+// by an xor butterfly (the same bits in each of them, whichever tile holds the row).
+template <typename TM>
+struct Staging {
+  static constexpr int V = kPackLen<TM>;
+  static constexpr int kLanesPerRow = kTileK / V;
+  static constexpr int kPacks = kTileM * kTileK / (V * kThreads);
+  static_assert(kTileK % V == 0 && kWarp % kLanesPerRow == 0 && kPacks >= 1 &&
+                    kPacks * V * kThreads == kTileM * kTileK,
+                "packets of a k step");
+  __device__ static int row(int u) { return (static_cast<int>(threadIdx.x) + u * kThreads) / kLanesPerRow; }
+  __device__ static int col(int u) { return (static_cast<int>(threadIdx.x) + u * kThreads) % kLanesPerRow * V; }
+};
 // Token row of each row/column of the output tile (-1 past the end or out of [0, n)).
 __device__ __forceinline__ void tile_rows(RowMap qmap, RowMap kmap, int64_t b, int64_t i0, int64_t j0, int64_t n,
                                           int64_t rows, int64_t cols, int64_t* a_rows, int64_t* b_rows) {
@@ -197,28 +287,58 @@ __device__ __forceinline__ void tile_rows(RowMap qmap, RowMap kmap, int64_t b, i
   __syncthreads();
 }
 
+// Elements [e, e + V) of token row `row` (-1: none) of a (.., c) matrix, zero past c; `packed`:
+// c % V == 0 and the base 16-byte aligned, so the packet is one aligned load, all in or all out.
 template <typename TM>
-__device__ __forceinline__ TM load_or_zero(const TM* base, int64_t row, int64_t e, int64_t c) {
-  return (row >= 0 && e < c) ? base[row * c + e] : from_float<TM>(0.0f);
+__device__ __forceinline__ void load_packet(const TM* base, int64_t row, int64_t e, int64_t c, bool packed,
+                                            TM (&v)[kPackLen<TM>]) {
+  constexpr int V = kPackLen<TM>;
+  if (packed) {
+    if (row >= 0 && e < c) {
+      unpack(__ldg(reinterpret_cast<const uint4*>(base + row * c + e)), v);
+    } else {
+#pragma unroll
+      for (int i = 0; i < V; ++i) v[i] = from_float<TM>(0.0f);
+    }
+    return;
+  }
+#pragma unroll
+  for (int i = 0; i < V; ++i) v[i] = (row >= 0 && e + i < c) ? base[row * c + e + i] : from_float<TM>(0.0f);
 }
 
-// The inverse norms of the tile's rows and columns (see kStage) into shared inv_a / inv_b.
+// Adds the squares of a packet, in element order, to sq.
+template <typename TM>
+__device__ __forceinline__ void add_squares(const TM (&v)[kPackLen<TM>], float& sq) {
+#pragma unroll
+  for (int i = 0; i < kPackLen<TM>; ++i) {
+    const float f = to_float(v[i]);
+    sq += f * f;
+  }
+}
+
+// The inverse norms of the tile's rows and columns (see Staging) into shared inv_a / inv_b.
+template <typename TM>
 __device__ __forceinline__ void store_inverse_norms(const float* sq_a, const float* sq_b, float* inv_a,
                                                     float* inv_b) {
-  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+  using S = Staging<TM>;
 #pragma unroll
-  for (int u = 0; u < kStage; ++u) {
-    const float sa = warp_sum(sq_a[u]), sb = warp_sum(sq_b[u]);
-    if (lane == 0) {
-      inv_a[warp + u * (kThreads / kWarp)] = inverse_norm(static_cast<double>(sa));
-      inv_b[warp + u * (kThreads / kWarp)] = inverse_norm(static_cast<double>(sb));
+  for (int u = 0; u < S::kPacks; ++u) {
+    float sa = sq_a[u], sb = sq_b[u];
+#pragma unroll
+    for (int o = 1; o < S::kLanesPerRow; o *= 2) {
+      sa += __shfl_xor_sync(0xffffffffu, sa, o);
+      sb += __shfl_xor_sync(0xffffffffu, sb, o);
+    }
+    if (S::col(u) == 0) {
+      inv_a[S::row(u)] = inverse_norm(static_cast<double>(sa));
+      inv_b[S::row(u)] = inverse_norm(static_cast<double>(sb));
     }
   }
 }
 
 // Tensor-core tile (16-bit inputs, sm_80+): 8 warps x 2 WMMA fragments of 16 x 16.
 template <typename TM>
-__device__ void similarity_tile_wmma(const TM* q, const TM* m, int64_t b, int64_t n, int64_t c, bool norms,
+__device__ void similarity_tile_wmma(const TM* q, const TM* m, int64_t b, int64_t n, int64_t c, bool norms, bool packed,
                                      const int64_t* a_rows, const int64_t* b_rows, float (*c_tile)[kTileN + 4],
                                      float* inv_a, float* inv_b) {
   namespace wmma = nvcuda::wmma;
@@ -227,20 +347,24 @@ __device__ void similarity_tile_wmma(const TM* q, const TM* m, int64_t b, int64_
   const int warp = threadIdx.x / kWarp;
   wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2];
   for (auto& f : acc) wmma::fill_fragment(f, 0.0f);
-  float sq_a[kStage] = {}, sq_b[kStage] = {};
+  using S = Staging<TM>;
+  float sq_a[S::kPacks] = {}, sq_b[S::kPacks] = {};
   const TM* qb = q + b * n * c;
   const TM* mb = m + b * n * c;
   for (int64_t e0 = 0; e0 < c; e0 += kTileK) {
 #pragma unroll
-    for (int u = 0; u < kStage; ++u) {
-      const int t = threadIdx.x + u * kThreads;
-      const int r = t / kTileK, e = t % kTileK;
-      const TM va = load_or_zero(qb, a_rows[r], e0 + e, c), vb = load_or_zero(mb, b_rows[r], e0 + e, c);
-      a_tile[r][e] = va;
-      b_tile[r][e] = vb;
-      const float fa = to_float(va), fb = to_float(vb);
-      sq_a[u] += fa * fa;
-      sq_b[u] += fb * fb;
+    for (int u = 0; u < S::kPacks; ++u) {
+      const int r = S::row(u), e = S::col(u);
+      TM va[S::V], vb[S::V];
+      load_packet(qb, a_rows[r], e0 + e, c, packed, va);
+      load_packet(mb, b_rows[r], e0 + e, c, packed, vb);
+#pragma unroll
+      for (int i = 0; i < S::V; ++i) {
+        a_tile[r][e + i] = va[i];
+        b_tile[r][e + i] = vb[i];
+      }
+      add_squares(va, sq_a[u]);
+      add_squares(vb, sq_b[u]);
     }
     __syncthreads();
     for (int f = 0; f < 2; ++f) {
@@ -260,34 +384,38 @@ __device__ void similarity_tile_wmma(const TM* q, const TM* m, int64_t b, int64_
     const int tile = warp * 2 + f;
     wmma::store_matrix_sync(&c_tile[(tile / 4) * 16][(tile % 4) * 16], acc[f], kTileN + 4, wmma::mem_row_major);
   }
-  if (norms) store_inverse_norms(sq_a, sq_b, inv_a, inv_b);
+  if (norms) store_inverse_norms<TM>(sq_a, sq_b, inv_a, inv_b);
   __syncthreads();
 }
 
 // float32 FMA tile: 16 x 16 threads x 4 x 4 outputs; the staged tiles are k-major so that a
 // warp reads consecutive words.
 template <typename TM>
-__device__ void similarity_tile_fma(const TM* q, const TM* m, int64_t b, int64_t n, int64_t c, bool norms,
+__device__ __forceinline__ void similarity_tile_fma(const TM* q, const TM* m, int64_t b, int64_t n, int64_t c, bool norms, bool packed,
                                     const int64_t* a_rows, const int64_t* b_rows, float (*c_tile)[kTileN + 4],
                                     float* inv_a, float* inv_b) {
   __shared__ __align__(16) float a_tile[kTileK][kTileM + 4];
   __shared__ __align__(16) float b_tile[kTileK][kTileN + 4];
   const int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
   float acc[4][4] = {};
-  float sq_a[kStage] = {}, sq_b[kStage] = {};
+  using S = Staging<TM>;
+  float sq_a[S::kPacks] = {}, sq_b[S::kPacks] = {};
   const TM* qb = q + b * n * c;
   const TM* mb = m + b * n * c;
   for (int64_t e0 = 0; e0 < c; e0 += kTileK) {
 #pragma unroll
-    for (int u = 0; u < kStage; ++u) {
-      const int t = threadIdx.x + u * kThreads;
-      const int r = t / kTileK, e = t % kTileK;
-      const float fa = to_float(load_or_zero(qb, a_rows[r], e0 + e, c));
-      const float fb = to_float(load_or_zero(mb, b_rows[r], e0 + e, c));
-      a_tile[e][r] = fa;
-      b_tile[e][r] = fb;
-      sq_a[u] += fa * fa;
-      sq_b[u] += fb * fb;
+    for (int u = 0; u < S::kPacks; ++u) {
+      const int r = S::row(u), e = S::col(u);
+      TM va[S::V], vb[S::V];
+      load_packet(qb, a_rows[r], e0 + e, c, packed, va);
+      load_packet(mb, b_rows[r], e0 + e, c, packed, vb);
+#pragma unroll
+      for (int i = 0; i < S::V; ++i) {
+        a_tile[e + i][r] = to_float(va[i]);
+        b_tile[e + i][r] = to_float(vb[i]);
+      }
+      add_squares(va, sq_a[u]);
+      add_squares(vb, sq_b[u]);
     }
     __syncthreads();
     for (int e = 0; e < kTileK; ++e) {
@@ -303,7 +431,7 @@ __device__ void similarity_tile_fma(const TM* q, const TM* m, int64_t b, int64_t
   }
   for (int u = 0; u < 4; ++u)
     for (int v = 0; v < 4; ++v) c_tile[ty * 4 + u][tx * 4 + v] = acc[u][v];
-  if (norms) store_inverse_norms(sq_a, sq_b, inv_a, inv_b);
+  if (norms) store_inverse_norms<TM>(sq_a, sq_b, inv_a, inv_b);
   __syncthreads();
 }
 
@@ -394,9 +522,11 @@ __device__ void similarity_epilogue(const SimilarityOut& out, float (*c_tile)[kT
 // sim[b, i, j] = sum_e q[b, qmap(i), e] * m[b, kmap(j), e] in float32 (divided by both rows'
 // norms when out.cosine), one 64 x 64 tile per block: tensor cores (WMMA, float32 accumulation)
 // for 16-bit inputs on sm_80+, float32 FMA otherwise; then out.epilogue. Rows that map outside
-// [0, n) read as 0. Grid (column_tiles(cols), blocks_for(rows, kTileM), batch).
+// [0, n) read as 0. Grid (column_tiles(cols), blocks_for(rows, kTileM), batch). Four CTAs per
+// SM: without that bound ptxas keeps the float32 instantiation at 48 registers and spills its
+// sums of squares (sm_90); with it every instantiation uses 64 and spills nothing.
 template <typename TM>
-__global__ void __launch_bounds__(kThreads) similarity_kernel(const TM* q, RowMap qmap, const TM* m, RowMap kmap,
+__global__ void __launch_bounds__(kThreads, 4) similarity_kernel(const TM* q, RowMap qmap, const TM* m, RowMap kmap,
                                                               int64_t n, int64_t c, int64_t rows, int64_t cols,
                                                               SimilarityOut out) {
   __shared__ int64_t a_rows[kTileM], b_rows[kTileN];
@@ -410,10 +540,11 @@ __global__ void __launch_bounds__(kThreads) similarity_kernel(const TM* q, RowMa
 #else
   constexpr bool kTensorCores = false;  // also the host pass, which never runs this body
 #endif
+  const bool packed = packed_rows(q, c) && packed_rows(m, c);
   if constexpr (kTensorCores) {
-    similarity_tile_wmma(q, m, b, n, c, out.cosine, a_rows, b_rows, c_tile, inv_a, inv_b);
+    similarity_tile_wmma(q, m, b, n, c, out.cosine, packed, a_rows, b_rows, c_tile, inv_a, inv_b);
   } else {
-    similarity_tile_fma(q, m, b, n, c, out.cosine, a_rows, b_rows, c_tile, inv_a, inv_b);
+    similarity_tile_fma(q, m, b, n, c, out.cosine, packed, a_rows, b_rows, c_tile, inv_a, inv_b);
   }
   if (out.cosine) {
     // (s * inv_row) * inv_col: the product order of the former select / best-match kernels.
@@ -505,16 +636,66 @@ __global__ void select_targets_kernel(const float* sims, int64_t rows_c, int64_t
 
 // --------------------------------------------------------------------------- reductions
 
+// Thread threadIdx.x holds accumulator slot s of a receiver's kAccTile-column tile for column
+//   packed rows: element s % V of 16-byte packet threadIdx.x + (s / V) * kThreads (V = kPackLen)
+//   otherwise:   threadIdx.x + s * kThreads
+// (columns past the tile's width are idle). Either way each column has one owner that adds the
+// contributions in list order, so both layouts give the same bits.
+
 // Accumulates, in order, the contributions listed in shared memory into the receiver's tile,
 // each coefficient divided by denom first (see merge_denominator).
 template <typename TX>
 __device__ __forceinline__ void accumulate(const TX* x, int64_t b, int64_t n, int64_t d, int64_t d0, int64_t width,
-                                           const int32_t* src, const float* cs, int count, float denom,
-                                           float* acc) {
+                                           const int32_t* src, const float* cs, int count, float denom, bool packed,
+                                           float (&acc)[kAccPerThread]) {
+  constexpr int V = kPackLen<TX>;
   for (int e = 0; e < count; ++e) {
     const TX* row = x + (b * n + src[e]) * d + d0;
     const float c = cs[e] / denom;
-    for (int64_t t = threadIdx.x; t < width; t += blockDim.x) acc[t] += c * to_float(row[t]);
+    if (packed) {
+#pragma unroll
+      for (int u = 0; u < kAccPerThread / V; ++u) {
+        const int64_t t = (static_cast<int64_t>(threadIdx.x) + u * kThreads) * V;
+        if (t < width) {
+          float v[V];
+          load_pack(row + t, v);
+#pragma unroll
+          for (int i = 0; i < V; ++i) acc[u * V + i] += c * v[i];
+        }
+      }
+    } else {
+#pragma unroll
+      for (int u = 0; u < kAccPerThread; ++u) {
+        const int64_t t = static_cast<int64_t>(threadIdx.x) + u * kThreads;
+        if (t < width) acc[u] += c * to_float(row[t]);
+      }
+    }
+  }
+}
+
+// out[t] = finalize_merge(combine, self[t], w_self, acc, csum) over the receiver's tile.
+template <typename TX>
+__device__ __forceinline__ void finalize_tile(const TX* self, TX* out, int64_t width, Combine combine, float w_self,
+                                              const float (&acc)[kAccPerThread], float csum, bool packed) {
+  constexpr int V = kPackLen<TX>;
+  if (packed) {
+#pragma unroll
+    for (int u = 0; u < kAccPerThread / V; ++u) {
+      const int64_t t = (static_cast<int64_t>(threadIdx.x) + u * kThreads) * V;
+      if (t < width) {
+        float v[V];
+        load_pack(self + t, v);
+#pragma unroll
+        for (int i = 0; i < V; ++i) v[i] = finalize_merge(combine, v[i], w_self, acc[u * V + i], csum);
+        store_pack(out + t, v);
+      }
+    }
+    return;
+  }
+#pragma unroll
+  for (int u = 0; u < kAccPerThread; ++u) {
+    const int64_t t = static_cast<int64_t>(threadIdx.x) + u * kThreads;
+    if (t < width) out[t] = from_float<TX>(finalize_merge(combine, to_float(self[t]), w_self, acc[u], csum));
   }
 }
 
@@ -570,12 +751,12 @@ __global__ void merge_reduce_kernel(const TX* x, const int64_t* keep, const floa
                                     const int32_t* targets, const float* coef, const int32_t* invalid,
                                     int64_t flag_tiles, int64_t n, int64_t d, int64_t k, int64_t rows_c, int64_t topm,
                                     bool kept_mode, Combine combine, TX* merged, float* mass) {
-  __shared__ float acc[kAccTile];
   __shared__ int32_t src[kThreads];
   __shared__ float cs[kThreads];
   __shared__ int scratch[kThreads / kWarp];
   const int64_t j = blockIdx.x, b = blockIdx.y;
   TX* out = merged + (b * k + j) * d;
+  const bool packed = packed_rows(x, d) && packed_rows(merged, d);
   if (sample_invalid_block(invalid, b, flag_tiles)) {
     for (int64_t t = threadIdx.x; t < d; t += blockDim.x) out[t] = from_float<TX>(NAN);
     if (threadIdx.x == 0) mass[b * k + j] = NAN;
@@ -589,15 +770,10 @@ __global__ void merge_reduce_kernel(const TX* x, const int64_t* keep, const floa
   const float denom = merge_denominator(combine, w_self, csum);
   for (int64_t d0 = 0; d0 < d; d0 += kAccTile) {
     const int64_t width = d - d0 < kAccTile ? d - d0 : kAccTile;
-    for (int64_t t = threadIdx.x; t < width; t += blockDim.x) acc[t] = 0.0f;
-    __syncthreads();
+    float acc[kAccPerThread] = {};
     for_each_contribution(b, j, chooser_tok, targets, coef, rows_c, topm, kept_mode, src, cs, scratch,
-                          [&](int count) { accumulate(x, b, n, d, d0, width, src, cs, count, denom, acc); });
-    const TX* xs = x + (b * n + self) * d + d0;
-    for (int64_t t = threadIdx.x; t < width; t += blockDim.x) {
-      out[d0 + t] = from_float<TX>(finalize_merge(combine, to_float(xs[t]), w_self, acc[t], csum));
-    }
-    __syncthreads();
+                          [&](int count) { accumulate(x, b, n, d, d0, width, src, cs, count, denom, packed, acc); });
+    finalize_tile(x + (b * n + self) * d + d0, out + d0, width, combine, w_self, acc, csum, packed);
   }
   if (threadIdx.x == 0) mass[b * k + j] = w_self + csum;
 }
@@ -691,10 +867,9 @@ __global__ void __launch_bounds__(kThreads) edge_select_kernel(const int32_t* pa
 // One block per output row: the unmerged A tokens first (copied), then every B token with
 // the A tokens merged into it (size-weighted mean, ascending A order).
 template <typename TX>
-__global__ void bipartite_output_kernel(const TX* x, const float* size, const uint8_t* merged, const int32_t* node_idx,
+__global__ void __launch_bounds__(kThreads, 3) bipartite_output_kernel(const TX* x, const float* size, const uint8_t* merged, const int32_t* node_idx,
                                         const int32_t* unmerged, const int32_t* invalid, int64_t flag_tiles,
                                         int64_t n, int64_t d, int64_t n_a, int64_t r, TX* out, float* out_size) {
-  __shared__ float acc[kAccTile];
   __shared__ int32_t src[kThreads];
   __shared__ float cs[kThreads];
   __shared__ int scratch[kThreads / kWarp];
@@ -706,9 +881,18 @@ __global__ void bipartite_output_kernel(const TX* x, const float* size, const ui
     if (threadIdx.x == 0) out_size[b * rows + row] = NAN;
     return;
   }
+  const bool packed = packed_rows(x, d) && packed_rows(out, d);
   if (row < n_unm) {
     const int64_t tok = 2 * static_cast<int64_t>(unmerged[b * n_unm + row]);
-    for (int64_t t = threadIdx.x; t < d; t += blockDim.x) o[t] = x[(b * n + tok) * d + t];
+    const TX* xr = x + (b * n + tok) * d;
+    if (packed) {
+      constexpr int V = kPackLen<TX>;
+      for (int64_t t = static_cast<int64_t>(threadIdx.x) * V; t < d; t += kThreads * V) {
+        *reinterpret_cast<uint4*>(o + t) = *reinterpret_cast<const uint4*>(xr + t);
+      }
+    } else {
+      for (int64_t t = threadIdx.x; t < d; t += blockDim.x) o[t] = xr[t];
+    }
     if (threadIdx.x == 0) out_size[b * rows + row] = size[b * n + tok];
     return;
   }
@@ -736,14 +920,9 @@ __global__ void bipartite_output_kernel(const TX* x, const float* size, const ui
   const float denom = merge_denominator(Combine::kMean, s_self, csum);
   for (int64_t d0 = 0; d0 < d; d0 += kAccTile) {
     const int64_t width = d - d0 < kAccTile ? d - d0 : kAccTile;
-    for (int64_t t = threadIdx.x; t < width; t += blockDim.x) acc[t] = 0.0f;
-    __syncthreads();
-    for_each_source([&](int count) { accumulate(x, b, n, d, d0, width, src, cs, count, denom, acc); });
-    const TX* xs = x + (b * n + self) * d + d0;
-    for (int64_t t = threadIdx.x; t < width; t += blockDim.x) {
-      o[d0 + t] = from_float<TX>(finalize_merge(Combine::kMean, to_float(xs[t]), s_self, acc[t], csum));
-    }
-    __syncthreads();
+    float acc[kAccPerThread] = {};
+    for_each_source([&](int count) { accumulate(x, b, n, d, d0, width, src, cs, count, denom, packed, acc); });
+    finalize_tile(x + (b * n + self) * d + d0, o + d0, width, Combine::kMean, s_self, acc, csum, packed);
   }
   if (threadIdx.x == 0) out_size[b * rows + row] = s_self + csum;
 }
