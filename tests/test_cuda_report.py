@@ -204,6 +204,9 @@ def test_headline_merge_tokens_bytes_and_floors():
     flops = 2 * b * (n - k) * k * d
     assert call.params["compute_floor_flops"] == flops
     assert call.params["compute_floor_us"] == pytest.approx(flops / cuda_report.SM90_PEAK_FLOPS * 1e6, abs=0.01)
+    assert call.passes_over_x == 2  # metric = x: the similarity and the reduction each read x
+    separate = cuda_report.op_call(MergeCall("merge_tokens", 8, 2880, 4096, 720, 64), {}, "not compiled")
+    assert separate.passes_over_x == 1  # the similarity reads the metric, the reduction x
     assert call.launches == len(call.kernels) == 3  # 3 kernels, no glue fills
     assert call.kernels[1].flops == flops + 2 * b * ((n - k) * -(-k // 64) + k * -(-(n - k) // 64)) * d
     assert all(kr.backend == "cuda" and kr.registers is None and "not compiled" in kr.notes for kr in call.kernels)

@@ -51,9 +51,6 @@ ALLOWED: dict[tuple[str, str, str], float] = {
     ("leverage_topk", "", "launches"): 15,
     ("leverage_topk", "_top_subspace_kernel", "per_sample_b1"): 1,
     ("maxmin_select", "", "bytes"): 3.86,
-    # merge_tokens with metric = x: the similarity and the reduction each read x (every
-    # assignment must be known before a kept row's sum is final, and x is larger than L2).
-    ("merge_tokens", "", "bytes"): 1.83,
     ("mmr_select", "", "bytes"): 3.86,
     # spectral_ipr top-r: + partial-Gram scratch of the passes (orth without a per-sample phase), B=8 N=576.
     ("spectral_ipr", "", "bytes"): 1.81,

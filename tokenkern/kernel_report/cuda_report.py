@@ -554,11 +554,17 @@ def op_call(p: MergeCall, compiled: dict[str, CompiledKernel], why: str = "") ->
         f"at {SM90_PEAK_FLOPS / 1e12:.1f} TFLOPS (dense bf16); the floor is the larger of the two"
     )
     known = [k.flops for k in kernels if k.flops is not None]
+    if p.op == "merge_tokens" and p.metric_is_x:
+        # Every assignment must be known before a kept row's sum is final: with metric = x the
+        # similarity reads x and then the reduction reads it again (x is larger than L2).
+        passes, passes_formula = 2, "2: the similarity reads x (the metric), then the reduction reads each source row"
+    else:
+        passes, passes_formula = 1, ("1: the similarity reads the metric once and the reduction reads each source row "
+                                     "of x once")  # fmt: skip
     return OpCall(
         op=p.op, shape=p.shape, params=params, launches=len(kernels), kernels=kernels,
         bytes_moved=sum(k.compulsory_bytes for k in kernels), hbm_floor_bytes=floor, floor_formula=floor_formula,
-        passes_over_x=1, passes_formula="1: the similarity reads metric (= x or a separate metric) once and the "
-        "reduction reads each source row of x once", flops=sum(known) if known else None, label=LABEL,
+        passes_over_x=passes, passes_formula=passes_formula, flops=sum(known) if known else None, label=LABEL,
     )  # fmt: skip
 
 
