@@ -163,13 +163,47 @@ RULES = [
 @pytest.mark.parametrize("query", [False, True])
 def test_rules_match_reference(device, rule, query, gen):
     b, n, k, d, c = 3, 120, 30, 48, 16
+    topm, assign = rule.get("topm", 1), rule.get("assign", "dropped")
+    for _ in range(50):
+        keep = random_keep(gen, b, n, k)
+        metric = torch.randn(b, n, c, generator=gen)
+        q = torch.randn(b, n, c, generator=gen) if query else None
+        if selection_gap(metric, keep, topm, assign, q) > tie_gap(c):
+            break
+    else:
+        pytest.fail("50 draws in a row had a near-tie: the gap bound is wrong")
     x = torch.randn(b, n, d, generator=gen)
-    keep = random_keep(gen, b, n, k)
-    metric = torch.randn(b, n, c, generator=gen)
     kw = dict(rule, metric=metric, weight=torch.rand(b, n, generator=gen))
     if query:
-        kw["query_metric"] = torch.randn(b, n, c, generator=gen)
+        kw["query_metric"] = q
     check(device, x, keep, **kw)
+
+
+def selection_gap(metric: torch.Tensor, keep: torch.Tensor, topm: int, assign: str, query=None) -> float:
+    """best_target_gap for any rule: over every chooser, the float64 gap between its topm-th and
+    (topm + 1)-th candidates (the selection's boundary; inf where there are no more), in units of
+    the largest |similarity| bound (1 for cosines, max |q_i| |m_j| for query . metric)."""
+    if query is None:
+        a = b = torch.nn.functional.normalize(metric.double(), dim=-1)
+        scale = 1.0
+    else:
+        a, b = query.double(), metric.double()
+        scale = (a.norm(dim=-1).amax() * b.norm(dim=-1).amax()).item()
+    sims = a @ b.transpose(1, 2)
+    gap = float("inf")
+    for s in range(metric.shape[0]):
+        if assign == "kept":
+            rows = sims[s, keep[s]].clone()
+            rows[torch.arange(keep.shape[1]), keep[s]] = -float("inf")  # not its own candidate
+        else:
+            dropped = torch.ones(metric.shape[1], dtype=torch.bool)
+            dropped[keep[s]] = False
+            rows = sims[s, dropped][:, keep[s]]
+        if rows.shape[0] == 0 or rows.shape[1] <= topm:
+            continue
+        top = rows.topk(topm + 1, dim=1).values
+        gap = min(gap, (top[:, topm - 1] - top[:, topm]).min().item() / scale)
+    return gap
 
 
 @pytest.mark.parametrize("device", DEVICES)
