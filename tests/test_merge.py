@@ -60,7 +60,7 @@ def test_matches_reference(device, n, k, d, c, gen):
         x = torch.randn(b, n, d, generator=gen)
         keep = random_keep(gen, b, n, k)
         metric = None if c is None else torch.randn(b, n, c, generator=gen)
-        if best_target_gap(x if metric is None else metric, keep) > tie_gap(d if c is None else c):
+        if selection_gap(x if metric is None else metric, keep) > tie_gap(d if c is None else c):
             break
     else:
         pytest.fail("50 draws in a row had a near-tie: the gap bound is wrong")
@@ -93,27 +93,8 @@ def tie_gap(c: int) -> float:
     return 2 * (c + 4) * 2.0**-24
 
 
-def best_target_gap(metric: torch.Tensor, keep: torch.Tensor) -> float:
-    """Over every dropped token: the float64 gap between its most and second most
-    cosine-similar kept tokens (inf when K = 1). Inputs whose gap is within rounding have two
-    right answers (topm = 1), so the reference comparison draws inputs without such near-ties;
-    exact ties and their rule (the lower index) are tested separately."""
-    if keep.shape[1] < 2:
-        return float("inf")
-    unit = torch.nn.functional.normalize(metric.double(), dim=-1)
-    gap = float("inf")
-    for s in range(metric.shape[0]):
-        dropped = torch.ones(metric.shape[1], dtype=torch.bool)
-        dropped[keep[s]] = False
-        if not dropped.any():
-            continue
-        top = (unit[s, dropped] @ unit[s, keep[s]].T).topk(2, dim=1).values
-        gap = min(gap, (top[:, 0] - top[:, 1]).min().item())
-    return gap
-
-
 def bipartite_gap(metric: torch.Tensor, r: int, protect_first: bool) -> float:
-    """bipartite_merge's counterpart of best_target_gap: over every sample, the smaller of the
+    """bipartite_merge's counterpart of selection_gap: over every sample, the smaller of the
     float64 gaps between each A token's two most cosine-similar B tokens and between the r-th and
     (r + 1)-th best matches of the merge candidates (inf where a set has fewer than two)."""
     unit = torch.nn.functional.normalize(metric.double(), dim=-1)
@@ -179,10 +160,14 @@ def test_rules_match_reference(device, rule, query, gen):
     check(device, x, keep, **kw)
 
 
-def selection_gap(metric: torch.Tensor, keep: torch.Tensor, topm: int, assign: str, query=None) -> float:
-    """best_target_gap for any rule: over every chooser, the float64 gap between its topm-th and
-    (topm + 1)-th candidates (the selection's boundary; inf where there are no more), in units of
-    the largest |similarity| bound (1 for cosines, max |q_i| |m_j| for query . metric)."""
+def selection_gap(
+    metric: torch.Tensor, keep: torch.Tensor, topm: int = 1, assign: str = "dropped", query=None
+) -> float:
+    """Over every chooser, the float64 gap between its topm-th and (topm + 1)-th candidates (the
+    selection's boundary; inf where there are no more), in units of the largest |similarity| bound
+    (1 for cosines, max |q_i| |m_j| for query . metric). Inputs whose gap is within rounding have
+    two right answers, so the reference comparisons draw inputs without such near-ties; exact ties
+    and their rule (the lower index) are tested separately."""
     if query is None:
         a = b = torch.nn.functional.normalize(metric.double(), dim=-1)
         scale = 1.0
@@ -310,7 +295,7 @@ def test_widths_that_are_not_whole_packets(device, gen):
         x = torch.randn(b, n, d, generator=gen)
         keep = random_keep(gen, b, n, k)
         metric = torch.randn(b, n, c, generator=gen)
-        if best_target_gap(metric, keep) > tie_gap(c):
+        if selection_gap(metric, keep) > tie_gap(c):
             break
     else:
         pytest.fail("50 draws in a row had a near-tie: the gap bound is wrong")

@@ -82,7 +82,8 @@ std::tuple<at::Tensor, at::Tensor> merge_tokens_cuda(const at::Tensor& x, const 
   at::Tensor sims = at::empty({a.batch * cuda::merge_tokens_sims_per_sample(p)}, f32);
   at::Tensor part_key = at::empty({a.batch * cuda::merge_tokens_partials_per_sample(p)}, i32);
   at::Tensor part_idx = at::empty_like(part_key);
-  at::Tensor counters = at::empty({a.batch * cuda::merge_tokens_counters_per_sample(p)}, i32);  // zeroed by the first kernel
+  // Zeroed by the first kernel.
+  at::Tensor counters = at::empty({a.batch * cuda::merge_tokens_counters_per_sample(p)}, i32);
   at::Tensor targets = at::empty({a.batch, rows_c, topm}, i32);
   at::Tensor coef = at::empty({a.batch, rows_c, topm}, f32);
   at::Tensor merged = at::empty({a.batch, a.k, a.d}, xc.options());

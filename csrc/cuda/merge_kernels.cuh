@@ -101,7 +101,9 @@ template <typename T>
 __device__ __forceinline__ void unpack(const uint4& raw, T* v) {
   constexpr int kPerWord = 4 / static_cast<int>(sizeof(T));
 #pragma unroll
-  for (int i = 0; i < kPackLen<T>; ++i) v[i] = from_bits<T>(word_of(raw, i / kPerWord) >> (32 / kPerWord * (i % kPerWord)));
+  for (int i = 0; i < kPackLen<T>; ++i) {
+    v[i] = from_bits<T>(word_of(raw, i / kPerWord) >> (32 / kPerWord * (i % kPerWord)));
+  }
 }
 
 template <typename T>
@@ -336,11 +338,33 @@ __device__ __forceinline__ void store_inverse_norms(const float* sq_a, const flo
   }
 }
 
+// Stages k step e0 of the tile's chooser rows (q) and candidate rows (m) packet by packet (see
+// Staging): put(r, e, i, va, vb) stores element i of the packets at row r, column e of each tile
+// (the two tile layouts differ); the squares are added to sq_a / sq_b.
+template <typename TM, typename Put>
+__device__ __forceinline__ void stage_k_step(const TM* qb, const TM* mb, const int64_t* a_rows, const int64_t* b_rows,
+                                             int64_t e0, int64_t c, bool packed,
+                                             float (&sq_a)[Staging<TM>::kPacks], float (&sq_b)[Staging<TM>::kPacks],
+                                             Put&& put) {
+  using S = Staging<TM>;
+#pragma unroll
+  for (int u = 0; u < S::kPacks; ++u) {
+    const int r = S::row(u), e = S::col(u);
+    TM va[S::V], vb[S::V];
+    load_packet(qb, a_rows[r], e0 + e, c, packed, va);
+    load_packet(mb, b_rows[r], e0 + e, c, packed, vb);
+#pragma unroll
+    for (int i = 0; i < S::V; ++i) put(r, e, i, va[i], vb[i]);
+    add_squares(va, sq_a[u]);
+    add_squares(vb, sq_b[u]);
+  }
+}
+
 // Tensor-core tile (16-bit inputs, sm_80+): 8 warps x 2 WMMA fragments of 16 x 16.
 template <typename TM>
-__device__ void similarity_tile_wmma(const TM* q, const TM* m, int64_t b, int64_t n, int64_t c, bool norms, bool packed,
-                                     const int64_t* a_rows, const int64_t* b_rows, float (*c_tile)[kTileN + 4],
-                                     float* inv_a, float* inv_b) {
+__device__ void similarity_tile_wmma(const TM* q, const TM* m, int64_t b, int64_t n, int64_t c, bool norms,
+                                     bool packed, const int64_t* a_rows, const int64_t* b_rows,
+                                     float (*c_tile)[kTileN + 4], float* inv_a, float* inv_b) {
   namespace wmma = nvcuda::wmma;
   __shared__ __align__(32) TM a_tile[kTileM][kTileK + kPad];
   __shared__ __align__(32) TM b_tile[kTileN][kTileK + kPad];
@@ -352,20 +376,10 @@ __device__ void similarity_tile_wmma(const TM* q, const TM* m, int64_t b, int64_
   const TM* qb = q + b * n * c;
   const TM* mb = m + b * n * c;
   for (int64_t e0 = 0; e0 < c; e0 += kTileK) {
-#pragma unroll
-    for (int u = 0; u < S::kPacks; ++u) {
-      const int r = S::row(u), e = S::col(u);
-      TM va[S::V], vb[S::V];
-      load_packet(qb, a_rows[r], e0 + e, c, packed, va);
-      load_packet(mb, b_rows[r], e0 + e, c, packed, vb);
-#pragma unroll
-      for (int i = 0; i < S::V; ++i) {
-        a_tile[r][e + i] = va[i];
-        b_tile[r][e + i] = vb[i];
-      }
-      add_squares(va, sq_a[u]);
-      add_squares(vb, sq_b[u]);
-    }
+    stage_k_step(qb, mb, a_rows, b_rows, e0, c, packed, sq_a, sq_b, [&](int r, int e, int i, TM va, TM vb) {
+      a_tile[r][e + i] = va;
+      b_tile[r][e + i] = vb;
+    });
     __syncthreads();
     for (int f = 0; f < 2; ++f) {
       const int tile = warp * 2 + f;
@@ -391,9 +405,10 @@ __device__ void similarity_tile_wmma(const TM* q, const TM* m, int64_t b, int64_
 // float32 FMA tile: 16 x 16 threads x 4 x 4 outputs; the staged tiles are k-major so that a
 // warp reads consecutive words.
 template <typename TM>
-__device__ __forceinline__ void similarity_tile_fma(const TM* q, const TM* m, int64_t b, int64_t n, int64_t c, bool norms, bool packed,
-                                    const int64_t* a_rows, const int64_t* b_rows, float (*c_tile)[kTileN + 4],
-                                    float* inv_a, float* inv_b) {
+__device__ __forceinline__ void similarity_tile_fma(const TM* q, const TM* m, int64_t b, int64_t n, int64_t c,
+                                                    bool norms, bool packed, const int64_t* a_rows,
+                                                    const int64_t* b_rows, float (*c_tile)[kTileN + 4], float* inv_a,
+                                                    float* inv_b) {
   __shared__ __align__(16) float a_tile[kTileK][kTileM + 4];
   __shared__ __align__(16) float b_tile[kTileK][kTileN + 4];
   const int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
@@ -403,20 +418,10 @@ __device__ __forceinline__ void similarity_tile_fma(const TM* q, const TM* m, in
   const TM* qb = q + b * n * c;
   const TM* mb = m + b * n * c;
   for (int64_t e0 = 0; e0 < c; e0 += kTileK) {
-#pragma unroll
-    for (int u = 0; u < S::kPacks; ++u) {
-      const int r = S::row(u), e = S::col(u);
-      TM va[S::V], vb[S::V];
-      load_packet(qb, a_rows[r], e0 + e, c, packed, va);
-      load_packet(mb, b_rows[r], e0 + e, c, packed, vb);
-#pragma unroll
-      for (int i = 0; i < S::V; ++i) {
-        a_tile[e + i][r] = to_float(va[i]);
-        b_tile[e + i][r] = to_float(vb[i]);
-      }
-      add_squares(va, sq_a[u]);
-      add_squares(vb, sq_b[u]);
-    }
+    stage_k_step(qb, mb, a_rows, b_rows, e0, c, packed, sq_a, sq_b, [&](int r, int e, int i, TM va, TM vb) {
+      a_tile[e + i][r] = to_float(va);
+      b_tile[e + i][r] = to_float(vb);
+    });
     __syncthreads();
     for (int e = 0; e < kTileK; ++e) {
       float av[4], bv[4];
@@ -565,7 +570,8 @@ __global__ void __launch_bounds__(kThreads, 4) similarity_kernel(const TM* q, Ro
 //   dropped mode: chooser = dropped token, candidates = kept positions 0..K-1
 //   kept mode:    chooser = kept token,    candidates = all tokens except the chooser
 __global__ void select_targets_kernel(const float* sims, int64_t rows_c, int64_t cols_c, const int32_t* chooser_tok,
-                                      const int64_t* keep, int64_t k, int64_t n, bool kept_mode, int64_t topm, float temperature, const float* weight,
+                                      const int64_t* keep, int64_t k, int64_t n, bool kept_mode, int64_t topm,
+                                      float temperature, const float* weight,
                                       const int32_t* invalid, int64_t flag_tiles, int32_t* targets, float* coef) {
   const int64_t warp_id = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarp;
   const int64_t b = blockIdx.y;
@@ -867,9 +873,10 @@ __global__ void __launch_bounds__(kThreads) edge_select_kernel(const int32_t* pa
 // One block per output row: the unmerged A tokens first (copied), then every B token with
 // the A tokens merged into it (size-weighted mean, ascending A order).
 template <typename TX>
-__global__ void __launch_bounds__(kThreads, 3) bipartite_output_kernel(const TX* x, const float* size, const uint8_t* merged, const int32_t* node_idx,
-                                        const int32_t* unmerged, const int32_t* invalid, int64_t flag_tiles,
-                                        int64_t n, int64_t d, int64_t n_a, int64_t r, TX* out, float* out_size) {
+__global__ void __launch_bounds__(kThreads, 3)
+    bipartite_output_kernel(const TX* x, const float* size, const uint8_t* merged, const int32_t* node_idx,
+                            const int32_t* unmerged, const int32_t* invalid, int64_t flag_tiles, int64_t n, int64_t d,
+                            int64_t n_a, int64_t r, TX* out, float* out_size) {
   __shared__ int32_t src[kThreads];
   __shared__ float cs[kThreads];
   __shared__ int scratch[kThreads / kWarp];
