@@ -1,8 +1,8 @@
 """Randomized range finder (Halko-Martinsson-Tropp) on the GPU, with no host synchronization:
 the stages shared by the leverage-score and spectral-IPR kernels.
 
-    omega, amax = gaussian(D, l, seed), max|X[b]|  (D, L), (B,)  one launch; omega shared by the batch
-    Y = X @ omega, G(Y);  Q1, T = orth(Y)       (B, N, L) one pass over X, then one orth launch
+    omega = gaussian(D, l, seed)                (D, L) shared by the batch; cached (gaussian.py)
+    Y = X @ omega, G(Y), max|X[b]|; Q1, T = orth(Y)  (B, N, L) one pass over X, then one orth launch
     repeat power_iters:                         two passes over X per iteration
         Z1, Tz = orth(X^T Q1, T);  Q1, T = orth(X Z1, Tz)   (CholeskyQR2 of P' T)
     G(W), W = (X^T Q1) T                        (B, l (l + 1) / 2) one pass over X; W is not stored
@@ -33,14 +33,20 @@ Determinism: every sum runs in a fixed order (no float atomics; the arrival coun
 int32). The partial-Gram rows (GRAM_ROWS, for pass blocks of 32 or 64) and orth's tiles
 depend on M only, not on the batch.
 
-Scale: every pass reads X[b] times 2^-e, the power of two that brings max |x[b]| (found by the
-prep launch) into [1, 2). The product is exact (for float16 x: for the entries above
-2^-14 max |x[b]|; smaller ones round to float16's subnormal grid, an error below
-2^-25 max |x[b]| each), so any finite x in the float32 range (subnormal included) is solved
-as if it were of unit size; a zero, NaN or Inf sample is read unscaled. The callers' results
-(leverage scores, the IPR) do not depend on that scale. Scaling the output of the first pass
-instead (to find 2^-e within it) would not be equivalent: unscaled float32 sums overflow for
-large bf16/float32 x and lose bits to underflow for tiny x.
+Scale: every pass reads X[b] times 2^-e, the power of two that brings max |x[b]| into
+[1, 2). The product is exact (for float16 x: for the entries above 2^-14 max |x[b]|; smaller
+ones round to float16's subnormal grid, an error below 2^-25 max |x[b]| each), so any finite
+x in the float32 range (subnormal included) is solved as if it were of unit size; a zero, NaN
+or Inf sample is read unscaled. The callers' results (leverage scores, the IPR) do not
+depend on that scale. The first pass finds it as it goes, without a launch (and a read of
+X) of its own: each program scales its rows by the power of two of their running max,
+multiplying its partial sums by the (exact) ratio when that max grows, so its tile comes out
+at its own block's scale 2^-e_p; the sample's last program brings the Gram partials, and
+orth the rows of Y, to 2^-e = min_p 2^-e_p. Barring underflow these are the bits of a pass at
+2^-e (for float16 x, entries below 2^-14 of their block's max but not of max |x[b]| are read
+exactly instead of rounded). Scaling the unscaled output of a pass instead would not be
+equivalent: unscaled float32 sums overflow for large bf16/float32 x and lose bits to
+underflow for tiny x.
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .gaussian import gaussian_sketch
 from .ticket import arrive, counters, load_partial
 from .utils import empty, flat_grid, interpreted, next_pow2, split_dtype, unflatten2
 
@@ -82,10 +89,10 @@ ORTH_MIN_BLOCK = 128
 ORTH_CHUNK = 64
 ORTH_MAX_TILES = 16
 SUM_BLOCK = 1024
-# The prep launch (scale and sketch): rows of x per max-reduction program, and rows of omega
-# (and columns of the x tile) per program.
-PREP_ROWS = 16
-GAUSSIAN_BLOCK = 64
+# The first pass's last program reduces the per-block maxima of x[b] NC at a time. Its max
+# of each x tile, next to the 64-row tile at four warps, spills on sm_90.
+MAX_CHUNK = 256
+FIND_SCALE_WARPS = 8
 
 
 @triton.jit
@@ -104,63 +111,14 @@ def scale_tile(t, inv):
 
 
 @triton.jit
-def _prep_kernel(
-    x_ptr,
-    part_ptr,
-    amax_ptr,
-    count_ptr,
-    omega_ptr,
-    N,
-    D,
-    l,
-    seed,
-    n_chunks,
-    amax_programs,
-    x_sb,
-    x_sn,
-    x_sd,
-    o_sd,
-    L: tl.constexpr,
-    ROWS: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    NC: tl.constexpr,
-):
-    """Programs [0, amax_programs): max |x[b]| over ROWS rows of sample b each (partial in
-    part[b, chunk]); the last to arrive of a sample writes amax[b] (NaN if x[b] has a NaN).
-    The programs after them write omega, BLOCK_D rows each (as _gaussian_kernel)."""
-    pid = tl.program_id(0)
-    if pid < amax_programs:
-        chunk, b = unflatten2(pid, n_chunks)
-        b = b.to(tl.int64)
-        rn = chunk * ROWS + tl.arange(0, ROWS)
-        rows = x_ptr + b * x_sb + rn[:, None].to(tl.int64) * x_sn
-        top = tl.zeros((ROWS, BLOCK_D), tl.float32)
-        nan = tl.zeros((ROWS, BLOCK_D), tl.int32)
-        for d0 in range(0, D, BLOCK_D):
-            rd = d0 + tl.arange(0, BLOCK_D)
-            t = tl.load(rows + rd[None, :].to(tl.int64) * x_sd, mask=(rn < N)[:, None] & (rd < D)[None, :], other=0.0)
-            t = tl.abs(t.to(tl.float32))
-            nan |= (t != t).to(tl.int32)
-            top = tl.maximum(top, tl.where(t != t, 0.0, t))
-        part = tl.max(tl.max(top, axis=1), axis=0)
-        part = tl.where(tl.max(tl.max(nan, axis=1), axis=0) > 0, float("nan"), part)
-        tl.store(part_ptr + b * n_chunks + chunk, part)
-        if arrive(count_ptr + b, n_chunks):
-            rc = tl.arange(0, NC)
-            best = tl.zeros((NC,), tl.float32)
-            bad = tl.zeros((NC,), tl.int32)
-            for c0 in range(0, n_chunks, NC):
-                p = load_partial(part_ptr + b * n_chunks + c0 + rc, mask=c0 + rc < n_chunks, other=0.0)
-                bad |= (p != p).to(tl.int32)
-                best = tl.maximum(best, tl.where(p != p, 0.0, p))
-            total = tl.where(tl.max(bad, axis=0) > 0, float("nan"), tl.max(best, axis=0))
-            tl.store(amax_ptr + b, total)
-    else:
-        rd = (pid - amax_programs) * BLOCK_D + tl.arange(0, BLOCK_D)[:, None]
-        cj = tl.arange(0, L)[None, :]
-        vals = tl.randn(seed, rd * l + cj)
-        vals = tl.where(cj < l, vals, 0.0)
-        tl.store(omega_ptr + rd * o_sd + cj, vals, mask=rd < D)
+def _max_partials(ptr, n, NC: tl.constexpr):
+    """max of the n non-negative partial maxima at ptr (written by other programs of this
+    launch; none NaN), NC at a time."""
+    rc = tl.arange(0, NC)
+    best = tl.zeros((NC,), tl.float32)
+    for c0 in range(0, n, NC):
+        best = tl.maximum(best, load_partial(ptr + c0 + rc, mask=c0 + rc < n, other=0.0))
+    return tl.max(best, axis=0)
 
 
 def abs_max(x: torch.Tensor) -> torch.Tensor:
@@ -168,44 +126,6 @@ def abs_max(x: torch.Tensor) -> torch.Tensor:
     The float32 result type makes it one kernel on CUDA (a 16-bit x is cast inside the
     reduction, not by a copy of the result); the max is exact either way."""
     return torch.linalg.vector_norm(x, float("inf"), dim=(1, 2), dtype=torch.float32)
-
-
-def scale_and_sketch(x: torch.Tensor, l: int, seed: int, op: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """x: (B, N, D) -> (abs_max(x) (B,), omega (D, L)) in one launch. omega: float32 standard
-    normal, columns >= l zero; entry (i, j) depends only on (seed, i * l + j), so every batch
-    element and every launch sees the same sketch. PREP_ROWS
-    rows of x per program, the per-sample max finished by the last program of the sample
-    (ticket.py), the sketch written by GAUSSIAN_BLOCK-row programs after them."""
-    batch, n, d = x.shape
-    width = sketch_width(l)
-    n_chunks = triton.cdiv(n, PREP_ROWS)
-    amax = empty(batch, dtype=torch.float32, device=x.device)
-    part = empty(batch, n_chunks, dtype=torch.float32, device=x.device)
-    omega = empty(d, width, dtype=torch.float32, device=x.device)
-    amax_programs = batch * n_chunks
-    grid = flat_grid(op, amax_programs + triton.cdiv(d, GAUSSIAN_BLOCK))
-    _prep_kernel[grid](
-        x,
-        part,
-        amax,
-        counters(batch, x.device),
-        omega,
-        n,
-        d,
-        l,
-        seed,
-        n_chunks,
-        amax_programs,
-        x.stride(0),
-        x.stride(1),
-        x.stride(2),
-        omega.stride(0),
-        L=width,
-        ROWS=PREP_ROWS,
-        BLOCK_D=GAUSSIAN_BLOCK,
-        NC=256,
-    )
-    return amax, omega
 
 
 @triton.jit
@@ -253,11 +173,14 @@ def load_sym(ptr, l, L: tl.constexpr, PARTIAL: tl.constexpr = False):
 
 
 @triton.jit
-def _gram_epilogue(acc, b, pid, n_blocks, l, part_ptr, gram_ptr, cnt_ptr, L: tl.constexpr, BLOCK: tl.constexpr,
-                   SLOTS: tl.constexpr, SUM_BLOCK: tl.constexpr):  # fmt: skip
+def _gram_epilogue(acc, b, pid, n_blocks, l, part_ptr, gram_ptr, cnt_ptr, bmax_ptr, amax_ptr, L: tl.constexpr,
+                   BLOCK: tl.constexpr, SLOTS: tl.constexpr, SUM_BLOCK: tl.constexpr, FIND_SCALE: tl.constexpr,
+                   NC: tl.constexpr):  # fmt: skip
     """Write the Gram of the pass's output tile acc (BLOCK, L) as SLOTS packed partials (one
     per BLOCK / SLOTS rows); the sample's last program sums all of them in slot order into
-    its packed Gram."""
+    its packed Gram. FIND_SCALE: each tile is of X / 2^e_p, e_p from its own block's max
+    bmax[b, p]; the last program first writes amax[b] = max_p bmax[b, p] and brings every
+    partial to the sample's 2^-e (exact powers of two: the bits of a pass at that scale)."""
     pack = l * (l + 1) // 2
     n_slots = n_blocks * SLOTS
     slot = part_ptr + (b * n_slots + pid * SLOTS) * pack
@@ -270,12 +193,20 @@ def _gram_epilogue(acc, b, pid, n_blocks, l, part_ptr, gram_ptr, cnt_ptr, L: tl.
         store_sym(slot, tl.dot(tl.trans(acc), acc, input_precision="ieee"), l, L)
     if arrive(cnt_ptr + b, n_blocks):
         base = part_ptr + b * n_slots * pack
+        if FIND_SCALE:
+            amax = _max_partials(bmax_ptr + b * n_blocks, n_blocks, NC)
+            tl.store(amax_ptr + b, amax)
+            inv = pow2_inverse(amax)
         for c0 in range(0, pack, SUM_BLOCK):
             rc = c0 + tl.arange(0, SUM_BLOCK)
             live = rc < pack
             total = tl.zeros((SUM_BLOCK,), tl.float32)
             for s in range(n_slots):
-                total += load_partial(base + s * pack + rc, mask=live, other=0.0)
+                part = load_partial(base + s * pack + rc, mask=live, other=0.0)
+                if FIND_SCALE:
+                    f = inv / pow2_inverse(load_partial(bmax_ptr + b * n_blocks + s // SLOTS))
+                    part = part * f * f
+                total += part
             tl.store(gram_ptr + b * pack + rc, total, mask=live)
 
 
@@ -299,6 +230,7 @@ def _x_mm_kernel(
     z_sd,
     o_sb,
     o_sn,
+    bmax_ptr,
     L: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -308,12 +240,22 @@ def _x_mm_kernel(
     GRAM: tl.constexpr,
     SLOTS: tl.constexpr,
     SUM_BLOCK: tl.constexpr,
+    FIND_SCALE: tl.constexpr,
+    NC: tl.constexpr,
 ):
     """P[b] = (X[b] / 2^e) @ Z[b]: (N, D) @ (D, L), one program per
-    BLOCK_N rows; with GRAM also the packed Gram P[b]^T P[b] (see _gram_epilogue)."""
+    BLOCK_N rows; with GRAM also the packed Gram P[b]^T P[b] (see _gram_epilogue).
+    FIND_SCALE (the first pass, with GRAM): 2^e is not known yet. Each program scales by
+    the power of two of the running max |x| of its rows, rescaling its sums (exactly) when
+    that max grows, so its tile of P and its block max bmax[b, pid] come out at its own
+    block's 2^-e_p; the last program writes amax[b] and G(P) at the sample's scale."""
     pid, b = unflatten2(tl.program_id(0), n_blocks)
     b = b.to(tl.int64)
-    inv = pow2_inverse(tl.load(amax_ptr + b))
+    if FIND_SCALE:
+        inv = tl.full((), 1.0, tl.float32)
+        top = tl.full((), 0.0, tl.float32)
+    else:
+        inv = pow2_inverse(tl.load(amax_ptr + b))
     rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     cl = tl.arange(0, L)
     acc = tl.zeros((BLOCK_N, L), tl.float32)
@@ -321,13 +263,22 @@ def _x_mm_kernel(
     for d0 in range(0, D, BLOCK_D):
         rd = d0 + tl.arange(0, BLOCK_D)
         xt = tl.load(x_rows + rd[None, :] * x_sd, mask=(rn < N)[:, None] & (rd < D)[None, :], other=0.0)
+        if FIND_SCALE:
+            a = tl.abs(xt.to(tl.float32))  # a NaN counts as Inf (only finiteness matters)
+            top = tl.maximum(top, tl.max(tl.max(tl.where(a == a, a, float("inf")), axis=1), axis=0))
+            new_inv = pow2_inverse(top)
+            acc = acc * (new_inv / inv)
+            inv = new_inv
         xt = scale_tile(xt, inv)
         zt = tl.load(z_ptr + b * z_sb + rd[:, None] * z_sd + cl[None, :], mask=(rd < D)[:, None], other=0.0)
         acc = _dot_x_f32(xt, zt, acc, SPLIT, PRECISION)
     if STORE_OUT:
         tl.store(out_ptr + b * o_sb + rn[:, None] * o_sn + cl[None, :], acc, mask=(rn < N)[:, None])
+    if FIND_SCALE:
+        tl.store(bmax_ptr + b * n_blocks + pid, top)
     if GRAM:
-        _gram_epilogue(acc, b, pid, n_blocks, l, part_ptr, gram_ptr, cnt_ptr, L, BLOCK_N, SLOTS, SUM_BLOCK)
+        _gram_epilogue(acc, b, pid, n_blocks, l, part_ptr, gram_ptr, cnt_ptr, bmax_ptr, amax_ptr, L, BLOCK_N, SLOTS,
+                       SUM_BLOCK, FIND_SCALE, NC)  # fmt: skip
 
 
 @triton.jit
@@ -387,7 +338,8 @@ def _xt_mm_kernel(
     if STORE_OUT:
         tl.store(out_ptr + b * o_sb + rd[:, None] * o_sd + cl[None, :], acc, mask=(rd < D)[:, None])
     if GRAM:
-        _gram_epilogue(acc, b, pid, n_blocks, l, part_ptr, gram_ptr, cnt_ptr, L, BLOCK_D, SLOTS, SUM_BLOCK)
+        _gram_epilogue(acc, b, pid, n_blocks, l, part_ptr, gram_ptr, cnt_ptr, cnt_ptr, amax_ptr, L, BLOCK_D, SLOTS,
+                       SUM_BLOCK, False, 1)  # fmt: skip
 
 
 @triton.jit
@@ -467,9 +419,13 @@ def _orth_kernel(
     part_ptr,
     t_ptr,
     cnt_ptr,
+    amax_ptr,
+    bmax_ptr,
     M,
     l,
     n_tiles,
+    scale_block,
+    n_scale_blocks,
     p_sb,
     p_sm,
     q_sb,
@@ -479,12 +435,15 @@ def _orth_kernel(
     CHUNK: tl.constexpr,
     FLOOR: tl.constexpr,
     HAS_T: tl.constexpr,
+    ROW_SCALE: tl.constexpr,
 ):
     """CholeskyQR2 of P[b] = P'[b] Tin[b] (Tin = I unless HAS_T) from P' (M, L) and its packed
     Gram G[b], one program per BLOCK rows: Q1 = P' (Tin R1^-1) (R1 from Tin^T G Tin,
     recomputed by every program of the sample) is stored (q_ptr may be p_ptr), and the
     sample's last program turns the partial Grams of Q1 into T[b] = R2^-1
-    (Q1^T Q1 = R2^T R2): the orthonormal basis is Q1 T[b]."""
+    (Q1^T Q1 = R2^T R2): the orthonormal basis is Q1 T[b]. ROW_SCALE: P' is the output of
+    the first pass (FIND_SCALE), its rows in blocks of scale_block each at its own block's
+    scale; they are brought to the sample's (bmax, amax as _gram_epilogue) as they are read."""
     pid, b = unflatten2(tl.program_id(0), n_tiles)
     b = b.to(tl.int64)
     pack = l * (l + 1) // 2
@@ -501,6 +460,9 @@ def _orth_kernel(
         live = (rm < M)[:, None]
         t = tl.load(p_ptr + b * p_sb + rm[:, None] * p_sm + cl[None, :], mask=live, other=0.0)
         qt = tl.dot(t, rinv, input_precision="ieee")
+        if ROW_SCALE:  # exact: the same bits as scaling t
+            bm = tl.load(bmax_ptr + b * n_scale_blocks + rm // scale_block, mask=rm < M, other=0.0)
+            qt = qt * (pow2_inverse(tl.load(amax_ptr + b)) / pow2_inverse(bm))[:, None]
         tl.store(q_ptr + b * q_sb + rm[:, None] * q_sm + cl[None, :], qt, mask=live)
         g2 = tl.dot(tl.trans(qt), qt, g2, input_precision="ieee")
     store_sym(part_ptr + (b * n_tiles + pid) * pack, g2, l, L)
@@ -555,10 +517,13 @@ def orthonormalize(
     op: str,
     inplace: bool = False,
     tin: torch.Tensor | None = None,
+    row_scale: tuple[torch.Tensor, torch.Tensor, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """CholeskyQR2 of p tin (tin: (B, L, L), well conditioned; None: the identity) for
     p: (B, M, L) float32 (columns >= l zero) given the packed Gram g of p (B, l (l + 1) / 2)
     -> (Q1 (B, M, L), T (B, L, L)), Q1 T orthonormal, T upper triangular.
+    row_scale: (amax (B,), bmax (B, M / block), block) when p is the first pass's output at
+    block scale (ScaledPasses.sketch); Q1 is then at the sample's scale.
     counters: >= B int32 zeros (left zero). Scratch: (B, tiles, l (l + 1) / 2) float32
     partial Grams of Q1, at most ORTH_MAX_TILES per sample."""
     batch, m, width = p.shape
@@ -567,6 +532,7 @@ def orthonormalize(
     n_tiles = triton.cdiv(m, block)
     part = empty(batch, n_tiles, packed_size(l), dtype=torch.float32, device=p.device)
     t = empty(batch, width, width, dtype=torch.float32, device=p.device)
+    amax, bmax, scale_block = (counters, counters, m) if row_scale is None else row_scale
     _orth_kernel[flat_grid(op, n_tiles, batch)](
         p,
         q,
@@ -575,9 +541,13 @@ def orthonormalize(
         part,
         t,
         counters,
+        amax,
+        bmax,
         m,
         l,
         n_tiles,
+        scale_block,
+        triton.cdiv(m, scale_block),
         p.stride(0),
         p.stride(1),
         q.stride(0),
@@ -587,6 +557,7 @@ def orthonormalize(
         CHUNK=ORTH_CHUNK,
         FLOOR=CHOLESKY_FLOOR,
         HAS_T=tin is not None,
+        ROW_SCALE=row_scale is not None,
         num_warps=ORTH_WARPS,
     )
     return q, t
@@ -599,13 +570,23 @@ class ScaledPasses:
     calling op in launch errors."""
 
     def __init__(
-        self, x: torch.Tensor, l: int, op: str, out_block: int | None = None, amax: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        l: int,
+        op: str,
+        out_block: int | None = None,
+        amax: torch.Tensor | None = None,
+        find_scale: bool = False,
     ):
         self.x = x
         self.l = l
         self.op = op
-        self.amax = abs_max(x) if amax is None else amax
         self.batch, self.n, self.d = x.shape
+        if find_scale:
+            # Written by the first pass (``sketch``), read by every later one.
+            self.amax = empty(self.batch, dtype=torch.float32, device=x.device)
+        else:
+            self.amax = abs_max(x) if amax is None else amax
         self.width = sketch_width(l)
         self.split = split_dtype(x.dtype)
         self.precision = "ieee" if interpreted() else "tf32x3"
@@ -661,7 +642,20 @@ class ScaledPasses:
         unless not store, packed Gram of P (B, l (l + 1) / 2) if gram). Scratch with gram:
         (B, N / GRAM_ROWS, l (l + 1) / 2) float32 partial Grams."""
         return self._run(_x_mm_kernel, z, self.n, self.block_n, gram, store, BLOCK_N=self.block_n,
-                         BLOCK_D=REDUCE_BLOCK)  # fmt: skip
+                         BLOCK_D=REDUCE_BLOCK, bmax_ptr=self.counters, FIND_SCALE=False, NC=1)  # fmt: skip
+
+    def sketch(self, omega: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor, int]]:
+        """The first pass, for passes built with find_scale: X @ omega for omega (D, L) while
+        finding the scale -> (Y (B, N, L), each block of ``block_n`` rows at its own block's
+        scale; the packed Gram of Y at the sample's scale; the row scale of Y for ``orth``).
+        Writes ``amax`` (max |x[b]|, Inf where x[b] has a NaN or Inf). Scratch: the block maxima
+        (B, N / block_n) float32."""
+        n_blocks = triton.cdiv(self.n, self.block_n)
+        bmax = empty(self.batch, n_blocks, dtype=torch.float32, device=self.x.device)
+        y, g = self._run(_x_mm_kernel, omega, self.n, self.block_n, True, True, BLOCK_N=self.block_n,
+                         BLOCK_D=REDUCE_BLOCK, FIND_SCALE=True, NC=MAX_CHUNK, bmax_ptr=bmax,
+                         num_warps=FIND_SCALE_WARPS)  # fmt: skip
+        return y, g, (self.amax, bmax, self.block_n)
 
     def xt_mm(
         self, q: torch.Tensor, gram: bool = False, store: bool = True, t: torch.Tensor | None = None
@@ -673,29 +667,34 @@ class ScaledPasses:
                          HAS_T=t is not None, num_warps=T_PASS_WARPS if t is not None else 4)  # fmt: skip
 
     def orth(
-        self, p: torch.Tensor, g: torch.Tensor, tin: torch.Tensor | None = None
+        self,
+        p: torch.Tensor,
+        g: torch.Tensor,
+        tin: torch.Tensor | None = None,
+        row_scale: tuple[torch.Tensor, torch.Tensor, int] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """orthonormalize(p, g, tin=tin) in place, with this call's counters."""
-        return orthonormalize(p, g, self.l, self.counters, self.op, True, tin)
+        """orthonormalize(p, g, tin=tin, row_scale=row_scale) in place, with this call's
+        counters."""
+        return orthonormalize(p, g, self.l, self.counters, self.op, True, tin, row_scale)
 
 
 def range_finder(
     x: torch.Tensor, l: int, seed: int, power_iters: int, op: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x: (B, N, D) -> (amax, Q1, T, G): max |x[b]| (B,) (NaN or Inf exactly where x[b] has
-    a NaN or Inf); the orthonormal basis Q = Q1 T of the range after power_iters power
+    """x: (B, N, D) -> (amax, Q1, T, G): max |x[b]| (B,) (Inf exactly where x[b] has a NaN
+    or Inf); the orthonormal basis Q = Q1 T of the range after power_iters power
     iterations as Q1 (B, N, L) and T (B, L, L); the packed Gram G (B, l (l + 1) / 2) of
     W = X^T Q = (X^T Q1) T (T applied to each tile of the last pass before its Gram; W is
     never stored). All float32 and of the scaled X (columns >= l zero). The Ritz values of X
     on Q are the eigenvalues of G."""
-    amax, omega = scale_and_sketch(x, l, seed, op)
-    passes = ScaledPasses(x, l, op, amax=amax)
-    y, g = passes.x_mm(omega, gram=True)
-    q, t = passes.orth(y, g)
+    omega = gaussian_sketch(x.shape[2], l, sketch_width(l), seed, x.device, op)
+    passes = ScaledPasses(x, l, op, find_scale=True)
+    y, g, row_scale = passes.sketch(omega)
+    q, t = passes.orth(y, g, row_scale=row_scale)
     for _ in range(power_iters):
         z, g = passes.xt_mm(q, gram=True)  # X^T Q = z t
         z, tz = passes.orth(z, g, t)
         p, g = passes.x_mm(z, gram=True)
         q, t = passes.orth(p, g, tz)
     _, g = passes.xt_mm(q, gram=True, store=False, t=t)
-    return amax, q, t, g
+    return passes.amax, q, t, g

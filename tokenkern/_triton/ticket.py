@@ -25,7 +25,8 @@ import triton.language as tl
 _COUNTERS: dict[tuple[str, int | None, int], torch.Tensor] = {}
 
 
-def _stream_key(device: torch.device) -> tuple[str, int | None, int]:
+def stream_key(device: torch.device) -> tuple[str, int | None, int]:
+    """(device type, index, current stream) of device: what per-stream workspaces are keyed by."""
     if device.type == "cuda":
         return device.type, device.index, torch.cuda.current_stream(device).cuda_stream
     return device.type, device.index, 0
@@ -34,7 +35,7 @@ def _stream_key(device: torch.device) -> tuple[str, int | None, int]:
 def counters(n: int, device: torch.device) -> torch.Tensor:
     """n int32 arrival counters, all zero, for one launch on the current stream of device.
     Allocated (and zeroed) only when a launch needs more than any before it on this stream."""
-    key = _stream_key(device)
+    key = stream_key(device)
     buf = _COUNTERS.get(key)
     if buf is None or buf.numel() < n:
         buf = torch.zeros(max(n, 64), dtype=torch.int32, device=device)

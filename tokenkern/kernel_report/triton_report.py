@@ -99,11 +99,15 @@ def record_launches(execute: bool = False, torch_ops: bool = True) -> Iterator[l
     from triton.runtime.interpreter import InterpretedFunction
     from triton.runtime.jit import JITFunction
 
+    from tokenkern._triton.gaussian import isolated_sketches, restore_sketches
     from tokenkern._triton.ticket import counters
 
     # The arrival counters are a workspace zeroed once per process and stream, not per call:
     # allocate them before recording (the recorded calls run on CPU tensors).
     counters(RECORDED_COUNTERS, torch.device("cpu"))
+    # Sketches generated within the block may never have been written (execute=False): keep
+    # them out of the process's cache.
+    sketches = isolated_sketches()
     launches: list[Launch] = []
     mode = _TorchLaunches(launches) if torch_ops else None
     originals = {cls: cls.run for cls in (JITFunction, InterpretedFunction)}
@@ -132,6 +136,7 @@ def record_launches(execute: bool = False, torch_ops: bool = True) -> Iterator[l
         with mode if mode is not None else contextlib.nullcontext():
             yield launches
     finally:
+        restore_sketches(sketches)
         for cls, run in originals.items():
             cls.run = run
 
@@ -552,9 +557,13 @@ def _no_poison() -> Iterator[None]:
 
 
 def _record(call: Call, specs: dict[str, dict[str, Any]]) -> tuple:
-    """Run one call with its launches recorded; new Triton specializations go into specs."""
-    inputs = call.make()
+    """Run one call with its launches recorded; new Triton specializations go into specs.
+    The steady state is recorded: a first call (not recorded) makes what is built once per
+    process and stream (the range finder's Gaussian sketch, gaussian.py)."""
+    warm, inputs = call.make(), call.make()
     with record_launches() as launches:
+        call.run(warm)
+        del launches[:]
         out = call.run(inputs)
     keys = []
     for launch in launches:
