@@ -2,8 +2,8 @@
 the stages shared by the leverage-score and spectral-IPR kernels.
 
     omega = gaussian(D, l, seed)                (D, L) shared by the batch; cached (gaussian.py)
-    Y = X @ omega, G(Y), max|X[b]|; Q1, T = orth(Y)  (B, N, L) one pass over X, then one orth launch
-    repeat power_iters:                         two passes over X per iteration
+    Y = X @ omega, G(Y), max|X[b]|; Q1, T = orth(Y)  (B, N, L) one pass over X (one launch)
+    repeat power_iters:                         two passes over X per iteration, a launch each
         Z1, Tz = orth(X^T Q1, T);  Q1, T = orth(X Z1, Tz)   (CholeskyQR2 of P' T)
     G(W), W = (X^T Q1) T                        (B, l (l + 1) / 2) one pass over X; W is not stored
 
@@ -15,10 +15,12 @@ tensor-core products, float32 accumulation), a float32 X uses 3xTF32.
 orth is CholeskyQR2 in float32 over many programs, with no per-sample phase: every pass also
 writes the Gram P^T P of its output P (exact float32 products), as partials of GRAM_ROWS rows
 that the sample's last program (ticket.py) sums in a fixed order into the packed Gram G(P)
-(upper triangle of the l x l part). ``_orth_kernel`` (tiles of M rows x B) then forms
-R1^-1 from G(P) in every program (O(L^3), redundant, no cross-program wait), stores
-Q1 = P R1^-1 in place of P and the partial Grams of Q1; the sample's last program turns them
-into T = R2^-1 (Q1^T Q1 = R2^T R2). The orthonormal basis Q = Q1 T is never formed: the next
+(upper triangle of the l x l part) and then R1^-1 from G(P). orth runs as a trailing phase
+of the pass's own launch (tiles of M rows x B programs after the pass's in the grid, each
+waiting for its sample's pass to be done: ticket.wait_for): it stores Q1 = P R1^-1 in place
+of P and the partial Grams of Q1; the sample's last program turns them into T = R2^-1
+(Q1^T Q1 = R2^T R2). (``orthonormalize``, the stand-alone orth kernel, forms R1^-1 in every
+program instead; the bits are the same.) The orthonormal basis Q = Q1 T is never formed: the next
 pass reads Q1 (P' = X^T Q1, so X^T Q = P' T) and the next orth takes T along: the Gram of
 P' T is T^T G(P') T and Q1' = P' (T R1^-1). Q1 is orthonormal to ~u cond(P)^2, so T is well
 conditioned and that reassociation is benign for the power iterations. Not so for the Ritz
@@ -56,7 +58,7 @@ import triton
 import triton.language as tl
 
 from .gaussian import gaussian_sketch
-from .ticket import arrive, counters, load_partial
+from .ticket import arrive, counters, load_partial, signal, wait_for
 from .utils import empty, flat_grid, interpreted, next_pow2, split_dtype, unflatten2
 
 CHOLESKY_FLOOR = 1e-12
@@ -64,6 +66,10 @@ CHOLESKY_FLOOR = 1e-12
 # inverse, the chunk product and the partial Gram): at L = 64 four warps spill ~3 KB per
 # thread (sm_90) and eight sit at the 255-register cap; sixteen need ~100 registers.
 ORTH_WARPS = 16
+# A pass with a trailing orth phase (one launch) runs both at the warps the orth phase and
+# the last program's Cholesky need: at eight the launch spills 400-900 bytes (sm_90), at
+# sixteen it needs 86-112 registers and none.
+ORTH_PASS_WARPS = ORTH_WARPS
 # The passes over X: each program owns an output tile of out-block rows (x_mm) or columns
 # (xt_mm) of X by L and sums over the other side of X in REDUCE_BLOCK chunks. The out block
 # is halved from PASS_MAX_BLOCK down to PASS_MIN_BLOCK until B x blocks reach FILL_CTAS (the
@@ -82,10 +88,9 @@ FILL_CTAS = 132
 GRAM_ROWS = 32
 # orth: each program owns a tile of at least ORTH_MIN_BLOCK rows (ORTH_CHUNK at a time), and
 # the tile doubles until a sample has at most ORTH_MAX_TILES of them (a fixed function of M:
-# the partial Grams, and so the bits, do not depend on the batch). Each program repeats the
-# O(L^3) Cholesky of its sample, which dominates its time: up to B = 8 the grid is one wave
-# (<= 128 programs of 16 warps, one per SM) rather than two.
-ORTH_MIN_BLOCK = 128
+# the partial Grams, and so the bits, do not depend on the batch). At 128 rows (two chunks)
+# the pass with a trailing orth phase spills on sm_90 (112 bytes; 64 or 256 rows: none).
+ORTH_MIN_BLOCK = 256
 ORTH_CHUNK = 64
 ORTH_MAX_TILES = 16
 SUM_BLOCK = 1024
@@ -173,14 +178,17 @@ def load_sym(ptr, l, L: tl.constexpr, PARTIAL: tl.constexpr = False):
 
 
 @triton.jit
-def _gram_epilogue(acc, b, pid, n_blocks, l, part_ptr, gram_ptr, cnt_ptr, bmax_ptr, amax_ptr, L: tl.constexpr,
-                   BLOCK: tl.constexpr, SLOTS: tl.constexpr, SUM_BLOCK: tl.constexpr, FIND_SCALE: tl.constexpr,
-                   NC: tl.constexpr):  # fmt: skip
+def _gram_epilogue(acc, b, pid, n_blocks, l, part_ptr, gram_ptr, cnt_ptr, bmax_ptr, amax_ptr, done_ptr, tin_ptr,
+                   factor_ptr, L: tl.constexpr, BLOCK: tl.constexpr, SLOTS: tl.constexpr, SUM_BLOCK: tl.constexpr,
+                   FIND_SCALE: tl.constexpr, NC: tl.constexpr, ORTH: tl.constexpr, FLOOR: tl.constexpr,
+                   HAS_TIN: tl.constexpr):  # fmt: skip
     """Write the Gram of the pass's output tile acc (BLOCK, L) as SLOTS packed partials (one
     per BLOCK / SLOTS rows); the sample's last program sums all of them in slot order into
     its packed Gram. FIND_SCALE: each tile is of X / 2^e_p, e_p from its own block's max
     bmax[b, p]; the last program first writes amax[b] = max_p bmax[b, p] and brings every
-    partial to the sample's 2^-e (exact powers of two: the bits of a pass at that scale)."""
+    partial to the sample's 2^-e (exact powers of two: the bits of a pass at that scale).
+    ORTH (a trailing orth phase follows): the last program then writes orth's right factor
+    Tin R1^-1 (_orth_factor) to factor[b] and raises done[b], which the phase waits for."""
     pack = l * (l + 1) // 2
     n_slots = n_blocks * SLOTS
     slot = part_ptr + (b * n_slots + pid * SLOTS) * pack
@@ -208,49 +216,22 @@ def _gram_epilogue(acc, b, pid, n_blocks, l, part_ptr, gram_ptr, cnt_ptr, bmax_p
                     part = part * f * f
                 total += part
             tl.store(gram_ptr + b * pack + rc, total, mask=live)
+        if ORTH:
+            tl.debug_barrier()  # G's stores precede every thread's loads of it
+            cl = tl.arange(0, L)
+            rinv = _orth_factor(gram_ptr + b * pack, tin_ptr + b * L * L, l, L, FLOOR, HAS_TIN, True)
+            tl.store(factor_ptr + b * L * L + cl[:, None] * L + cl[None, :], rinv)
+            signal(done_ptr + b)
 
 
 @triton.jit
-def _x_mm_kernel(
-    x_ptr,
-    amax_ptr,
-    z_ptr,
-    out_ptr,
-    part_ptr,
-    gram_ptr,
-    cnt_ptr,
-    N,
-    D,
-    l,
-    n_blocks,
-    x_sb,
-    x_sn,
-    x_sd,
-    z_sb,
-    z_sd,
-    o_sb,
-    o_sn,
-    bmax_ptr,
-    L: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    SPLIT: tl.constexpr,
-    PRECISION: tl.constexpr,
-    STORE_OUT: tl.constexpr,
-    GRAM: tl.constexpr,
-    SLOTS: tl.constexpr,
-    SUM_BLOCK: tl.constexpr,
-    FIND_SCALE: tl.constexpr,
-    NC: tl.constexpr,
-):
-    """P[b] = (X[b] / 2^e) @ Z[b]: (N, D) @ (D, L), one program per
-    BLOCK_N rows; with GRAM also the packed Gram P[b]^T P[b] (see _gram_epilogue).
-    FIND_SCALE (the first pass, with GRAM): 2^e is not known yet. Each program scales by
-    the power of two of the running max |x| of its rows, rescaling its sums (exactly) when
-    that max grows, so its tile of P and its block max bmax[b, pid] come out at its own
-    block's 2^-e_p; the last program writes amax[b] and G(P) at the sample's scale."""
-    pid, b = unflatten2(tl.program_id(0), n_blocks)
-    b = b.to(tl.int64)
+def _x_mm_program(pid, b, x_ptr, amax_ptr, z_ptr, out_ptr, part_ptr, gram_ptr, cnt_ptr, done_ptr, tin_ptr, factor_ptr,
+                  N, D, l, n_blocks, x_sb, x_sn, x_sd, z_sb, z_sd, o_sb, o_sn, bmax_ptr, L: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr,
+                  STORE_OUT: tl.constexpr, GRAM: tl.constexpr, SLOTS: tl.constexpr, SUM_BLOCK: tl.constexpr,
+                  FIND_SCALE: tl.constexpr, NC: tl.constexpr, ORTH: tl.constexpr, FLOOR: tl.constexpr,
+                  HAS_TIN: tl.constexpr):  # fmt: skip
+    """Program (pid, b) of _x_mm_kernel's pass."""
     if FIND_SCALE:
         inv = tl.full((), 1.0, tl.float32)
         top = tl.full((), 0.0, tl.float32)
@@ -277,8 +258,115 @@ def _x_mm_kernel(
     if FIND_SCALE:
         tl.store(bmax_ptr + b * n_blocks + pid, top)
     if GRAM:
-        _gram_epilogue(acc, b, pid, n_blocks, l, part_ptr, gram_ptr, cnt_ptr, bmax_ptr, amax_ptr, L, BLOCK_N, SLOTS,
-                       SUM_BLOCK, FIND_SCALE, NC)  # fmt: skip
+        _gram_epilogue(acc, b, pid, n_blocks, l, part_ptr, gram_ptr, cnt_ptr, bmax_ptr, amax_ptr, done_ptr, tin_ptr,
+                       factor_ptr, L, BLOCK_N, SLOTS, SUM_BLOCK, FIND_SCALE, NC, ORTH, FLOOR, HAS_TIN)  # fmt: skip
+
+
+@triton.jit
+def _x_mm_kernel(
+    x_ptr,
+    amax_ptr,
+    z_ptr,
+    out_ptr,
+    part_ptr,
+    gram_ptr,
+    cnt_ptr,
+    N,
+    D,
+    l,
+    n_blocks,
+    x_sb,
+    x_sn,
+    x_sd,
+    z_sb,
+    z_sd,
+    o_sb,
+    o_sn,
+    bmax_ptr,
+    batch,
+    tin_ptr,
+    opart_ptr,
+    ot_ptr,
+    n_tiles,
+    L: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    SPLIT: tl.constexpr,
+    PRECISION: tl.constexpr,
+    STORE_OUT: tl.constexpr,
+    GRAM: tl.constexpr,
+    SLOTS: tl.constexpr,
+    SUM_BLOCK: tl.constexpr,
+    FIND_SCALE: tl.constexpr,
+    NC: tl.constexpr,
+    ORTH: tl.constexpr,
+    O_BLOCK: tl.constexpr,
+    O_CHUNK: tl.constexpr,
+    FLOOR: tl.constexpr,
+    O_HAS_T: tl.constexpr,
+):
+    """P[b] = (X[b] / 2^e) @ Z[b]: (N, D) @ (D, L), one program per
+    BLOCK_N rows; with GRAM also the packed Gram P[b]^T P[b] (see _gram_epilogue).
+    FIND_SCALE (the first pass, with GRAM): 2^e is not known yet. Each program scales by
+    the power of two of the running max |x| of its rows, rescaling its sums (exactly) when
+    that max grows, so its tile of P and its block max bmax[b, pid] come out at its own
+    block's 2^-e_p; the last program writes amax[b] and G(P) at the sample's scale.
+    ORTH (with GRAM and STORE_OUT): n_tiles x batch programs follow the pass's and, once
+    their sample's pass is done, orthonormalize P in place (_orth_program: Q1 = P (Tin
+    R1^-1), T[b] into ot; Tin with O_HAS_T; Y brought to the sample's scale with FIND_SCALE).
+    The counters: the pass's at cnt[b], the done flags at cnt[batch + b], the orth phase's
+    at cnt[2 batch + b]."""
+    prog = tl.program_id(0)
+    if ORTH:
+        if prog < n_blocks * batch:
+            pid, b = unflatten2(prog, n_blocks)
+            _x_mm_program(pid, b.to(tl.int64), x_ptr, amax_ptr, z_ptr, out_ptr, part_ptr, gram_ptr, cnt_ptr,
+                          cnt_ptr + batch, tin_ptr, ot_ptr, N, D, l, n_blocks, x_sb, x_sn, x_sd, z_sb, z_sd, o_sb, o_sn,
+                          bmax_ptr, L, BLOCK_N, BLOCK_D, SPLIT, PRECISION, STORE_OUT, GRAM, SLOTS, SUM_BLOCK,
+                          FIND_SCALE, NC, True, FLOOR, O_HAS_T)  # fmt: skip
+        else:
+            pid, b = unflatten2(prog - n_blocks * batch, n_tiles)
+            _orth_program(pid, b.to(tl.int64), out_ptr, out_ptr, gram_ptr, tin_ptr, opart_ptr, ot_ptr,
+                          cnt_ptr + 2 * batch, cnt_ptr + batch, amax_ptr, bmax_ptr, N, l, n_tiles, BLOCK_N, n_blocks,
+                          o_sb, o_sn, o_sb, o_sn, L, O_BLOCK, O_CHUNK, FLOOR, O_HAS_T, FIND_SCALE,
+                          True)  # fmt: skip
+    else:
+        pid, b = unflatten2(prog, n_blocks)
+        _x_mm_program(pid, b.to(tl.int64), x_ptr, amax_ptr, z_ptr, out_ptr, part_ptr, gram_ptr, cnt_ptr, cnt_ptr,
+                      tin_ptr, ot_ptr, N, D, l, n_blocks, x_sb, x_sn, x_sd, z_sb, z_sd, o_sb, o_sn, bmax_ptr, L,
+                      BLOCK_N, BLOCK_D, SPLIT, PRECISION, STORE_OUT, GRAM, SLOTS, SUM_BLOCK, FIND_SCALE, NC, False,
+                      FLOOR, False)  # fmt: skip
+
+
+@triton.jit
+def _xt_mm_program(pid, b, x_ptr, amax_ptr, q_ptr, out_ptr, part_ptr, gram_ptr, cnt_ptr, done_ptr, tin_ptr, factor_ptr,
+                   N, D, l, n_blocks, x_sb, x_sn, x_sd, q_sb, q_sn, o_sb, o_sd, t_ptr, L: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr,
+                   STORE_OUT: tl.constexpr, GRAM: tl.constexpr, SLOTS: tl.constexpr, SUM_BLOCK: tl.constexpr,
+                   HAS_T: tl.constexpr, ORTH: tl.constexpr, FLOOR: tl.constexpr,
+                   HAS_TIN: tl.constexpr):  # fmt: skip
+    """Program (pid, b) of _xt_mm_kernel's pass."""
+    inv = pow2_inverse(tl.load(amax_ptr + b))
+    rd = pid * BLOCK_D + tl.arange(0, BLOCK_D)
+    cl = tl.arange(0, L)
+    acc = tl.zeros((BLOCK_D, L), tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        rn = n0 + tl.arange(0, BLOCK_N)
+        xt = tl.load(
+            x_ptr + b * x_sb + rn[None, :].to(tl.int64) * x_sn + rd[:, None] * x_sd,
+            mask=(rd < D)[:, None] & (rn < N)[None, :],
+            other=0.0,
+        )
+        xt = scale_tile(xt, inv)
+        qt = tl.load(q_ptr + b * q_sb + rn[:, None] * q_sn + cl[None, :], mask=(rn < N)[:, None], other=0.0)
+        acc = _dot_x_f32(xt, qt, acc, SPLIT, PRECISION)
+    if HAS_T:
+        acc = tl.dot(acc, load_square(t_ptr + b * L * L, L), input_precision=PRECISION)
+    if STORE_OUT:
+        tl.store(out_ptr + b * o_sb + rd[:, None] * o_sd + cl[None, :], acc, mask=(rd < D)[:, None])
+    if GRAM:
+        _gram_epilogue(acc, b, pid, n_blocks, l, part_ptr, gram_ptr, cnt_ptr, cnt_ptr, amax_ptr, done_ptr, tin_ptr,
+                       factor_ptr, L, BLOCK_D, SLOTS, SUM_BLOCK, False, 1, ORTH, FLOOR, HAS_TIN)  # fmt: skip
 
 
 @triton.jit
@@ -302,6 +390,11 @@ def _xt_mm_kernel(
     o_sb,
     o_sd,
     t_ptr,
+    batch,
+    tin_ptr,
+    opart_ptr,
+    ot_ptr,
+    n_tiles,
     L: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -312,34 +405,37 @@ def _xt_mm_kernel(
     SLOTS: tl.constexpr,
     SUM_BLOCK: tl.constexpr,
     HAS_T: tl.constexpr,
+    ORTH: tl.constexpr,
+    O_BLOCK: tl.constexpr,
+    O_CHUNK: tl.constexpr,
+    FLOOR: tl.constexpr,
+    O_HAS_T: tl.constexpr,
 ):
     """P[b] = (X[b] / 2^e)^T @ Q[b]: (D, N) @ (N, L), one program per
     BLOCK_D columns of X, times T[b] (L, L) with HAS_T (applied to the tile before its Gram:
     the Gram of P T, not T^T G(P) T, whose rounding T would amplify); with GRAM also the
-    packed Gram P[b]^T P[b]."""
-    pid, b = unflatten2(tl.program_id(0), n_blocks)
-    b = b.to(tl.int64)
-    inv = pow2_inverse(tl.load(amax_ptr + b))
-    rd = pid * BLOCK_D + tl.arange(0, BLOCK_D)
-    cl = tl.arange(0, L)
-    acc = tl.zeros((BLOCK_D, L), tl.float32)
-    for n0 in range(0, N, BLOCK_N):
-        rn = n0 + tl.arange(0, BLOCK_N)
-        xt = tl.load(
-            x_ptr + b * x_sb + rn[None, :].to(tl.int64) * x_sn + rd[:, None] * x_sd,
-            mask=(rd < D)[:, None] & (rn < N)[None, :],
-            other=0.0,
-        )
-        xt = scale_tile(xt, inv)
-        qt = tl.load(q_ptr + b * q_sb + rn[:, None] * q_sn + cl[None, :], mask=(rn < N)[:, None], other=0.0)
-        acc = _dot_x_f32(xt, qt, acc, SPLIT, PRECISION)
-    if HAS_T:
-        acc = tl.dot(acc, load_square(t_ptr + b * L * L, L), input_precision=PRECISION)
-    if STORE_OUT:
-        tl.store(out_ptr + b * o_sb + rd[:, None] * o_sd + cl[None, :], acc, mask=(rd < D)[:, None])
-    if GRAM:
-        _gram_epilogue(acc, b, pid, n_blocks, l, part_ptr, gram_ptr, cnt_ptr, cnt_ptr, amax_ptr, L, BLOCK_D, SLOTS,
-                       SUM_BLOCK, False, 1)  # fmt: skip
+    packed Gram P[b]^T P[b]. ORTH (with GRAM and STORE_OUT, not HAS_T): a trailing orth
+    phase, as _x_mm_kernel's."""
+    prog = tl.program_id(0)
+    if ORTH:
+        if prog < n_blocks * batch:
+            pid, b = unflatten2(prog, n_blocks)
+            _xt_mm_program(pid, b.to(tl.int64), x_ptr, amax_ptr, q_ptr, out_ptr, part_ptr, gram_ptr, cnt_ptr,
+                           cnt_ptr + batch, tin_ptr, ot_ptr, N, D, l, n_blocks, x_sb, x_sn, x_sd, q_sb, q_sn, o_sb,
+                           o_sd, t_ptr, L, BLOCK_N, BLOCK_D, SPLIT, PRECISION, STORE_OUT, GRAM, SLOTS, SUM_BLOCK,
+                           HAS_T, True, FLOOR, O_HAS_T)  # fmt: skip
+        else:
+            pid, b = unflatten2(prog - n_blocks * batch, n_tiles)
+            _orth_program(pid, b.to(tl.int64), out_ptr, out_ptr, gram_ptr, tin_ptr, opart_ptr, ot_ptr,
+                          cnt_ptr + 2 * batch, cnt_ptr + batch, amax_ptr, amax_ptr, D, l, n_tiles, D, 1,
+                          o_sb, o_sd, o_sb, o_sd, L, O_BLOCK, O_CHUNK, FLOOR, O_HAS_T, False,
+                          True)  # fmt: skip
+    else:
+        pid, b = unflatten2(prog, n_blocks)
+        _xt_mm_program(pid, b.to(tl.int64), x_ptr, amax_ptr, q_ptr, out_ptr, part_ptr, gram_ptr, cnt_ptr, cnt_ptr,
+                       tin_ptr, ot_ptr, N, D, l, n_blocks, x_sb, x_sn, x_sd, q_sb, q_sn, o_sb, o_sd, t_ptr, L, BLOCK_N,
+                       BLOCK_D, SPLIT, PRECISION, STORE_OUT, GRAM, SLOTS, SUM_BLOCK, HAS_T, False, FLOOR,
+                       False)  # fmt: skip
 
 
 @triton.jit
@@ -411,6 +507,73 @@ def congruence(g, t, L: tl.constexpr):
 
 
 @triton.jit
+def _orth_factor(g_ptr, tin_ptr, l, L: tl.constexpr, FLOOR: tl.constexpr, HAS_T: tl.constexpr,
+                 PARTIAL: tl.constexpr):  # fmt: skip
+    """orth's right factor Tin R1^-1 (L, L), R1 the Cholesky factor of Tin^T G Tin for the
+    packed G at g_ptr (Tin at tin_ptr with HAS_T, else the identity). PARTIAL: G was written
+    by another program of this launch."""
+    g = load_sym(g_ptr, l, L, PARTIAL)
+    if HAS_T:
+        g = congruence(g, load_square(tin_ptr, L), L)
+    rinv = _cholesky_inverse(g, l, L, FLOOR)
+    if HAS_T:
+        rinv = small_matmul(load_square(tin_ptr, L), rinv, L)
+    return rinv
+
+
+@triton.jit
+def _orth_program(pid, b, p_ptr, q_ptr, g_ptr, tin_ptr, part_ptr, t_ptr, cnt_ptr, done_ptr, amax_ptr, bmax_ptr, M, l,
+                  n_tiles, scale_block, n_scale_blocks, p_sb, p_sm, q_sb, q_sm, L: tl.constexpr, BLOCK: tl.constexpr,
+                  CHUNK: tl.constexpr, FLOOR: tl.constexpr, HAS_T: tl.constexpr, ROW_SCALE: tl.constexpr,
+                  FUSED: tl.constexpr):  # fmt: skip
+    """Program (pid, b) of orth (see _orth_kernel). FUSED: a trailing phase of the pass that
+    wrote P, G and the scales in this launch: it waits for done[b], raised by the pass's last
+    program of b once it has written the right factor Tin R1^-1 to t[b] (computed once per
+    sample, not by every program), reads them from L2, and its own last program lowers
+    done[b] again and overwrites t[b] with T (every program of b has read the factor)."""
+    pack = l * (l + 1) // 2
+    cl = tl.arange(0, L)
+    if FUSED:
+        wait_for(done_ptr + b)
+        rinv = load_partial(t_ptr + b * L * L + cl[:, None] * L + cl[None, :])
+    else:
+        rinv = _orth_factor(g_ptr + b * pack, tin_ptr + b * L * L, l, L, FLOOR, HAS_T, False)
+    if ROW_SCALE:
+        if FUSED:
+            inv = pow2_inverse(load_partial(amax_ptr + b))
+        else:
+            inv = pow2_inverse(tl.load(amax_ptr + b))
+    g2 = tl.zeros((L, L), tl.float32)
+    for m0 in range(0, BLOCK, CHUNK):
+        rm = pid * BLOCK + m0 + tl.arange(0, CHUNK)
+        live = (rm < M)[:, None]
+        offs = p_ptr + b * p_sb + rm[:, None] * p_sm + cl[None, :]
+        if FUSED:
+            t = load_partial(offs, mask=live, other=0.0)
+        else:
+            t = tl.load(offs, mask=live, other=0.0)
+        qt = tl.dot(t, rinv, input_precision="ieee")
+        if ROW_SCALE:  # exact: the same bits as scaling t
+            boffs = bmax_ptr + b * n_scale_blocks + rm // scale_block
+            if FUSED:
+                bm = load_partial(boffs, mask=rm < M, other=0.0)
+            else:
+                bm = tl.load(boffs, mask=rm < M, other=0.0)
+            qt = qt * (inv / pow2_inverse(bm))[:, None]
+        tl.store(q_ptr + b * q_sb + rm[:, None] * q_sm + cl[None, :], qt, mask=live)
+        g2 = tl.dot(tl.trans(qt), qt, g2, input_precision="ieee")
+    store_sym(part_ptr + (b * n_tiles + pid) * pack, g2, l, L)
+    if arrive(cnt_ptr + b, n_tiles):
+        if FUSED:  # every program of the sample is past its wait
+            tl.atomic_xchg(done_ptr + b, 0, sem="relaxed", scope="gpu")
+        g = tl.zeros((L, L), tl.float32)
+        for s in range(n_tiles):
+            g += load_sym(part_ptr + (b * n_tiles + s) * pack, l, L, True)
+        tinv = _cholesky_inverse(g, l, L, FLOOR)
+        tl.store(t_ptr + b * L * L + cl[:, None] * L + cl[None, :], tinv)
+
+
+@triton.jit
 def _orth_kernel(
     p_ptr,
     q_ptr,
@@ -443,35 +606,13 @@ def _orth_kernel(
     sample's last program turns the partial Grams of Q1 into T[b] = R2^-1
     (Q1^T Q1 = R2^T R2): the orthonormal basis is Q1 T[b]. ROW_SCALE: P' is the output of
     the first pass (FIND_SCALE), its rows in blocks of scale_block each at its own block's
-    scale; they are brought to the sample's (bmax, amax as _gram_epilogue) as they are read."""
+    scale; they are brought to the sample's (bmax, amax as _gram_epilogue) as they are read.
+    The passes run this as a trailing phase of their own launch (ORTH); this kernel is the
+    stand-alone orth."""
     pid, b = unflatten2(tl.program_id(0), n_tiles)
-    b = b.to(tl.int64)
-    pack = l * (l + 1) // 2
-    cl = tl.arange(0, L)
-    g = load_sym(g_ptr + b * pack, l, L)
-    if HAS_T:
-        g = congruence(g, load_square(tin_ptr + b * L * L, L), L)
-    rinv = _cholesky_inverse(g, l, L, FLOOR)
-    if HAS_T:
-        rinv = small_matmul(load_square(tin_ptr + b * L * L, L), rinv, L)
-    g2 = tl.zeros((L, L), tl.float32)
-    for m0 in range(0, BLOCK, CHUNK):
-        rm = pid * BLOCK + m0 + tl.arange(0, CHUNK)
-        live = (rm < M)[:, None]
-        t = tl.load(p_ptr + b * p_sb + rm[:, None] * p_sm + cl[None, :], mask=live, other=0.0)
-        qt = tl.dot(t, rinv, input_precision="ieee")
-        if ROW_SCALE:  # exact: the same bits as scaling t
-            bm = tl.load(bmax_ptr + b * n_scale_blocks + rm // scale_block, mask=rm < M, other=0.0)
-            qt = qt * (pow2_inverse(tl.load(amax_ptr + b)) / pow2_inverse(bm))[:, None]
-        tl.store(q_ptr + b * q_sb + rm[:, None] * q_sm + cl[None, :], qt, mask=live)
-        g2 = tl.dot(tl.trans(qt), qt, g2, input_precision="ieee")
-    store_sym(part_ptr + (b * n_tiles + pid) * pack, g2, l, L)
-    if arrive(cnt_ptr + b, n_tiles):
-        g = tl.zeros((L, L), tl.float32)
-        for s in range(n_tiles):
-            g += load_sym(part_ptr + (b * n_tiles + s) * pack, l, L, True)
-        tinv = _cholesky_inverse(g, l, L, FLOOR)
-        tl.store(t_ptr + b * L * L + cl[:, None] * L + cl[None, :], tinv)
+    _orth_program(pid, b.to(tl.int64), p_ptr, q_ptr, g_ptr, tin_ptr, part_ptr, t_ptr, cnt_ptr, cnt_ptr, amax_ptr,
+                  bmax_ptr, M, l, n_tiles, scale_block, n_scale_blocks, p_sb, p_sm, q_sb, q_sm, L, BLOCK, CHUNK, FLOOR,
+                  HAS_T, ROW_SCALE, False)  # fmt: skip
 
 
 def pass_block(extent: int, batch: int) -> int:
@@ -592,9 +733,10 @@ class ScaledPasses:
         self.precision = "ieee" if interpreted() else "tf32x3"
         self.block_n = out_block or pass_block(self.n, self.batch)
         self.block_d = out_block or pass_block(self.d, self.batch)
-        self.counters = counters(self.batch, x.device)
+        self.counters = counters(3 * self.batch, x.device)  # the passes', done flags, orth's
 
-    def _run(self, kernel, s, extent, block, gram, store, **blocks) -> tuple[torch.Tensor | None, ...]:
+    def _run(self, kernel, s, extent, block, gram, store, tin=None, orth=False,
+             **blocks) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:  # fmt: skip
         x = self.x
         dev = x.device
         n_blocks = triton.cdiv(extent, block)
@@ -605,7 +747,14 @@ class ScaledPasses:
         g = empty(self.batch, pack, dtype=torch.float32, device=dev) if gram else None
         unused = self.counters  # the pointer of a disabled stage (never read or written)
         s_sb = 0 if s.dim() == 2 else s.stride(0)
-        kernel[flat_grid(self.op, n_blocks, self.batch)](
+        t, opart, n_tiles, o_block = None, None, 0, ORTH_MIN_BLOCK
+        if orth:
+            o_block = orth_block(extent)
+            n_tiles = triton.cdiv(extent, o_block)
+            opart = empty(self.batch, n_tiles, pack, dtype=torch.float32, device=dev)
+            t = empty(self.batch, self.width, self.width, dtype=torch.float32, device=dev)
+            blocks["num_warps"] = ORTH_PASS_WARPS
+        kernel[flat_grid(self.op, n_blocks + n_tiles, self.batch)](
             x,
             self.amax,
             s,
@@ -624,6 +773,11 @@ class ScaledPasses:
             s.stride(-2),
             0 if out is None else out.stride(0),
             0 if out is None else out.stride(1),
+            batch=self.batch,
+            tin_ptr=unused if tin is None else tin,
+            opart_ptr=unused if opart is None else opart,
+            ot_ptr=unused if t is None else t,
+            n_tiles=max(n_tiles, 1),
             L=self.width,
             SPLIT=self.split,
             PRECISION=self.precision,
@@ -631,9 +785,14 @@ class ScaledPasses:
             GRAM=gram,
             SLOTS=slots,
             SUM_BLOCK=SUM_BLOCK,
+            ORTH=orth,
+            O_BLOCK=o_block,
+            O_CHUNK=ORTH_CHUNK,
+            FLOOR=CHOLESKY_FLOOR,
+            O_HAS_T=tin is not None,
             **blocks,
         )
-        return out, g
+        return out, g, t
 
     def x_mm(
         self, z: torch.Tensor, gram: bool = False, store: bool = True
@@ -642,7 +801,15 @@ class ScaledPasses:
         unless not store, packed Gram of P (B, l (l + 1) / 2) if gram). Scratch with gram:
         (B, N / GRAM_ROWS, l (l + 1) / 2) float32 partial Grams."""
         return self._run(_x_mm_kernel, z, self.n, self.block_n, gram, store, BLOCK_N=self.block_n,
-                         BLOCK_D=REDUCE_BLOCK, bmax_ptr=self.counters, FIND_SCALE=False, NC=1)  # fmt: skip
+                         BLOCK_D=REDUCE_BLOCK, bmax_ptr=self.counters, FIND_SCALE=False, NC=1)[:2]  # fmt: skip
+
+    def x_mm_orth(self, z: torch.Tensor, tin: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """CholeskyQR2 of (X @ z) tin in one launch (orthonormalize's Q1 (B, N, L) and T
+        (B, L, L), the same bits): the pass, then its trailing orth phase. Scratch: the
+        pass's and orth's partial Grams."""
+        q, _, t = self._run(_x_mm_kernel, z, self.n, self.block_n, True, True, tin, True, BLOCK_N=self.block_n,
+                            BLOCK_D=REDUCE_BLOCK, bmax_ptr=self.counters, FIND_SCALE=False, NC=1)  # fmt: skip
+        return q, t
 
     def sketch(self, omega: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor, int]]:
         """The first pass, for passes built with find_scale: X @ omega for omega (D, L) while
@@ -650,12 +817,23 @@ class ScaledPasses:
         scale; the packed Gram of Y at the sample's scale; the row scale of Y for ``orth``).
         Writes ``amax`` (max |x[b]|, Inf where x[b] has a NaN or Inf). Scratch: the block maxima
         (B, N / block_n) float32."""
-        n_blocks = triton.cdiv(self.n, self.block_n)
-        bmax = empty(self.batch, n_blocks, dtype=torch.float32, device=self.x.device)
-        y, g = self._run(_x_mm_kernel, omega, self.n, self.block_n, True, True, BLOCK_N=self.block_n,
-                         BLOCK_D=REDUCE_BLOCK, FIND_SCALE=True, NC=MAX_CHUNK, bmax_ptr=bmax,
-                         num_warps=FIND_SCALE_WARPS)  # fmt: skip
+        bmax = self._block_maxima()
+        y, g, _ = self._run(_x_mm_kernel, omega, self.n, self.block_n, True, True, **self._find_scale(bmax))
         return y, g, (self.amax, bmax, self.block_n)
+
+    def sketch_orth(self, omega: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``sketch`` and the CholeskyQR2 of Y (Q1 at the sample's scale, T) in one launch: the
+        bits of sketch + orthonormalize with its row scale."""
+        q, _, t = self._run(_x_mm_kernel, omega, self.n, self.block_n, True, True, None, True,
+                            **self._find_scale(self._block_maxima()))  # fmt: skip
+        return q, t
+
+    def _block_maxima(self) -> torch.Tensor:
+        return empty(self.batch, triton.cdiv(self.n, self.block_n), dtype=torch.float32, device=self.x.device)
+
+    def _find_scale(self, bmax: torch.Tensor) -> dict:
+        return dict(BLOCK_N=self.block_n, BLOCK_D=REDUCE_BLOCK, FIND_SCALE=True, NC=MAX_CHUNK, bmax_ptr=bmax,
+                    num_warps=FIND_SCALE_WARPS)  # fmt: skip
 
     def xt_mm(
         self, q: torch.Tensor, gram: bool = False, store: bool = True, t: torch.Tensor | None = None
@@ -664,18 +842,13 @@ class ScaledPasses:
         packed Gram of P if gram), as x_mm."""
         return self._run(_xt_mm_kernel, q, self.d, self.block_d, gram, store, BLOCK_N=REDUCE_BLOCK,
                          BLOCK_D=self.block_d, t_ptr=self.counters if t is None else t,
-                         HAS_T=t is not None, num_warps=T_PASS_WARPS if t is not None else 4)  # fmt: skip
+                         HAS_T=t is not None, num_warps=T_PASS_WARPS if t is not None else 4)[:2]  # fmt: skip
 
-    def orth(
-        self,
-        p: torch.Tensor,
-        g: torch.Tensor,
-        tin: torch.Tensor | None = None,
-        row_scale: tuple[torch.Tensor, torch.Tensor, int] | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """orthonormalize(p, g, tin=tin, row_scale=row_scale) in place, with this call's
-        counters."""
-        return orthonormalize(p, g, self.l, self.counters, self.op, True, tin, row_scale)
+    def xt_mm_orth(self, q: torch.Tensor, tin: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """CholeskyQR2 of (X^T @ q) tin in one launch, as x_mm_orth: (Q1 (B, D, L), T)."""
+        z, _, t = self._run(_xt_mm_kernel, q, self.d, self.block_d, True, True, tin, True, BLOCK_N=REDUCE_BLOCK,
+                            BLOCK_D=self.block_d, t_ptr=self.counters, HAS_T=False)  # fmt: skip
+        return z, t
 
 
 def range_finder(
@@ -689,12 +862,9 @@ def range_finder(
     on Q are the eigenvalues of G."""
     omega = gaussian_sketch(x.shape[2], l, sketch_width(l), seed, x.device, op)
     passes = ScaledPasses(x, l, op, find_scale=True)
-    y, g, row_scale = passes.sketch(omega)
-    q, t = passes.orth(y, g, row_scale=row_scale)
+    q, t = passes.sketch_orth(omega)
     for _ in range(power_iters):
-        z, g = passes.xt_mm(q, gram=True)  # X^T Q = z t
-        z, tz = passes.orth(z, g, t)
-        p, g = passes.x_mm(z, gram=True)
-        q, t = passes.orth(p, g, tz)
+        z, tz = passes.xt_mm_orth(q, t)  # X^T Q = (X^T Q1) t
+        q, t = passes.x_mm_orth(z, tz)
     _, g = passes.xt_mm(q, gram=True, store=False, t=t)
     return passes.amax, q, t, g

@@ -11,6 +11,10 @@ launch leaves them as it found them.
     if arrive(counter_ptr + group, programs_in_group):
         ... read every partial of the group with load_partial, write the group's result
 
+A later phase of the same launch can also wait for a group (``signal`` / ``wait_for``): its
+programs come after the group's in the grid and spin on a flag that the group's last program
+raises when it is done (and that the phase's own last program lowers again).
+
 The counters are a per-(device, stream) workspace (``counters``): two launches that use them
 at the same time must be on different streams, and launches on one stream run one after
 another. A launch that dies mid-way (a CUDA error) leaves the context unusable anyway.
@@ -55,6 +59,27 @@ def arrive(counter_ptr, programs):
         tl.atomic_xchg(counter_ptr, 0, sem="relaxed", scope="gpu")
     tl.debug_barrier()  # the acquire precedes every thread's loads of the partials
     return last
+
+
+@triton.jit
+def signal(flag_ptr):
+    """Raise a flag (0 -> 1) once every thread's stores of this program are made: programs
+    that ``wait_for`` it see them."""
+    tl.debug_barrier()
+    tl.atomic_xchg(flag_ptr, 1, sem="release", scope="gpu")
+
+
+@triton.jit
+def wait_for(flag_ptr):
+    """Wait until another program raises the flag, then see every store it (and the programs
+    whose tickets it drew) made before. The raising program must precede this one in the
+    grid: a GPU dispatches the programs of a launch in order, so it is running or done (the
+    interpreter runs them one after another), and the wait cannot deadlock."""
+    flag = tl.load(flag_ptr, volatile=True)
+    while flag == 0:
+        flag = tl.load(flag_ptr, volatile=True)
+    tl.atomic_add(flag_ptr, 0, sem="acquire", scope="gpu")
+    tl.debug_barrier()
 
 
 @triton.jit

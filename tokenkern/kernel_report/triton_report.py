@@ -379,8 +379,13 @@ def headline_calls(small: bool = False) -> list[Call]:
 _PLACEHOLDERS = {
     "qm_ptr": "HAS_QMASK", "km_ptr": "HAS_KMASK", "noise_ptr": "STORE_NOISE", "scores_ptr": "WRITE_SCORES",
     # the range finder's passes (sketch.py): right factor T, stored output, partial Grams
-    "t_ptr": "APPLY_T", "out_ptr": "STORE_OUT", "part_ptr": "GRAM", "gram_ptr": "GRAM", "cnt_ptr": "GRAM",
+    "t_ptr": "HAS_T", "out_ptr": "STORE_OUT", "part_ptr": "GRAM", "gram_ptr": "GRAM", "cnt_ptr": "GRAM",
+    # a pass's trailing orth phase (ORTH): its right factor Tin, partial Grams and output T
+    "tin_ptr": "O_HAS_T", "opart_ptr": "ORTH", "ot_ptr": "ORTH",
 }  # fmt: skip
+# What a pass's trailing orth phase reads again (P, its Gram, the scales) and rewrites (P):
+# counted once more, as when orth was a launch of its own.
+_ORTH_PHASE_REREADS = ("out_ptr", "gram_ptr", "amax_ptr", "bmax_ptr")
 
 
 def _kernel_bytes(launch: Launch) -> tuple[int, str]:
@@ -402,6 +407,10 @@ def _kernel_bytes(launch: Launch) -> tuple[int, str]:
     if launch.name == "_colsum_kernel" and named["n_groups"] > 1:
         note = f"out: (B, {named['n_groups']}, N) float32 partial column sums, one per head group (scratch)"
         return sum(_tensor_bytes(used).values()), note
+    if named.get("ORTH"):
+        again = sum(_tensor_bytes([named[n] for n in _ORTH_PHASE_REREADS if n in named]).values())
+        note = "trailing orth phase: P, its Gram and the scales counted again (it rereads them and rewrites P)"
+        return sum(_tensor_bytes(used).values()) + again, note
     if launch.name in _ROW_SPLIT and named["S"] > 1:
         return sum(_tensor_bytes(used).values()), _row_split_note(named["S"])
     return sum(_tensor_bytes(used).values()), ""
