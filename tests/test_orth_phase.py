@@ -1,13 +1,15 @@
-"""The range finder's orth as a trailing phase of the pass that wrote its input (one launch:
-sketch.ScaledPasses.sketch_orth / xt_mm_orth / x_mm_orth): the bits of the pass followed by the
-stand-alone orth (sketch.orthonormalize), and the counters and done flags left at zero. Through
-the interpreter, which runs the phase's programs after the pass's (as a GPU dispatches them)."""
+"""The range finder's phases inside its passes, against their stand-alone launches, bit for
+bit: orth as a trailing phase of the pass that wrote its input (sketch.ScaledPasses.sketch_orth
+/ xt_mm_orth / x_mm_orth vs the pass and sketch.orthonormalize; the counters and done flags left
+at zero), and the Rayleigh-Ritz step run by the last pass's last programs (ritz_pass vs
+leverage.top_subspace and spectral.ritz_ipr). Through the interpreter, which runs a phase's
+programs after the pass's (as a GPU dispatches them)."""
 
 import pytest
 import torch
 from testing import TRITON_DEVICE
 
-from tokenkern._triton import gaussian, sketch
+from tokenkern._triton import gaussian, leverage, sketch, spectral
 
 
 @pytest.mark.parametrize(
@@ -42,3 +44,21 @@ def test_orth_phase_gives_the_bits_of_pass_then_orth(dtype, b, n, d, l, gen):
     assert torch.isfinite(q).all() and torch.isfinite(t).all()
     # the passes' counters, the done flags and orth's counters are left as found
     assert bool((fused.counters[: 3 * b] == 0).all())
+
+
+@pytest.mark.parametrize(("b", "n", "d", "l", "r"), [(2, 300, 200, 12, 5), (1, 90, 700, 40, 32), (1, 64, 64, 64, 8)])
+def test_last_pass_finish_gives_the_bits_of_its_own_launch(b, n, d, l, r, gen):
+    """The Rayleigh-Ritz step run by the last pass's last program of each sample (leverage's
+    top subspace, spectral's top-r IPR) gives the bits of the stand-alone kernels."""
+    x = (torch.randn(b, n, d, generator=gen) * torch.logspace(0, -2, d)).to(TRITON_DEVICE)
+    assert sketch.fused_finish(l)
+    amax, q, t, g, finished = sketch.range_finder(x, l, 3, 1, "test")
+    assert finished is None
+    vsel_want, evals_want = leverage.top_subspace(g, t, l, r)
+    _, q2, t2, g2, (vsel, evals) = sketch.range_finder(x, l, 3, 1, "test", sketch.FINISH_TOP_SUBSPACE, r)
+    assert torch.equal(q2, q) and torch.equal(t2, t) and torch.equal(g2, g)
+    assert torch.equal(vsel, vsel_want) and torch.equal(evals, evals_want)
+    amax3, _, _, g3, (ipr,) = sketch.range_finder(x, l, 3, 1, "test", sketch.FINISH_IPR, r)
+    assert torch.equal(g3, g) and torch.equal(amax3, amax)
+    want = spectral.ritz_ipr(g, amax, l, r)
+    assert torch.isfinite(want).all() and torch.equal(ipr, want)

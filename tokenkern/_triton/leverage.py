@@ -4,7 +4,9 @@ The range finder of :mod:`.sketch` (Gaussian sketch of width l, power iterations
 CholeskyQR2, the basis Q = Q1 T and the Gram of W = X^T Q, all on X / 2^e), then, every
 stage a Triton kernel:
 
-    V_r = top-r eigenvectors of W^T W           (B, L, L) Jacobi, in registers
+    V_r = top-r eigenvectors of W^T W           (B, L, L) Jacobi, in registers, run by the last
+                                                pass's last program of each sample (L <= 64;
+                                                wider: a launch of its own, _top_subspace_kernel)
     scores = rownorm^2(Q1 (T V_r))              (B, N); V_r of T^T (W1^T W1) T, W1 = X^T Q1
 
 ``L`` is the sketch width ``l = min(rank + oversample, N, D)`` rounded up to a power of two
@@ -12,8 +14,8 @@ stage a Triton kernel:
 scores do not depend on the scale of x[b], float32 sums of its squares do: hence the exact
 power-of-two scaling of the range finder.
 
-The Jacobi eigen-solver (``top_subspace``, also the Rayleigh-Ritz step of the spectral IPR)
-holds L x L float32 matrices on chip: ``LEVERAGE_MAX_SKETCH`` bounds l on CUDA.
+The Jacobi eigen-solver (small.py; also the Rayleigh-Ritz step of the spectral IPR) holds
+L x L float32 matrices on chip: ``LEVERAGE_MAX_SKETCH`` bounds l on CUDA.
 """
 
 from __future__ import annotations
@@ -22,95 +24,16 @@ import torch
 import triton
 import triton.language as tl
 
-from .sketch import load_square, load_sym, range_finder, sketch_width, small_matmul
+from .sketch import FINISH_TOP_SUBSPACE, fused_finish, load_square, load_sym, range_finder, sketch_width
+from .small import JACOBI_MAX_SWEEPS, JACOBI_TOL2, JACOBI_WARPS, top_subspace_tile
 from .utils import empty, flat_grid, unflatten2
 
 # The sketch width l is padded to a power of two L (>= 16); the Jacobi solver holds L x L
 # float32 matrices on chip, and at L = 512 it needs more shared memory than an H100/H200 block
 # has (227 KiB). So l = min(rank + oversample, N, D) <= 256 on CUDA.
 LEVERAGE_MAX_SKETCH = 256
-JACOBI_MAX_SWEEPS = 16
-# Stop when the squared off-diagonal mass is below this fraction of the squared Frobenius norm.
-JACOBI_TOL2 = 1e-13
-# Warps of the L x L kernels: with four, the Jacobi solver and the (64, L) @ (L, L) row-score
-# product spill at L = 64 (sm_90, 255-register cap); eight hold them in registers.
-JACOBI_WARPS = 8
+# The (64, L) @ (L, L) row-score product spills at four warps at L = 64 (sm_90); eight hold it.
 ROW_SCORES_WARPS = 8
-
-
-@triton.jit
-def _round_robin_partner(idx, t, P):
-    """Partner of each player in round t of a round-robin tournament of P (even) players;
-    players >= P (padding) sit out (partner = self)."""
-    partner = (2 * t - idx + 2 * (P - 1)) % (P - 1)
-    partner = tl.where(idx == t, P - 1, partner)
-    partner = tl.where(idx == P - 1, t, partner)
-    return tl.where(idx < P, partner, idx)
-
-
-@triton.jit
-def _jacobi_round(a, v, partner, idx, L: tl.constexpr, VECTORS: tl.constexpr):
-    """Apply the L/2 disjoint Jacobi rotations that zero a[i, partner(i)]: a <- J^T a J, and
-    v <- v J when VECTORS."""
-    rows = idx[:, None]
-    cols = idx[None, :]
-    eye = rows == cols
-    d = tl.sum(tl.where(eye, a, 0.0), axis=1)
-    a_ip = tl.sum(tl.where(cols == partner[:, None], a, 0.0), axis=1)
-    apq = 0.5 * (a_ip + tl.gather(a_ip, partner, 0))
-    d_partner = tl.gather(d, partner, 0)
-    is_p = idx < partner
-    app = tl.where(is_p, d, d_partner)
-    aqq = tl.where(is_p, d_partner, d)
-    active = (apq != 0.0) & (partner != idx)
-    safe = tl.where(active, apq, 1.0)
-    tau = (aqq - app) / (2.0 * safe)
-    # t = tan(theta), the smaller root of t^2 + 2 tau t - 1 = 0; 1 / (2 tau) once tau^2 overflows.
-    big = tl.abs(tau) > 1e18
-    tau_small = tl.where(big, 0.0, tau)
-    t = tl.where(tau >= 0, 1.0, -1.0) / (tl.abs(tau) + tl.sqrt(1.0 + tau_small * tau_small))
-    t = tl.where(big, 0.5 / tl.where(big, tau, 1.0), t)
-    c = 1.0 / tl.sqrt(1.0 + t * t)
-    s = t * c
-    c = tl.where(active, c, 1.0)
-    s = tl.where(active, s, 0.0)
-    sigma = tl.where(is_p, -s, s)
-    row_idx = tl.broadcast_to(partner[:, None], (L, L))
-    col_idx = tl.broadcast_to(partner[None, :], (L, L))
-    a = c[:, None] * a + sigma[:, None] * tl.gather(a, row_idx, 0)
-    a = a * c[None, :] + tl.gather(a, col_idx, 1) * sigma[None, :]
-    if VECTORS:
-        v = v * c[None, :] + tl.gather(v, col_idx, 1) * sigma[None, :]
-    return a, v
-
-
-@triton.jit
-def jacobi_eigen(a, l, L: tl.constexpr, MAX_SWEEPS: tl.constexpr, TOL2: tl.constexpr, VECTORS: tl.constexpr):
-    """Eigen-decomposition of the symmetric L x L float32 a (cyclic parallel Jacobi over the
-    first l rows and columns): (eigenvalues (L,), unordered; eigenvectors as the columns of v,
-    the identity unless VECTORS)."""
-    idx = tl.arange(0, L)
-    eye = idx[:, None] == idx[None, :]
-    v = tl.where(eye, 1.0, 0.0)
-    players = ((l + 1) // 2) * 2
-    total = tl.sum(tl.sum(a * a, axis=1), axis=0)
-    for _sweep in range(MAX_SWEEPS):
-        off = tl.sum(tl.sum(tl.where(eye, 0.0, a * a), axis=1), axis=0)
-        if off > TOL2 * total:
-            for t in range(players - 1):
-                a, v = _jacobi_round(a, v, _round_robin_partner(idx, t, players), idx, L, VECTORS)
-    return tl.sum(tl.where(eye, a, 0.0), axis=1), v
-
-
-@triton.jit
-def top_r_mask(d, l, r, L: tl.constexpr):
-    """Which of the first l entries of d (L,) are its r largest (ties: lower index)."""
-    idx = tl.arange(0, L)
-    rows = idx[:, None]
-    cols = idx[None, :]
-    better = ((d[None, :] > d[:, None]) | ((d[None, :] == d[:, None]) & (cols < rows))) & (cols < l)
-    rank = tl.sum(better.to(tl.int32), axis=1)
-    return (rank < r) & (idx < l)
 
 
 @triton.jit
@@ -135,9 +58,8 @@ def _top_subspace_kernel(
     rows = idx[:, None]
     cols = idx[None, :]
     tt = t_ptr + b * L * L
-    d, v = jacobi_eigen(load_sym(g_ptr + b * (l * (l + 1) // 2), l, L), l, L, MAX_SWEEPS, TOL2, True)
-    keep = top_r_mask(d, l, r, L)
-    vsel = small_matmul(load_square(tt, L), tl.where(keep[None, :], v, 0.0), L)
+    g = load_sym(g_ptr + b * (l * (l + 1) // 2), l, L)
+    vsel, d = top_subspace_tile(g, load_square(tt, L), l, r, L, MAX_SWEEPS, TOL2)
     tl.store(vsel_ptr + b * v_sb + rows * L + cols, vsel)
     tl.store(eval_ptr + b * e_sb + idx, d)
 
@@ -208,6 +130,9 @@ def row_scores(q: torch.Tensor, vsel: torch.Tensor) -> torch.Tensor:
 def leverage_scores(x: torch.Tensor, r: int, l: int, power_iters: int, seed: int) -> torch.Tensor:
     """x: (B, N, D) -> (B, N) float32 leverage scores of the top-r left singular subspace,
     estimated from a sketch of width l (r <= l <= min(N, D))."""
-    _, q, t, g = range_finder(x, l, seed, power_iters, "leverage_scores")
-    vsel, _ = top_subspace(g, t, l, r)
+    if fused_finish(l):  # the last pass's last programs solve the eigenproblem
+        _, q, _, _, (vsel, _) = range_finder(x, l, seed, power_iters, "leverage_scores", FINISH_TOP_SUBSPACE, r)
+    else:
+        _, q, t, g, _ = range_finder(x, l, seed, power_iters, "leverage_scores")
+        vsel, _ = top_subspace(g, t, l, r)
     return row_scores(q, vsel)

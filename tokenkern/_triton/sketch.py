@@ -6,6 +6,8 @@ the stages shared by the leverage-score and spectral-IPR kernels.
     repeat power_iters:                         two passes over X per iteration, a launch each
         Z1, Tz = orth(X^T Q1, T);  Q1, T = orth(X Z1, Tz)   (CholeskyQR2 of P' T)
     G(W), W = (X^T Q1) T                        (B, l (l + 1) / 2) one pass over X; W is not stored
+                                                (ritz_pass: each sample's last program then runs
+                                                the Rayleigh-Ritz step on G(W), small.py)
 
 ``L`` is the sketch width ``l`` rounded up to a power of two (at least 16, for tl.dot); the
 columns past ``l`` stay exactly zero throughout. The passes over X read it in its own dtype;
@@ -58,6 +60,7 @@ import triton
 import triton.language as tl
 
 from .gaussian import gaussian_sketch
+from .small import JACOBI_MAX_SWEEPS, JACOBI_TOL2, ritz_ipr_tile, small_matmul, top_subspace_tile
 from .ticket import arrive, counters, load_partial, signal, wait_for
 from .utils import empty, flat_grid, interpreted, next_pow2, split_dtype, unflatten2
 
@@ -98,6 +101,12 @@ SUM_BLOCK = 1024
 # of each x tile, next to the 64-row tile at four warps, spills on sm_90.
 MAX_CHUNK = 256
 FIND_SCALE_WARPS = 8
+# The last pass's Rayleigh-Ritz step (ritz_pass): which one, and the widest sketch whose l x l
+# eigen-solver the pass's last program holds next to the pass (at L = 64 the launch needs 186-204
+# registers at eight warps, sm_90, no spills; wider sketches take a launch of their own).
+FINISH_TOP_SUBSPACE = 1
+FINISH_IPR = 2
+FUSED_FINISH_MAX_WIDTH = 64
 
 
 @triton.jit
@@ -188,7 +197,8 @@ def _gram_epilogue(acc, b, pid, n_blocks, l, part_ptr, gram_ptr, cnt_ptr, bmax_p
     bmax[b, p]; the last program first writes amax[b] = max_p bmax[b, p] and brings every
     partial to the sample's 2^-e (exact powers of two: the bits of a pass at that scale).
     ORTH (a trailing orth phase follows): the last program then writes orth's right factor
-    Tin R1^-1 (_orth_factor) to factor[b] and raises done[b], which the phase waits for."""
+    Tin R1^-1 (_orth_factor) to factor[b] and raises done[b], which the phase waits for.
+    Returns whether this program was its sample's last."""
     pack = l * (l + 1) // 2
     n_slots = n_blocks * SLOTS
     slot = part_ptr + (b * n_slots + pid * SLOTS) * pack
@@ -199,7 +209,8 @@ def _gram_epilogue(acc, b, pid, n_blocks, l, part_ptr, gram_ptr, cnt_ptr, bmax_p
         store_sym(slot + pack, tl.dot(tl.trans(a1), a1, input_precision="ieee"), l, L)
     else:
         store_sym(slot, tl.dot(tl.trans(acc), acc, input_precision="ieee"), l, L)
-    if arrive(cnt_ptr + b, n_blocks):
+    last = arrive(cnt_ptr + b, n_blocks)
+    if last:
         base = part_ptr + b * n_slots * pack
         if FIND_SCALE:
             amax = _max_partials(bmax_ptr + b * n_blocks, n_blocks, NC)
@@ -222,6 +233,7 @@ def _gram_epilogue(acc, b, pid, n_blocks, l, part_ptr, gram_ptr, cnt_ptr, bmax_p
             rinv = _orth_factor(gram_ptr + b * pack, tin_ptr + b * L * L, l, L, FLOOR, HAS_TIN, True)
             tl.store(factor_ptr + b * L * L + cl[:, None] * L + cl[None, :], rinv)
             signal(done_ptr + b)
+    return last
 
 
 @triton.jit
@@ -339,12 +351,32 @@ def _x_mm_kernel(
 
 
 @triton.jit
+def _ritz_finish(b, l, r, gram_ptr, t_ptr, amax_ptr, vsel_ptr, eval_ptr, L: tl.constexpr, FINISH: tl.constexpr,
+                 MAX_SWEEPS: tl.constexpr, TOL2: tl.constexpr):  # fmt: skip
+    """The Rayleigh-Ritz step on G(W)[b], by the last pass's last program of sample b once it
+    has written G(W)[b] (the eigen-solver of the leverage / spectral ops without a launch of
+    its own; one program per sample, as that launch had). FINISH 1 (leverage): T[b] V_r and
+    the eigenvalues into vsel (B, L, L) and evals (B, L) (small.top_subspace_tile); 2
+    (spectral): the IPR of the r largest Ritz values into evals (B,) (small.ritz_ipr_tile)."""
+    tl.debug_barrier()  # G's stores precede every thread's loads of it
+    g = load_sym(gram_ptr + b * (l * (l + 1) // 2), l, L, True)
+    idx = tl.arange(0, L)
+    if FINISH == 1:
+        vsel, d = top_subspace_tile(g, load_square(t_ptr + b * L * L, L), l, r, L, MAX_SWEEPS, TOL2)
+        tl.store(vsel_ptr + b * L * L + idx[:, None] * L + idx[None, :], vsel)
+        tl.store(eval_ptr + b * L + idx, d)
+    else:
+        tl.store(eval_ptr + b, ritz_ipr_tile(g, tl.load(amax_ptr + b), l, r, L, MAX_SWEEPS, TOL2))
+
+
+@triton.jit
 def _xt_mm_program(pid, b, x_ptr, amax_ptr, q_ptr, out_ptr, part_ptr, gram_ptr, cnt_ptr, done_ptr, tin_ptr, factor_ptr,
                    N, D, l, n_blocks, x_sb, x_sn, x_sd, q_sb, q_sn, o_sb, o_sd, t_ptr, L: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr,
                    STORE_OUT: tl.constexpr, GRAM: tl.constexpr, SLOTS: tl.constexpr, SUM_BLOCK: tl.constexpr,
-                   HAS_T: tl.constexpr, ORTH: tl.constexpr, FLOOR: tl.constexpr,
-                   HAS_TIN: tl.constexpr):  # fmt: skip
+                   HAS_T: tl.constexpr, ORTH: tl.constexpr, FLOOR: tl.constexpr, HAS_TIN: tl.constexpr,
+                   vsel_ptr, eval_ptr, r, FINISH: tl.constexpr, MAX_SWEEPS: tl.constexpr,
+                   TOL2: tl.constexpr):  # fmt: skip
     """Program (pid, b) of _xt_mm_kernel's pass."""
     inv = pow2_inverse(tl.load(amax_ptr + b))
     rd = pid * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -365,8 +397,12 @@ def _xt_mm_program(pid, b, x_ptr, amax_ptr, q_ptr, out_ptr, part_ptr, gram_ptr, 
     if STORE_OUT:
         tl.store(out_ptr + b * o_sb + rd[:, None] * o_sd + cl[None, :], acc, mask=(rd < D)[:, None])
     if GRAM:
-        _gram_epilogue(acc, b, pid, n_blocks, l, part_ptr, gram_ptr, cnt_ptr, cnt_ptr, amax_ptr, done_ptr, tin_ptr,
-                       factor_ptr, L, BLOCK_D, SLOTS, SUM_BLOCK, False, 1, ORTH, FLOOR, HAS_TIN)  # fmt: skip
+        last = _gram_epilogue(acc, b, pid, n_blocks, l, part_ptr, gram_ptr, cnt_ptr, cnt_ptr, amax_ptr, done_ptr,
+                              tin_ptr, factor_ptr, L, BLOCK_D, SLOTS, SUM_BLOCK, False, 1, ORTH, FLOOR,
+                              HAS_TIN)  # fmt: skip
+        if FINISH != 0:
+            if last:
+                _ritz_finish(b, l, r, gram_ptr, t_ptr, amax_ptr, vsel_ptr, eval_ptr, L, FINISH, MAX_SWEEPS, TOL2)
 
 
 @triton.jit
@@ -395,6 +431,9 @@ def _xt_mm_kernel(
     opart_ptr,
     ot_ptr,
     n_tiles,
+    vsel_ptr,
+    eval_ptr,
+    r,
     L: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -410,12 +449,16 @@ def _xt_mm_kernel(
     O_CHUNK: tl.constexpr,
     FLOOR: tl.constexpr,
     O_HAS_T: tl.constexpr,
+    FINISH: tl.constexpr,
+    MAX_SWEEPS: tl.constexpr,
+    TOL2: tl.constexpr,
 ):
     """P[b] = (X[b] / 2^e)^T @ Q[b]: (D, N) @ (N, L), one program per
     BLOCK_D columns of X, times T[b] (L, L) with HAS_T (applied to the tile before its Gram:
     the Gram of P T, not T^T G(P) T, whose rounding T would amplify); with GRAM also the
     packed Gram P[b]^T P[b]. ORTH (with GRAM and STORE_OUT, not HAS_T): a trailing orth
-    phase, as _x_mm_kernel's."""
+    phase, as _x_mm_kernel's. FINISH (the last pass, with GRAM, not ORTH): the sample's last
+    program then runs the Rayleigh-Ritz step on the Gram (_ritz_finish)."""
     prog = tl.program_id(0)
     if ORTH:
         if prog < n_blocks * batch:
@@ -423,7 +466,7 @@ def _xt_mm_kernel(
             _xt_mm_program(pid, b.to(tl.int64), x_ptr, amax_ptr, q_ptr, out_ptr, part_ptr, gram_ptr, cnt_ptr,
                            cnt_ptr + batch, tin_ptr, ot_ptr, N, D, l, n_blocks, x_sb, x_sn, x_sd, q_sb, q_sn, o_sb,
                            o_sd, t_ptr, L, BLOCK_N, BLOCK_D, SPLIT, PRECISION, STORE_OUT, GRAM, SLOTS, SUM_BLOCK,
-                           HAS_T, True, FLOOR, O_HAS_T)  # fmt: skip
+                           HAS_T, True, FLOOR, O_HAS_T, vsel_ptr, eval_ptr, r, 0, MAX_SWEEPS, TOL2)  # fmt: skip
         else:
             pid, b = unflatten2(prog - n_blocks * batch, n_tiles)
             _orth_program(pid, b.to(tl.int64), out_ptr, out_ptr, gram_ptr, tin_ptr, opart_ptr, ot_ptr,
@@ -434,8 +477,8 @@ def _xt_mm_kernel(
         pid, b = unflatten2(prog, n_blocks)
         _xt_mm_program(pid, b.to(tl.int64), x_ptr, amax_ptr, q_ptr, out_ptr, part_ptr, gram_ptr, cnt_ptr, cnt_ptr,
                        tin_ptr, ot_ptr, N, D, l, n_blocks, x_sb, x_sn, x_sd, q_sb, q_sn, o_sb, o_sd, t_ptr, L, BLOCK_N,
-                       BLOCK_D, SPLIT, PRECISION, STORE_OUT, GRAM, SLOTS, SUM_BLOCK, HAS_T, False, FLOOR,
-                       False)  # fmt: skip
+                       BLOCK_D, SPLIT, PRECISION, STORE_OUT, GRAM, SLOTS, SUM_BLOCK, HAS_T, False, FLOOR, False,
+                       vsel_ptr, eval_ptr, r, FINISH, MAX_SWEEPS, TOL2)  # fmt: skip
 
 
 @triton.jit
@@ -471,25 +514,6 @@ def _cholesky_inverse(g, l, L: tl.constexpr, FLOOR: tl.constexpr):
         new_row = (tl.where(idx == i, 1.0, 0.0) - acc) / rii
         rinv = tl.where(rows == i, new_row[None, :], rinv)
     return rinv
-
-
-@triton.jit
-def small_matmul(a, b, L: tl.constexpr, TRANS_A: tl.constexpr = False):
-    """a @ b (a^T @ b with TRANS_A) of (L, L) float32 register tiles as L rank-one updates
-    in k order: float32 products and sums like an ieee tl.dot, but it holds only the two
-    operands and the result (an L x L FMA tl.dot next to a Cholesky spills)."""
-    idx = tl.arange(0, L)
-    rows = idx[:, None]
-    cols = idx[None, :]
-    c = tl.zeros((L, L), tl.float32)
-    for k in range(L):
-        if TRANS_A:
-            ak = tl.sum(tl.where(rows == k, a, 0.0), axis=0)
-        else:
-            ak = tl.sum(tl.where(cols == k, a, 0.0), axis=1)
-        bk = tl.sum(tl.where(rows == k, b, 0.0), axis=0)
-        c += ak[:, None] * bk[None, :]
-    return c
 
 
 @triton.jit
@@ -842,29 +866,65 @@ class ScaledPasses:
         packed Gram of P if gram), as x_mm."""
         return self._run(_xt_mm_kernel, q, self.d, self.block_d, gram, store, BLOCK_N=REDUCE_BLOCK,
                          BLOCK_D=self.block_d, t_ptr=self.counters if t is None else t,
-                         HAS_T=t is not None, num_warps=T_PASS_WARPS if t is not None else 4)[:2]  # fmt: skip
+                         HAS_T=t is not None, num_warps=T_PASS_WARPS if t is not None else 4,
+                         **self._no_finish())[:2]  # fmt: skip
+
+    def ritz_pass(
+        self, q: torch.Tensor, t: torch.Tensor, finish: int, r: int
+    ) -> tuple[torch.Tensor, ...]:
+        """The last pass: the packed Gram G of W = (X^T q) t (W not stored), then by each
+        sample's last program the Rayleigh-Ritz step on it: finish FINISH_TOP_SUBSPACE ->
+        (G, t V_r (B, L, L), the eigenvalues (B, L)), FINISH_IPR -> (G, the IPR of the r
+        largest Ritz values (B,)). The width must fit (``fused_finish``)."""
+        dev = self.x.device
+        if finish == FINISH_TOP_SUBSPACE:
+            vsel = empty(self.batch, self.width, self.width, dtype=torch.float32, device=dev)
+            evals = empty(self.batch, self.width, dtype=torch.float32, device=dev)
+        else:
+            vsel, evals = None, empty(self.batch, dtype=torch.float32, device=dev)
+        _, g, _ = self._run(_xt_mm_kernel, q, self.d, self.block_d, True, False, BLOCK_N=REDUCE_BLOCK,
+                            BLOCK_D=self.block_d, t_ptr=t, HAS_T=True, num_warps=T_PASS_WARPS,
+                            vsel_ptr=self.counters if vsel is None else vsel, eval_ptr=evals, r=r, FINISH=finish,
+                            MAX_SWEEPS=JACOBI_MAX_SWEEPS, TOL2=JACOBI_TOL2)  # fmt: skip
+        return (g, vsel, evals) if vsel is not None else (g, evals)
+
+    def _no_finish(self) -> dict:
+        return dict(vsel_ptr=self.counters, eval_ptr=self.counters, r=0, FINISH=0, MAX_SWEEPS=JACOBI_MAX_SWEEPS,
+                    TOL2=JACOBI_TOL2)  # fmt: skip
 
     def xt_mm_orth(self, q: torch.Tensor, tin: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """CholeskyQR2 of (X^T @ q) tin in one launch, as x_mm_orth: (Q1 (B, D, L), T)."""
         z, _, t = self._run(_xt_mm_kernel, q, self.d, self.block_d, True, True, tin, True, BLOCK_N=REDUCE_BLOCK,
-                            BLOCK_D=self.block_d, t_ptr=self.counters, HAS_T=False)  # fmt: skip
+                            BLOCK_D=self.block_d, t_ptr=self.counters, HAS_T=False, **self._no_finish())  # fmt: skip
         return z, t
 
 
+def fused_finish(l: int) -> bool:
+    """Whether the last pass can run the Rayleigh-Ritz step of a sketch of width l itself
+    (``ScaledPasses.ritz_pass``): up to FUSED_FINISH_MAX_WIDTH; wider ones take a launch of
+    their own (leverage.top_subspace, spectral's _ritz_ipr_kernel)."""
+    return sketch_width(l) <= FUSED_FINISH_MAX_WIDTH
+
+
 def range_finder(
-    x: torch.Tensor, l: int, seed: int, power_iters: int, op: str
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x: (B, N, D) -> (amax, Q1, T, G): max |x[b]| (B,) (Inf exactly where x[b] has a NaN
+    x: torch.Tensor, l: int, seed: int, power_iters: int, op: str, finish: int = 0, r: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...] | None]:
+    """x: (B, N, D) -> (amax, Q1, T, G, finished): max |x[b]| (B,) (Inf exactly where x[b] has a NaN
     or Inf); the orthonormal basis Q = Q1 T of the range after power_iters power
     iterations as Q1 (B, N, L) and T (B, L, L); the packed Gram G (B, l (l + 1) / 2) of
     W = X^T Q = (X^T Q1) T (T applied to each tile of the last pass before its Gram; W is
     never stored). All float32 and of the scaled X (columns >= l zero). The Ritz values of X
-    on Q are the eigenvalues of G."""
+    on Q are the eigenvalues of G. finish (FINISH_TOP_SUBSPACE, FINISH_IPR; 0: none; the width
+    must fit, ``fused_finish``): the last pass also runs that Rayleigh-Ritz step with rank r,
+    ``finished`` is what ``ScaledPasses.ritz_pass`` returns past G (None without finish)."""
     omega = gaussian_sketch(x.shape[2], l, sketch_width(l), seed, x.device, op)
     passes = ScaledPasses(x, l, op, find_scale=True)
     q, t = passes.sketch_orth(omega)
     for _ in range(power_iters):
         z, tz = passes.xt_mm_orth(q, t)  # X^T Q = (X^T Q1) t
         q, t = passes.x_mm_orth(z, tz)
+    if finish:
+        g, *finished = passes.ritz_pass(q, t, finish, r)
+        return passes.amax, q, t, g, tuple(finished)
     _, g = passes.xt_mm(q, gram=True, store=False, t=t)
-    return passes.amax, q, t, g
+    return passes.amax, q, t, g, None

@@ -39,8 +39,9 @@ the others are unaffected.
 Top r (1 <= r < m): the randomized range finder of sketch.py on x (Gaussian sketch of width
 l = ``spectral_sketch(m, r)``, ``POWER_ITERS`` power iterations with CholeskyQR2
 re-orthonormalization, skipped when the sketch spans all m directions), Rayleigh-Ritz by the
-Jacobi solver of leverage.py without eigenvectors (the l Ritz values approximate lam_1..lam_l
-from below) and the IPR of the r largest Ritz values, in one kernel, ``_ritz_ipr_kernel``. A
+Jacobi solver of small.py without eigenvectors (the l Ritz values approximate lam_1..lam_l
+from below) and the IPR of the r largest Ritz values, run by the last pass's last program of
+each sample (sketch.ritz_pass; a sketch wider than 64: a launch of its own, ``_ritz_ipr_kernel``). A
 sample whose x[b] has a NaN or Inf (its max |x[b]|, which scales the passes, is then NaN or
 Inf) gets NaN. The sketch must fit the solver's registers
 (``SPECTRAL_MAX_SKETCH`` columns) with ``SPECTRAL_MIN_OVERSAMPLE`` columns past r, unless it
@@ -53,8 +54,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .leverage import JACOBI_MAX_SWEEPS, JACOBI_TOL2, JACOBI_WARPS, jacobi_eigen, top_r_mask
-from .sketch import load_sym, range_finder, scale_tile, sketch_width
+from .sketch import FINISH_IPR, fused_finish, load_sym, range_finder, scale_tile, sketch_width
+from .small import JACOBI_MAX_SWEEPS, JACOBI_TOL2, JACOBI_WARPS, ritz_ipr_tile
 from .ticket import arrive, counters, load_partial
 from .utils import empty, flat_grid, interpreted, unflatten2
 
@@ -234,16 +235,7 @@ def _ritz_ipr_kernel(
     NaN where x[b] has a NaN or Inf (its max |x[b]| is then NaN or Inf)."""
     b = tl.program_id(0).to(tl.int64)
     g = load_sym(g_ptr + b * (l * (l + 1) // 2), l, L)
-    e, _ = jacobi_eigen(g, l, L, MAX_SWEEPS, TOL2, False)
-    keep = top_r_mask(e, l, r, L)
-    lam = tl.where(keep, tl.maximum(e, 0.0), 0.0)
-    total = tl.sum(lam, axis=0)
-    p = lam / tl.where(total > 0.0, total, 1.0)
-    ipr = tl.where(total > 0.0, tl.sum(p * p, axis=0), 0.0)
-    amax = tl.load(amax_ptr + b)
-    nan_eigen = tl.sum(tl.where(keep & (e != e), 1, 0), axis=0)
-    finite = (amax == amax) & (amax < float("inf")) & (nan_eigen == 0) & (tl.abs(total) < float("inf"))
-    tl.store(out_ptr + b, tl.where(finite, ipr, float("nan")))
+    tl.store(out_ptr + b, ritz_ipr_tile(g, tl.load(amax_ptr + b), l, r, L, MAX_SWEEPS, TOL2))
 
 
 def full_ipr(x: torch.Tensor) -> torch.Tensor:
@@ -295,15 +287,11 @@ def sketch_fits(m: int, r: int) -> bool:
     return l == m or l >= r + SPECTRAL_MIN_OVERSAMPLE
 
 
-def topr_ipr(x: torch.Tensor, r: int) -> torch.Tensor:
-    """x: (B, N, D) -> (B,) float32 IPR of the r largest squared singular values, estimated
-    from a sketch of width l = spectral_sketch(min(N, D), r) (r < l <= min(N, D);
-    l = min(N, D) is exact up to rounding). r must fit (``sketch_fits``)."""
-    batch, n, d = x.shape
-    l = spectral_sketch(min(n, d), r)
-    power_iters = 0 if l == min(n, d) else POWER_ITERS
-    amax, _, _, g = range_finder(x, l, SKETCH_SEED, power_iters, "spectral_ipr")
-    out = empty(batch, dtype=torch.float32, device=x.device)
+def ritz_ipr(g: torch.Tensor, amax: torch.Tensor, l: int, r: int) -> torch.Tensor:
+    """The IPR of the r largest eigenvalues of the packed Gram g (B, l (l + 1) / 2) (the range
+    finder's G(W)), NaN where amax (B,) is not finite: one launch, one program per sample."""
+    batch = g.shape[0]
+    out = empty(batch, dtype=torch.float32, device=g.device)
     _ritz_ipr_kernel[(batch,)](
         g,
         amax,
@@ -316,6 +304,21 @@ def topr_ipr(x: torch.Tensor, r: int) -> torch.Tensor:
         num_warps=JACOBI_WARPS,
     )
     return out
+
+
+def topr_ipr(x: torch.Tensor, r: int) -> torch.Tensor:
+    """x: (B, N, D) -> (B,) float32 IPR of the r largest squared singular values, estimated
+    from a sketch of width l = spectral_sketch(min(N, D), r) (r < l <= min(N, D);
+    l = min(N, D) is exact up to rounding). r must fit (``sketch_fits``). The Rayleigh-Ritz
+    step runs in the last pass's last programs when the sketch fits there (``fused_finish``)."""
+    n, d = x.shape[1:]
+    l = spectral_sketch(min(n, d), r)
+    power_iters = 0 if l == min(n, d) else POWER_ITERS
+    if fused_finish(l):
+        *_, (ipr,) = range_finder(x, l, SKETCH_SEED, power_iters, "spectral_ipr", FINISH_IPR, r)
+        return ipr
+    amax, _, _, g, _ = range_finder(x, l, SKETCH_SEED, power_iters, "spectral_ipr")
+    return ritz_ipr(g, amax, l, r)
 
 
 def spectral_ipr(x: torch.Tensor, r: int | None) -> torch.Tensor:
