@@ -252,9 +252,9 @@ def test_cholesky_qr_orthonormalizes(l, m, gen):
     assert bool((counters == 0).all())  # the arrival counters are left as found
     q1, t = q1.cpu().double(), t.cpu().double()
     assert torch.isfinite(q1).all() and torch.isfinite(t).all()
-    assert bool((q1[..., l:] == 0).all()) and torch.equal(t[:, l:, l:], torch.eye(width - l).expand(2, -1, -1))
+    assert q1.shape == (2, m, l) and torch.equal(t[:, l:, l:], torch.eye(width - l).expand(2, -1, -1))
     assert bool((t[:, :l, l:] == 0).all()) and bool((t[:, l:, :l] == 0).all())
-    q = (q1 @ t)[..., :l]
+    q = q1 @ t[:, :l, :l]
     eye = torch.eye(l, dtype=torch.float64)
     # CholeskyQR2 in float32: ||Q^T Q - I|| ~ m u (sums of m products), far below 1e-5.
     assert torch.allclose(q[0].mT @ q[0], eye, atol=1e-5)
@@ -276,14 +276,15 @@ def test_pass_block_fills_the_sms(extent, batch, block):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_pass_blocks_give_the_same_bits(dtype, gen):
     """The output-tile block of the passes over x (chosen from the shape) splits the outputs,
-    never the sums: every block gives the same bits, and they are X / 2^e times the operand."""
-    b, n, d, width = 2, 77, 100, 16
+    never the sums: every block gives the same bits, and they are X / 2^e times the operand
+    (its l first columns stored: (B, M, l))."""
+    b, n, d, width, l = 2, 77, 100, 16, 12
     x = (torch.randn(b, n, d, generator=gen) * 3).to(dtype)
     z = torch.randn(b, d, width, generator=gen)
     q = torch.randn(b, n, width, generator=gen)
     outs = []
     for block in (64, 32, 16):
-        passes = triton_sketch.ScaledPasses(x.to(TRITON_DEVICE), 12, "leverage_scores", out_block=block)
+        passes = triton_sketch.ScaledPasses(x.to(TRITON_DEVICE), l, "leverage_scores", out_block=block)
         assert (passes.block_n, passes.block_d) == (block, block)
         outs.append([t[0].cpu() for t in (passes.x_mm(z.to(TRITON_DEVICE)), passes.x_mm(z[0].to(TRITON_DEVICE)),
                                           passes.xt_mm(q.to(TRITON_DEVICE)))])  # fmt: skip
@@ -297,6 +298,7 @@ def test_pass_blocks_give_the_same_bits(dtype, gen):
     xs = x.double() * scale
     tol = 2.0**-22 + d * 2.0**-24
     for block, (y, y_shared, w) in zip((64, 32, 16), outs, strict=True):
-        assert_rel_close(y, xs @ z.double(), tol, f"x_mm, block {block}")
-        assert_rel_close(y_shared, xs @ z[0].double(), tol, f"x_mm, shared operand, block {block}")
-        assert_rel_close(w, xs.mT @ q.double(), 2.0**-22 + n * 2.0**-24, f"xt_mm, block {block}")
+        assert y.shape == y_shared.shape == (b, n, l) and w.shape == (b, d, l)
+        assert_rel_close(y, (xs @ z.double())[..., :l], tol, f"x_mm, block {block}")
+        assert_rel_close(y_shared, (xs @ z[0].double())[..., :l], tol, f"x_mm, shared operand, block {block}")
+        assert_rel_close(w, (xs.mT @ q.double())[..., :l], 2.0**-22 + n * 2.0**-24, f"xt_mm, block {block}")

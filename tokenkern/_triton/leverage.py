@@ -66,13 +66,17 @@ def _top_subspace_kernel(
 
 @triton.jit
 def _row_scores_kernel(
-    q_ptr, v_ptr, s_ptr, N, n_blocks, q_sb, q_sn, v_sb, s_sb, L: tl.constexpr, BLOCK_N: tl.constexpr
+    q_ptr, v_ptr, s_ptr, N, n_blocks, q_sb, q_sn: tl.constexpr, v_sb, s_sb, L: tl.constexpr, BLOCK_N: tl.constexpr
 ):
+    """s[b, i] = ||q[b, i] @ v[b]||^2, q rows of q_sn contiguous columns (a constexpr: the
+    column mask stays vectorizable), zero-padded to L."""
     pid, b = unflatten2(tl.program_id(0), n_blocks)
     b = b.to(tl.int64)
     rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     cl = tl.arange(0, L)
-    qt = tl.load(q_ptr + b * q_sb + rn[:, None] * q_sn + cl[None, :], mask=(rn < N)[:, None], other=0.0)
+    qt = tl.load(
+        q_ptr + b * q_sb + rn[:, None] * q_sn + cl[None, :], mask=(rn < N)[:, None] & (cl < q_sn)[None, :], other=0.0
+    )
     vt = tl.load(v_ptr + b * v_sb + cl[:, None] * L + cl[None, :])
     u = tl.dot(qt, vt, input_precision="ieee")
     tl.store(s_ptr + b * s_sb + rn, tl.sum(u * u, axis=1), mask=rn < N)
@@ -106,8 +110,10 @@ def top_subspace(g: torch.Tensor, t: torch.Tensor, l: int, r: int) -> tuple[torc
 
 
 def row_scores(q: torch.Tensor, vsel: torch.Tensor) -> torch.Tensor:
-    """||q[b, i] @ vsel[b]||^2 for q: (B, N, L), vsel: (B, L, L) -> (B, N) float32."""
-    batch, n, width = q.shape
+    """||q[b, i] @ vsel[b, :l]||^2 for q: (B, N, l), vsel: (B, L, L) -> (B, N) float32."""
+    q = q.contiguous()
+    batch, n, _ = q.shape
+    width = vsel.shape[-1]
     scores = empty(batch, n, dtype=torch.float32, device=q.device)
     n_blocks = triton.cdiv(n, 64)
     _row_scores_kernel[flat_grid("leverage_scores", n_blocks, batch)](

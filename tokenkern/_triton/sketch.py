@@ -2,17 +2,20 @@
 the stages shared by the leverage-score and spectral-IPR kernels.
 
     omega = gaussian(D, l, seed)                (D, L) shared by the batch; cached (gaussian.py)
-    Y = X @ omega, G(Y), max|X[b]|; Q1, T = orth(Y)  (B, N, L) one pass over X (one launch)
+    Y = X @ omega, G(Y), max|X[b]|; Q1, T = orth(Y)  (B, N, l) one pass over X (one launch)
     repeat power_iters:                         two passes over X per iteration, a launch each
         Z1, Tz = orth(X^T Q1, T);  Q1, T = orth(X Z1, Tz)   (CholeskyQR2 of P' T)
     G(W), W = (X^T Q1) T                        (B, l (l + 1) / 2) one pass over X; W is not stored
                                                 (ritz_pass: each sample's last program then runs
                                                 the Rayleigh-Ritz step on G(W), small.py)
 
-``L`` is the sketch width ``l`` rounded up to a power of two (at least 16, for tl.dot); the
-columns past ``l`` stay exactly zero throughout. The passes over X read it in its own dtype;
-a 16-bit X is multiplied against the float32 operand split into hi + lo 16-bit halves (two
-tensor-core products, float32 accumulation), a float32 X uses 3xTF32.
+``L`` is the sketch width ``l`` rounded up to a power of two (at least 16, for tl.dot): the
+register tiles are L wide, their columns past ``l`` exactly zero throughout, and the tall
+float32 operands the passes write (Y, Z, Q1: (B, M, l)) are stored l wide, so the next pass
+reads (and every program of it re-reads from L2) l / L of a padded operand's bytes. The
+passes over X read it in its own dtype; a 16-bit X is multiplied against the float32
+operand split into hi + lo 16-bit halves (two tensor-core products, float32 accumulation), a
+float32 X uses 3xTF32.
 
 orth is CholeskyQR2 in float32 over many programs, with no per-sample phase: every pass also
 writes the Gram P^T P of its output P (exact float32 products), as partials of GRAM_ROWS rows
@@ -78,7 +81,7 @@ ORTH_PASS_WARPS = ORTH_WARPS
 # is halved from PASS_MAX_BLOCK down to PASS_MIN_BLOCK until B x blocks reach FILL_CTAS (the
 # SMs of an H100/H200). Only the tile shrinks, not the sums (same chunks, same order), so
 # the results are the same bit for bit whatever the block. Every program reads the whole
-# (D, L) / (N, L) float32 operand from L2: per pass that is (programs x |operand|), L / 8
+# (D, l) / (N, l) float32 operand from L2: per pass that is (programs x |operand|), L / 8
 # times x's bytes at block 16 (16-bit x), hence the floor of 32.
 REDUCE_BLOCK = 64
 # The last pass also multiplies its (64, L) tile by T (L, L): at four warps that spills on sm_90.
@@ -140,6 +143,14 @@ def abs_max(x: torch.Tensor) -> torch.Tensor:
     The float32 result type makes it one kernel on CUDA (a 16-bit x is cast inside the
     reduction, not by a copy of the result); the max is exact either way."""
     return torch.linalg.vector_norm(x, float("inf"), dim=(1, 2), dtype=torch.float32)
+
+
+@triton.jit
+def _cols(width: tl.constexpr, L: tl.constexpr):
+    """(1, L) mask of the first ``width`` columns of a tall operand: its row stride, a
+    constexpr, as the operands are contiguous (B, M, width) tensors. A constexpr keeps the
+    mask constant over aligned groups of columns, so the loads and stores stay vectorized."""
+    return (tl.arange(0, L) < width)[None, :]
 
 
 @triton.jit
@@ -238,7 +249,8 @@ def _gram_epilogue(acc, b, pid, n_blocks, l, part_ptr, gram_ptr, cnt_ptr, bmax_p
 
 @triton.jit
 def _x_mm_program(pid, b, x_ptr, amax_ptr, z_ptr, out_ptr, part_ptr, gram_ptr, cnt_ptr, done_ptr, tin_ptr, factor_ptr,
-                  N, D, l, n_blocks, x_sb, x_sn, x_sd, z_sb, z_sd, o_sb, o_sn, bmax_ptr, L: tl.constexpr,
+                  N, D, l, n_blocks, x_sb, x_sn, x_sd, z_sb, z_sd: tl.constexpr, o_sb, o_sn: tl.constexpr, bmax_ptr,
+                  L: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr,
                   STORE_OUT: tl.constexpr, GRAM: tl.constexpr, SLOTS: tl.constexpr, SUM_BLOCK: tl.constexpr,
                   FIND_SCALE: tl.constexpr, NC: tl.constexpr, ORTH: tl.constexpr, FLOOR: tl.constexpr,
@@ -263,10 +275,12 @@ def _x_mm_program(pid, b, x_ptr, amax_ptr, z_ptr, out_ptr, part_ptr, gram_ptr, c
             acc = acc * (new_inv / inv)
             inv = new_inv
         xt = scale_tile(xt, inv)
-        zt = tl.load(z_ptr + b * z_sb + rd[:, None] * z_sd + cl[None, :], mask=(rd < D)[:, None], other=0.0)
+        zt = tl.load(
+            z_ptr + b * z_sb + rd[:, None] * z_sd + cl[None, :], mask=(rd < D)[:, None] & _cols(z_sd, L), other=0.0
+        )
         acc = _dot_x_f32(xt, zt, acc, SPLIT, PRECISION)
     if STORE_OUT:
-        tl.store(out_ptr + b * o_sb + rn[:, None] * o_sn + cl[None, :], acc, mask=(rn < N)[:, None])
+        tl.store(out_ptr + b * o_sb + rn[:, None] * o_sn + cl[None, :], acc, mask=(rn < N)[:, None] & _cols(o_sn, L))
     if FIND_SCALE:
         tl.store(bmax_ptr + b * n_blocks + pid, top)
     if GRAM:
@@ -291,9 +305,9 @@ def _x_mm_kernel(
     x_sn,
     x_sd,
     z_sb,
-    z_sd,
+    z_sd: tl.constexpr,
     o_sb,
-    o_sn,
+    o_sn: tl.constexpr,
     bmax_ptr,
     batch,
     tin_ptr,
@@ -371,7 +385,8 @@ def _ritz_finish(b, l, r, gram_ptr, t_ptr, amax_ptr, vsel_ptr, eval_ptr, L: tl.c
 
 @triton.jit
 def _xt_mm_program(pid, b, x_ptr, amax_ptr, q_ptr, out_ptr, part_ptr, gram_ptr, cnt_ptr, done_ptr, tin_ptr, factor_ptr,
-                   N, D, l, n_blocks, x_sb, x_sn, x_sd, q_sb, q_sn, o_sb, o_sd, t_ptr, L: tl.constexpr,
+                   N, D, l, n_blocks, x_sb, x_sn, x_sd, q_sb, q_sn: tl.constexpr, o_sb, o_sd: tl.constexpr, t_ptr,
+                   L: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr,
                    STORE_OUT: tl.constexpr, GRAM: tl.constexpr, SLOTS: tl.constexpr, SUM_BLOCK: tl.constexpr,
                    HAS_T: tl.constexpr, ORTH: tl.constexpr, FLOOR: tl.constexpr, HAS_TIN: tl.constexpr,
@@ -390,12 +405,14 @@ def _xt_mm_program(pid, b, x_ptr, amax_ptr, q_ptr, out_ptr, part_ptr, gram_ptr, 
             other=0.0,
         )
         xt = scale_tile(xt, inv)
-        qt = tl.load(q_ptr + b * q_sb + rn[:, None] * q_sn + cl[None, :], mask=(rn < N)[:, None], other=0.0)
+        qt = tl.load(
+            q_ptr + b * q_sb + rn[:, None] * q_sn + cl[None, :], mask=(rn < N)[:, None] & _cols(q_sn, L), other=0.0
+        )
         acc = _dot_x_f32(xt, qt, acc, SPLIT, PRECISION)
     if HAS_T:
         acc = tl.dot(acc, load_square(t_ptr + b * L * L, L), input_precision=PRECISION)
     if STORE_OUT:
-        tl.store(out_ptr + b * o_sb + rd[:, None] * o_sd + cl[None, :], acc, mask=(rd < D)[:, None])
+        tl.store(out_ptr + b * o_sb + rd[:, None] * o_sd + cl[None, :], acc, mask=(rd < D)[:, None] & _cols(o_sd, L))
     if GRAM:
         last = _gram_epilogue(acc, b, pid, n_blocks, l, part_ptr, gram_ptr, cnt_ptr, cnt_ptr, amax_ptr, done_ptr,
                               tin_ptr, factor_ptr, L, BLOCK_D, SLOTS, SUM_BLOCK, False, 1, ORTH, FLOOR,
@@ -422,9 +439,9 @@ def _xt_mm_kernel(
     x_sn,
     x_sd,
     q_sb,
-    q_sn,
+    q_sn: tl.constexpr,
     o_sb,
-    o_sd,
+    o_sd: tl.constexpr,
     t_ptr,
     batch,
     tin_ptr,
@@ -547,7 +564,8 @@ def _orth_factor(g_ptr, tin_ptr, l, L: tl.constexpr, FLOOR: tl.constexpr, HAS_T:
 
 @triton.jit
 def _orth_program(pid, b, p_ptr, q_ptr, g_ptr, tin_ptr, part_ptr, t_ptr, cnt_ptr, done_ptr, amax_ptr, bmax_ptr, M, l,
-                  n_tiles, scale_block, n_scale_blocks, p_sb, p_sm, q_sb, q_sm, L: tl.constexpr, BLOCK: tl.constexpr,
+                  n_tiles, scale_block, n_scale_blocks, p_sb, p_sm: tl.constexpr, q_sb, q_sm: tl.constexpr,
+                  L: tl.constexpr, BLOCK: tl.constexpr,
                   CHUNK: tl.constexpr, FLOOR: tl.constexpr, HAS_T: tl.constexpr, ROW_SCALE: tl.constexpr,
                   FUSED: tl.constexpr):  # fmt: skip
     """Program (pid, b) of orth (see _orth_kernel). FUSED: a trailing phase of the pass that
@@ -573,9 +591,9 @@ def _orth_program(pid, b, p_ptr, q_ptr, g_ptr, tin_ptr, part_ptr, t_ptr, cnt_ptr
         live = (rm < M)[:, None]
         offs = p_ptr + b * p_sb + rm[:, None] * p_sm + cl[None, :]
         if FUSED:
-            t = load_partial(offs, mask=live, other=0.0)
+            t = load_partial(offs, mask=live & _cols(p_sm, L), other=0.0)
         else:
-            t = tl.load(offs, mask=live, other=0.0)
+            t = tl.load(offs, mask=live & _cols(p_sm, L), other=0.0)
         qt = tl.dot(t, rinv, input_precision="ieee")
         if ROW_SCALE:  # exact: the same bits as scaling t
             boffs = bmax_ptr + b * n_scale_blocks + rm // scale_block
@@ -584,7 +602,7 @@ def _orth_program(pid, b, p_ptr, q_ptr, g_ptr, tin_ptr, part_ptr, t_ptr, cnt_ptr
             else:
                 bm = tl.load(boffs, mask=rm < M, other=0.0)
             qt = qt * (inv / pow2_inverse(bm))[:, None]
-        tl.store(q_ptr + b * q_sb + rm[:, None] * q_sm + cl[None, :], qt, mask=live)
+        tl.store(q_ptr + b * q_sb + rm[:, None] * q_sm + cl[None, :], qt, mask=live & _cols(q_sm, L))
         g2 = tl.dot(tl.trans(qt), qt, g2, input_precision="ieee")
     store_sym(part_ptr + (b * n_tiles + pid) * pack, g2, l, L)
     if arrive(cnt_ptr + b, n_tiles):
@@ -614,9 +632,9 @@ def _orth_kernel(
     scale_block,
     n_scale_blocks,
     p_sb,
-    p_sm,
+    p_sm: tl.constexpr,
     q_sb,
-    q_sm,
+    q_sm: tl.constexpr,
     L: tl.constexpr,
     BLOCK: tl.constexpr,
     CHUNK: tl.constexpr,
@@ -665,6 +683,12 @@ def pack_symmetric(h: torch.Tensor, l: int) -> torch.Tensor:
     return h[:, i, j].contiguous()
 
 
+def _contiguous_rows(t: torch.Tensor) -> torch.Tensor:
+    """t with rows of contiguous columns (row stride = columns): the kernels take a tall
+    operand's row stride as its width (``_cols``)."""
+    return t if t.stride(-1) == 1 and t.stride(-2) == t.shape[-1] else t.contiguous()
+
+
 def orth_block(m: int) -> int:
     """Rows per program of orth for M rows: ORTH_MIN_BLOCK doubled until M needs at most
     ORTH_MAX_TILES programs per sample (independent of the batch)."""
@@ -685,14 +709,17 @@ def orthonormalize(
     row_scale: tuple[torch.Tensor, torch.Tensor, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """CholeskyQR2 of p tin (tin: (B, L, L), well conditioned; None: the identity) for
-    p: (B, M, L) float32 (columns >= l zero) given the packed Gram g of p (B, l (l + 1) / 2)
-    -> (Q1 (B, M, L), T (B, L, L)), Q1 T orthonormal, T upper triangular.
+    p: (B, M, l) float32 (or (B, M, w >= l), columns >= l zero) given the packed Gram g of p
+    (B, l (l + 1) / 2) -> (Q1 (B, M, l) (p itself with inplace), T (B, L, L)), Q1 T[:, :l, :l]
+    orthonormal, T upper triangular (the identity past l).
     row_scale: (amax (B,), bmax (B, M / block), block) when p is the first pass's output at
     block scale (ScaledPasses.sketch); Q1 is then at the sample's scale.
     counters: >= B int32 zeros (left zero). Scratch: (B, tiles, l (l + 1) / 2) float32
     partial Grams of Q1, at most ORTH_MAX_TILES per sample."""
-    batch, m, width = p.shape
-    q = p if inplace else torch.empty_like(p)
+    p = _contiguous_rows(p)
+    batch, m, _ = p.shape
+    width = sketch_width(l)
+    q = p if inplace else empty(batch, m, l, dtype=torch.float32, device=p.device)
     block = orth_block(m)
     n_tiles = triton.cdiv(m, block)
     part = empty(batch, n_tiles, packed_size(l), dtype=torch.float32, device=p.device)
@@ -766,10 +793,11 @@ class ScaledPasses:
         n_blocks = triton.cdiv(extent, block)
         slots = 2 if block > GRAM_ROWS else 1
         pack = packed_size(self.l)
-        out = empty(self.batch, extent, self.width, dtype=torch.float32, device=dev) if store else None
+        out = empty(self.batch, extent, self.l, dtype=torch.float32, device=dev) if store else None
         part = empty(self.batch, n_blocks * slots, pack, dtype=torch.float32, device=dev) if gram else None
         g = empty(self.batch, pack, dtype=torch.float32, device=dev) if gram else None
         unused = self.counters  # the pointer of a disabled stage (never read or written)
+        s = _contiguous_rows(s)
         s_sb = 0 if s.dim() == 2 else s.stride(0)
         t, opart, n_tiles, o_block = None, None, 0, ORTH_MIN_BLOCK
         if orth:
@@ -821,14 +849,15 @@ class ScaledPasses:
     def x_mm(
         self, z: torch.Tensor, gram: bool = False, store: bool = True
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """X @ z for z of shape (B, D, L), or (D, L) shared by the batch -> (P (B, N, L)
+        """X @ z for z of shape (B, D, w), or (D, w) shared by the batch (w >= l, columns >= l
+        zero) -> (P (B, N, l)
         unless not store, packed Gram of P (B, l (l + 1) / 2) if gram). Scratch with gram:
         (B, N / GRAM_ROWS, l (l + 1) / 2) float32 partial Grams."""
         return self._run(_x_mm_kernel, z, self.n, self.block_n, gram, store, BLOCK_N=self.block_n,
                          BLOCK_D=REDUCE_BLOCK, bmax_ptr=self.counters, FIND_SCALE=False, NC=1)[:2]  # fmt: skip
 
     def x_mm_orth(self, z: torch.Tensor, tin: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """CholeskyQR2 of (X @ z) tin in one launch (orthonormalize's Q1 (B, N, L) and T
+        """CholeskyQR2 of (X @ z) tin in one launch (orthonormalize's Q1 (B, N, l) and T
         (B, L, L), the same bits): the pass, then its trailing orth phase. Scratch: the
         pass's and orth's partial Grams."""
         q, _, t = self._run(_x_mm_kernel, z, self.n, self.block_n, True, True, tin, True, BLOCK_N=self.block_n,
@@ -837,7 +866,7 @@ class ScaledPasses:
 
     def sketch(self, omega: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor, int]]:
         """The first pass, for passes built with find_scale: X @ omega for omega (D, L) while
-        finding the scale -> (Y (B, N, L), each block of ``block_n`` rows at its own block's
+        finding the scale -> (Y (B, N, l), each block of ``block_n`` rows at its own block's
         scale; the packed Gram of Y at the sample's scale; the row scale of Y for ``orth``).
         Writes ``amax`` (max |x[b]|, Inf where x[b] has a NaN or Inf). Scratch: the block maxima
         (B, N / block_n) float32."""
@@ -862,16 +891,14 @@ class ScaledPasses:
     def xt_mm(
         self, q: torch.Tensor, gram: bool = False, store: bool = True, t: torch.Tensor | None = None
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """X^T @ q (@ t for t: (B, L, L)) for q: (B, N, L) -> (P (B, D, L) unless not store,
+        """X^T @ q (@ t for t: (B, L, L)) for q: (B, N, w) -> (P (B, D, l) unless not store,
         packed Gram of P if gram), as x_mm."""
         return self._run(_xt_mm_kernel, q, self.d, self.block_d, gram, store, BLOCK_N=REDUCE_BLOCK,
                          BLOCK_D=self.block_d, t_ptr=self.counters if t is None else t,
                          HAS_T=t is not None, num_warps=T_PASS_WARPS if t is not None else 4,
                          **self._no_finish())[:2]  # fmt: skip
 
-    def ritz_pass(
-        self, q: torch.Tensor, t: torch.Tensor, finish: int, r: int
-    ) -> tuple[torch.Tensor, ...]:
+    def ritz_pass(self, q: torch.Tensor, t: torch.Tensor, finish: int, r: int) -> tuple[torch.Tensor, ...]:
         """The last pass: the packed Gram G of W = (X^T q) t (W not stored), then by each
         sample's last program the Rayleigh-Ritz step on it: finish FINISH_TOP_SUBSPACE ->
         (G, t V_r (B, L, L), the eigenvalues (B, L)), FINISH_IPR -> (G, the IPR of the r
@@ -893,7 +920,7 @@ class ScaledPasses:
                     TOL2=JACOBI_TOL2)  # fmt: skip
 
     def xt_mm_orth(self, q: torch.Tensor, tin: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """CholeskyQR2 of (X^T @ q) tin in one launch, as x_mm_orth: (Q1 (B, D, L), T)."""
+        """CholeskyQR2 of (X^T @ q) tin in one launch, as x_mm_orth: (Q1 (B, D, l), T)."""
         z, _, t = self._run(_xt_mm_kernel, q, self.d, self.block_d, True, True, tin, True, BLOCK_N=REDUCE_BLOCK,
                             BLOCK_D=self.block_d, t_ptr=self.counters, HAS_T=False, **self._no_finish())  # fmt: skip
         return z, t
@@ -910,10 +937,10 @@ def range_finder(
     x: torch.Tensor, l: int, seed: int, power_iters: int, op: str, finish: int = 0, r: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...] | None]:
     """x: (B, N, D) -> (amax, Q1, T, G, finished): max |x[b]| (B,) (Inf exactly where x[b] has a NaN
-    or Inf); the orthonormal basis Q = Q1 T of the range after power_iters power
-    iterations as Q1 (B, N, L) and T (B, L, L); the packed Gram G (B, l (l + 1) / 2) of
+    or Inf); the orthonormal basis Q = Q1 T[:l, :l] of the range after power_iters power
+    iterations as Q1 (B, N, l) and T (B, L, L); the packed Gram G (B, l (l + 1) / 2) of
     W = X^T Q = (X^T Q1) T (T applied to each tile of the last pass before its Gram; W is
-    never stored). All float32 and of the scaled X (columns >= l zero). The Ritz values of X
+    never stored). All float32 and of the scaled X (T the identity past l). The Ritz values of X
     on Q are the eigenvalues of G. finish (FINISH_TOP_SUBSPACE, FINISH_IPR; 0: none; the width
     must fit, ``fused_finish``): the last pass also runs that Rayleigh-Ritz step with rank r,
     ``finished`` is what ``ScaledPasses.ritz_pass`` returns past G (None without finish)."""

@@ -47,7 +47,6 @@ class Breach:
 ALLOWED: dict[tuple[str, str, str], float] = {
     # dpp/maxmin/mmr_select: the (B, N, N) float32 Gram matrix is scratch (GEMM writes, greedy reads).
     ("dpp_select", "", "bytes"): 4.21,
-    ("leverage_topk", "", "bytes"): 1.30,
     # the l x l Jacobi eigen-solver (~234 dependent rounds at L = 64) in the last pass's last program per sample
     ("leverage_topk", "_xt_mm_kernel (eigen-solver in the last programs)", "per_sample_b1"): 1,
     ("maxmin_select", "", "bytes"): 3.86,
