@@ -231,7 +231,7 @@ def _demangle_fallback(mangled: str) -> str:
 
 
 def readable_name(mangled: str) -> str:
-    """"similarity_kernel<__nv_bfloat16>" for a mangled tokenkern::cuda kernel name (c++filt
+    """The readable name ("similarity_kernel<__nv_bfloat16>") of a mangled tokenkern::cuda kernel (c++filt
     when present, else a parser for the one-type-argument kernels of this library)."""
     tool = shutil.which("c++filt")
     if tool is None:
