@@ -24,7 +24,16 @@ import torch
 import triton
 import triton.language as tl
 
-from .sketch import FINISH_TOP_SUBSPACE, fused_finish, load_square, load_sym, range_finder, sketch_width
+from .sketch import (
+    FINISH_TOP_SUBSPACE,
+    _cols,
+    _contiguous_rows,
+    fused_finish,
+    load_square,
+    load_sym,
+    range_finder,
+    sketch_width,
+)
 from .small import JACOBI_MAX_SWEEPS, JACOBI_TOL2, JACOBI_WARPS, top_subspace_tile
 from .utils import empty, flat_grid, unflatten2
 
@@ -75,7 +84,7 @@ def _row_scores_kernel(
     rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     cl = tl.arange(0, L)
     qt = tl.load(
-        q_ptr + b * q_sb + rn[:, None] * q_sn + cl[None, :], mask=(rn < N)[:, None] & (cl < q_sn)[None, :], other=0.0
+        q_ptr + b * q_sb + rn[:, None] * q_sn + cl[None, :], mask=(rn < N)[:, None] & _cols(q_sn, L), other=0.0
     )
     vt = tl.load(v_ptr + b * v_sb + cl[:, None] * L + cl[None, :])
     u = tl.dot(qt, vt, input_precision="ieee")
@@ -111,7 +120,7 @@ def top_subspace(g: torch.Tensor, t: torch.Tensor, l: int, r: int) -> tuple[torc
 
 def row_scores(q: torch.Tensor, vsel: torch.Tensor) -> torch.Tensor:
     """||q[b, i] @ vsel[b, :l]||^2 for q: (B, N, l), vsel: (B, L, L) -> (B, N) float32."""
-    q = q.contiguous()
+    q = _contiguous_rows(q)
     batch, n, _ = q.shape
     width = vsel.shape[-1]
     scores = empty(batch, n, dtype=torch.float32, device=q.device)

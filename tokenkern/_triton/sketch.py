@@ -850,9 +850,8 @@ class ScaledPasses:
         self, z: torch.Tensor, gram: bool = False, store: bool = True
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """X @ z for z of shape (B, D, w), or (D, w) shared by the batch (w >= l, columns >= l
-        zero) -> (P (B, N, l)
-        unless not store, packed Gram of P (B, l (l + 1) / 2) if gram). Scratch with gram:
-        (B, N / GRAM_ROWS, l (l + 1) / 2) float32 partial Grams."""
+        zero) -> (P: (B, N, l), None when not store; the packed Gram of P, (B, l (l + 1) / 2),
+        when gram). Scratch with gram: (B, N / GRAM_ROWS, l (l + 1) / 2) float32 partial Grams."""
         return self._run(_x_mm_kernel, z, self.n, self.block_n, gram, store, BLOCK_N=self.block_n,
                          BLOCK_D=REDUCE_BLOCK, bmax_ptr=self.counters, FIND_SCALE=False, NC=1)[:2]  # fmt: skip
 
