@@ -83,7 +83,7 @@ TESTS_CORE="tests/test_registry.py tests/test_gpu_check.py tests/test_merge.py t
 TESTS_TRITON="tests/test_attention.py tests/test_leverage.py tests/test_gumbel.py tests/test_diversity_triton.py
   tests/test_diversity.py"
 TESTS_REST="tests/test_metrics.py tests/test_autograd.py tests/test_bad_inputs.py tests/test_numerics.py"
-BENCH_FAST="bench_merge bench_topk_gather bench_attention bench_gumbel bench_spectral_ipr bench_diversity"
+BENCH_FAST="bench_merge bench_topk_gather bench_attention bench_gumbel bench_spectral_ipr bench_diversity bench_ritz"
 
 pytest_step() {  # pytest_step NAME TIMEOUT FILES...
   local name=$1 limit=$2
