@@ -46,6 +46,8 @@ class Breach:
 # kernel leaves this list; ``python -m tokenkern kernels --check`` prints it.
 ALLOWED: dict[tuple[str, str, str], float] = {
     # dpp/maxmin/mmr_select: the (B, N, N) float32 Gram matrix is scratch (GEMM writes, greedy reads).
+    # (dpp's greedy also re-reads its (B, N, k) Cholesky scratch, B N k^2 / 2 floats in all, which the
+    # compulsory bytes count once: docs/performance.md.)
     ("dpp_select", "", "bytes"): 4.21,
     # the l x l Jacobi eigen-solver (~234 dependent rounds at L = 64) in the last pass's last program per sample
     ("leverage_topk", "_xt_mm_kernel (eigen-solver in the last programs)", "per_sample_b1"): 1,
