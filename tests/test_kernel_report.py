@@ -267,3 +267,40 @@ def test_gumbel_rows_are_split_at_the_headline_shapes(monkeypatch):
         nbytes, note = _kernel_bytes(triton[0])
         assert f"{s} programs per row" in note and "L2" in note
         assert 2 * row_bytes <= nbytes <= 3 * row_bytes + 8 * 2 * 8, (call.shape, nbytes)  # HBM: each tensor once
+
+
+def test_greedy_kernels_count_what_they_touch(monkeypatch, gen):
+    """maxmin's first pick reads all of G; mmr and dpp read its diagonal and one row per pick;
+    dpp's step re-reads of its Cholesky scratch count where the scratch exceeds the L2."""
+    import dataclasses
+
+    from tokenkern.kernel_report import triton_report
+    from tokenkern.kernel_report.schema import SM90
+    from tokenkern.ops import diversity
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the launchers' GPU configuration
+    b, n, k = 2, 40, 6
+    x, rel = _randn(gen, b, n, 24), torch.rand(b, n, generator=gen)
+    runs = {
+        "maxmin_select": lambda: diversity.maxmin_select_triton(x, k, None),
+        "mmr_select": lambda: diversity.mmr_select_triton(x, rel, k, 0.5, None),
+        "dpp_select": lambda: diversity.dpp_select_triton(x, rel, k, None),
+    }
+    g_whole, diag = b * n * n * 4, b * n * SM90.sector_bytes
+    rereads = b * n * (k * (k - 1) // 2) * 4
+    for l2 in (SM90.l2_bytes, 1000):
+        monkeypatch.setattr(triton_report, "SM90", dataclasses.replace(SM90, l2_bytes=l2))
+        for op, run in runs.items():
+            with triton_report.record_launches() as launches:
+                run()
+            (greedy,) = [launch for launch in launches if launch.name in ("_greedy_kernel", "_dpp_kernel")]
+            each_once = sum(greedy.tensors.values())  # every tensor argument once, G whole
+            nbytes, note = triton_report._kernel_bytes(greedy)
+            if op == "maxmin_select":
+                assert nbytes == each_once and "first pick" in note
+            elif op == "mmr_select":
+                assert nbytes == each_once - g_whole + diag + b * (k - 1) * n * 4
+            else:
+                counted = rereads if l2 == 1000 else 0
+                assert nbytes == each_once - g_whole + diag + b * k * n * 4 + counted, (l2, nbytes)
+                assert ("counted" in note) == (l2 == 1000) and f"{rereads / 1e6:.0f} MB" in note

@@ -40,6 +40,8 @@ class Target:
     smem_reserved_per_cta: int = 1024  # the driver reserves 1 KB of shared memory per CTA
     threads_per_sm: int = 2048
     ctas_per_sm_max: int = 32
+    l2_bytes: int = 50 * 1024 * 1024  # H100 SXM / H200: 50 MiB
+    sector_bytes: int = 32  # the unit of a global memory access
 
 
 SM90 = Target()

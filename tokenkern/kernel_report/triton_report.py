@@ -392,7 +392,8 @@ def _kernel_bytes(launch: Launch) -> tuple[int, str]:
     """Compulsory bytes: each distinct tensor argument once, placeholders (a mask pointer
     whose HAS_ flag is off) left out. topk_gather reads only the kept rows of x: x counts as
     the bytes of kept. attn_topk's head groups: the (B, groups, N) partial sums count in the
-    column-sum kernel (written) and in topk_gather's (read)."""
+    column-sum kernel (written) and in topk_gather's (read). The greedy diversity kernels count
+    the part of the Gram they touch and dpp's scratch re-reads (``_greedy_bytes``)."""
     if launch.backend != "triton":
         return sum(launch.tensors.values()), ""
     named = dict(zip(launch.fn.arg_names, launch.args, strict=False)) | launch.kwargs
@@ -413,7 +414,37 @@ def _kernel_bytes(launch: Launch) -> tuple[int, str]:
         return sum(_tensor_bytes(used).values()) + again, note
     if launch.name in _ROW_SPLIT and named["S"] > 1:
         return sum(_tensor_bytes(used).values()), _row_split_note(named["S"])
+    if launch.name in ("_greedy_kernel", "_dpp_kernel"):
+        return _greedy_bytes(launch.name, named, used)
     return sum(_tensor_bytes(used).values()), ""
+
+
+def _greedy_bytes(name: str, named: dict[str, Any], used: list[Any]) -> tuple[int, str]:
+    """The greedy diversity kernels (diversity.py) touch of the Gram G (B, N, N): its diagonal
+    (a sector per token) and the row of each step's pick; maxmin's first pick reads all of G
+    (the step rows are then L2 traffic, noted). dpp_select re-reads at step i the i Cholesky
+    entries of each of its tokens, B N k (k - 1) / 2 floats in all: counted where the (B, N, k)
+    scratch exceeds the L2 (each step streams all of it), noted as L2 traffic where it fits."""
+    g, k = named["g_ptr"], int(named["k"])
+    batch, n = g.shape[0], g.shape[1]
+    scratch = named.get("ct_ptr")
+    others = sum(_tensor_bytes([v for v in used if v is not g and v is not scratch]).values())
+    rows = k if name == "_dpp_kernel" else k - 1
+    if name == "_greedy_kernel" and not named["MMR"]:
+        g_bytes = g.numel() * g.element_size()
+        note = f"G read whole by the first pick; the {rows} step rows again: L2 traffic"
+    else:
+        g_bytes = batch * n * SM90.sector_bytes + batch * rows * n * g.element_size()
+        note = f"G: its diagonal (a sector per token) and the {rows} rows of the picks"
+    if scratch is None:
+        return others + g_bytes, note
+    scratch_bytes = scratch.numel() * scratch.element_size()
+    rereads = batch * n * (k * (k - 1) // 2) * scratch.element_size()
+    if scratch_bytes > SM90.l2_bytes:
+        note += f"; the Cholesky scratch re-read at every step ({rereads / 1e6:.0f} MB, counted: it exceeds the L2)"
+        return others + g_bytes + scratch_bytes + rereads, note
+    note += f"; the Cholesky scratch re-read at every step ({rereads / 1e6:.0f} MB of L2 traffic: it fits in L2)"
+    return others + g_bytes + scratch_bytes, note
 
 
 # Kernels whose flat S x B grid splits each row over S programs that all read the whole row.
