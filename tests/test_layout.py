@@ -13,10 +13,7 @@ NOT_LOADED = ["tokenkern.methods", "tokenkern.integrations", "tokenkern.planner"
 
 @pytest.mark.parametrize("module", CORE)
 def test_core_imports_alone(module):
-    probe = (
-        f"import sys, {module}\n"
-        f"print(','.join(m for m in {NOT_LOADED!r} if m in sys.modules))\n"
-    )
+    probe = f"import sys, {module}\nprint(','.join(m for m in {NOT_LOADED!r} if m in sys.modules))\n"
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "", f"import {module} loaded {out.stdout.strip()}"
 

@@ -54,7 +54,11 @@ def leverage_section(model, pixels: torch.Tensor, keep: float) -> None:
 
 
 def vision_section(
-    model, pixels: torch.Tensor, keeps: tuple[float, ...], out_dir: Path, layer: int = 4,
+    model,
+    pixels: torch.Tensor,
+    keeps: tuple[float, ...],
+    out_dir: Path,
+    layer: int = 4,
     methods: tuple[str, ...] = vit_pruning.VISION_METHODS,
 ) -> Path | None:
     full = vit_pruning.full_forward(model, pixels)

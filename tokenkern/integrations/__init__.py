@@ -166,6 +166,7 @@ def prune(
         relevance.check_clip_args(parts, clip_args)
     handle = PruneHandle(model, method, keep, positions=positions)
     if on_embeddings:
+
         def selector(state: PrefillState):
             return diversity.dart_on_embeddings(spec.recipe, state.inputs_embeds, state.image, state.valid, cfg), None
 

@@ -155,9 +155,7 @@ def recycle(hidden: Tensor, image: Tensor, keep_mask: Tensor) -> Tensor:
     return out
 
 
-def sparsevlm(
-    layer: DecoderLayer, rater_mask: Tensor, cfg: SparseVLMConfig, counts: Tensor | None = None
-) -> Reduction:
+def sparsevlm(layer: DecoderLayer, rater_mask: Tensor, cfg: SparseVLMConfig, counts: Tensor | None = None) -> Reduction:
     """One pruning step. rater_mask: (B, L) bool; counts: (B, L) int64 the tokens each position's
     image keeps at this step (step_counts of the image's original size); None: keep_count(keep,
     image size). -> a sequence Reduction: keep_mask (B, L), scores (B, L), and with

@@ -102,4 +102,3 @@ def register_refusal(op: str, names: Sequence[str]) -> None:
         raise RuntimeError(f"tokenkern.{op}: not differentiable")  # setup_context refused first
 
     register_autograd(f"tokenkern::{op}", backward, setup_context=setup_context)
-
