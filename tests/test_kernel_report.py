@@ -271,7 +271,8 @@ def test_gumbel_rows_are_split_at_the_headline_shapes(monkeypatch):
 
 def test_greedy_kernels_count_what_they_touch(monkeypatch, gen):
     """maxmin's first pick reads all of G; mmr and dpp read its diagonal and one row per pick;
-    dpp's step re-reads of its Cholesky scratch count where the scratch exceeds the L2."""
+    dpp's step re-reads of its Cholesky scratch (at step i, i entries of each candidate still
+    unselected) count where the scratch exceeds the L2."""
     import dataclasses
 
     from tokenkern.kernel_report import triton_report
@@ -281,13 +282,15 @@ def test_greedy_kernels_count_what_they_touch(monkeypatch, gen):
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # the launchers' GPU configuration
     b, n, k = 2, 40, 6
     x, rel = _randn(gen, b, n, 24), torch.rand(b, n, generator=gen)
+    mask = torch.rand(b, n, generator=gen) > 0.3
     runs = {
         "maxmin_select": lambda: diversity.maxmin_select_triton(x, k, None),
         "mmr_select": lambda: diversity.mmr_select_triton(x, rel, k, 0.5, None),
         "dpp_select": lambda: diversity.dpp_select_triton(x, rel, k, None),
+        "dpp_select (mask)": lambda: diversity.dpp_select_triton(x, rel, k, mask),
     }
     g_whole, diag = b * n * n * 4, b * n * SM90.sector_bytes
-    rereads = b * n * (k * (k - 1) // 2) * 4
+    candidates = {"dpp_select": [n] * b, "dpp_select (mask)": mask.sum(dim=1).tolist()}
     for l2 in (SM90.l2_bytes, 1000):
         monkeypatch.setattr(triton_report, "SM90", dataclasses.replace(SM90, l2_bytes=l2))
         for op, run in runs.items():
@@ -301,6 +304,7 @@ def test_greedy_kernels_count_what_they_touch(monkeypatch, gen):
             elif op == "mmr_select":
                 assert nbytes == each_once - g_whole + diag + b * (k - 1) * n * 4
             else:
+                rereads = 4 * sum(max(c - i - 1, 0) * i for c in candidates[op] for i in range(k))
                 counted = rereads if l2 == 1000 else 0
                 assert nbytes == each_once - g_whole + diag + b * k * n * 4 + counted, (l2, nbytes)
                 assert ("counted" in note) == (l2 == 1000) and f"{rereads / 1e6:.0f} MB" in note

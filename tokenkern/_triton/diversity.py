@@ -13,7 +13,8 @@ maxmin / mmr / dpp:
    index)`` into its slot of the step; every program of the sample waits until the C slots
    of the step are written and takes their maximum: the same winner everywhere, ties to the
    lower index, no float atomics. DPP's Cholesky rows live in a (B, N, k) float32 scratch
-   (written by the owner of each token, read as the winner's k-vector by all). The output is
+   (written by the owner of each token while it is an unselected candidate, read back by it
+   at every step and as the winner's k-vector by all). The output is
    compacted ascending at the end (each program counts the winners below its range).
 
    C = min(ceil(SMs / B), ceil(N / 32), SMs): about one wave over the batch. The C programs
@@ -305,26 +306,28 @@ def _dpp_kernel(
         j = _unpack_index(best)
         hi_j = (best >> 32).to(tl.int32)
         _acquire(slots + i * C, j // W)
-        # Chen et al.: e = (L[j, :] - sum_t c_t[j] c_t) / sqrt(d2[j]); e = 0 past the rank.
+        sel = sel | (cols == j)
+        # Chen et al.: e = (L[j, :] - sum_t c_t[j] c_t) / sqrt(d2[j]); e = 0 past the rank. Only
+        # the candidates still unselected: a row c[j'] is read only while j' is the pick.
+        live = cand & ~sel
         dot = tl.zeros((BLOCK,), tl.float32)
         for t0 in range(0, i, TB):
             rt = t0 + tl.arange(0, TB)
             t_ok = rt < i
-            cj = tl.load(ct_b + j.to(tl.int64) * k + rt, mask=t_ok, other=0.0, volatile=True)
-            tile = tl.load(ct_b + cols[:, None].to(tl.int64) * k + rt[None, :], mask=own[:, None] & t_ok[None, :],
+            # (a pick that is no candidate, past their count, has no row: hi_j < 0)
+            cj = tl.load(ct_b + j.to(tl.int64) * k + rt, mask=t_ok & (hi_j >= 0), other=0.0, volatile=True)
+            tile = tl.load(ct_b + cols[:, None].to(tl.int64) * k + rt[None, :], mask=live[:, None] & t_ok[None, :],
                            other=0.0)  # fmt: skip
             dot += tl.sum(tile * cj[None, :], 1)
         inv_j = _inv_norm(tl.load(g_b + j.to(tl.int64) * (N + 1)))
-        row = tl.load(g_b + j.to(tl.int64) * N + cols, mask=own, other=0.0)
-        s_row = tl.where(cols == j, 1.0, (row * inv_j) * inv)
+        row = tl.load(g_b + j.to(tl.int64) * N + cols, mask=live, other=0.0)
+        s_row = (row * inv_j) * inv
         r_j = tl.load(r_ptr + b * r_sb + j * r_sn).to(tl.float32)
         d2_j = hi_j.to(tl.float32, bitcast=True)
         e = ((r_j * s_row) * r - dot) / tl.sqrt_rn(tl.where(hi_j > 0, d2_j, 1.0))
-        e = tl.where(hi_j > 0, e, 0.0)
-        e = tl.where(own, e, 0.0)
-        tl.store(ct_b + cols.to(tl.int64) * k + i, e, mask=own)
+        e = tl.where(live & (hi_j > 0), e, 0.0)
+        tl.store(ct_b + cols.to(tl.int64) * k + i, e, mask=live)
         d2 = d2 - e * e
-        sel = sel | (cols == j)
         below += (j < start).to(tl.int32)
     _store_ascending(out_ptr + b * k, cols, sel & own, below)
 

@@ -313,7 +313,8 @@ def _diversity_calls(b: int, n: int, k: int, d: int) -> list[Call]:
     params = {"B": b, "N": n, "D": d, "dtype": "bf16", "k": k}
 
     def make() -> dict[str, Any]:
-        return {**_x(b, n, d, "bf16"), "r": torch.empty(b, n), "mask": torch.empty(b, n, dtype=torch.bool)}
+        # Every token a candidate (the masked kernels, the most work): dpp's count depends on it.
+        return {**_x(b, n, d, "bf16"), "r": torch.empty(b, n), "mask": torch.ones(b, n, dtype=torch.bool)}
 
     floor = lambda a, out: _nbytes(a["x"], out)  # noqa: E731
     formula = "|x| + |indices| (read x once, write the indices)"
@@ -423,8 +424,9 @@ def _greedy_bytes(name: str, named: dict[str, Any], used: list[Any]) -> tuple[in
     """The greedy diversity kernels (diversity.py) touch of the Gram G (B, N, N): its diagonal
     (a sector per token) and the row of each step's pick; maxmin's first pick reads all of G
     (the step rows are then L2 traffic, noted). dpp_select re-reads at step i the i Cholesky
-    entries of each of its tokens, B N k (k - 1) / 2 floats in all: counted where the (B, N, k)
-    scratch exceeds the L2 (each step streams all of it), noted as L2 traffic where it fits."""
+    entries of each candidate still unselected, sum_i (candidates - i - 1) i floats per sample:
+    counted where the (B, N, k) scratch exceeds the L2 (each step streams all of it), noted as
+    L2 traffic where it fits."""
     g, k = named["g_ptr"], int(named["k"])
     batch, n = g.shape[0], g.shape[1]
     scratch = named.get("ct_ptr")
@@ -439,12 +441,25 @@ def _greedy_bytes(name: str, named: dict[str, Any], used: list[Any]) -> tuple[in
     if scratch is None:
         return others + g_bytes, note
     scratch_bytes = scratch.numel() * scratch.element_size()
-    rereads = batch * n * (k * (k - 1) // 2) * scratch.element_size()
+    rereads = scratch.element_size() * sum(_live_rereads(int(c), k) for c in _candidates(named, batch, n))
     if scratch_bytes > SM90.l2_bytes:
         note += f"; the Cholesky scratch re-read at every step ({rereads / 1e6:.0f} MB, counted: it exceeds the L2)"
         return others + g_bytes + scratch_bytes + rereads, note
     note += f"; the Cholesky scratch re-read at every step ({rereads / 1e6:.0f} MB of L2 traffic: it fits in L2)"
     return others + g_bytes + scratch_bytes, note
+
+
+def _candidates(named: dict[str, Any], batch: int, n: int) -> list[int]:
+    """The candidates of each sample of a greedy launch: its mask's count, or N."""
+    if not named["HAS_MASK"]:
+        return [n] * batch
+    return [int(c) for c in (named["c_ptr"] != 0).sum(dim=1).tolist()]
+
+
+def _live_rereads(candidates: int, k: int) -> int:
+    """Floats of the Cholesky scratch dpp's greedy re-reads in one sample: at step i, i entries
+    of each candidate still unselected after the pick."""
+    return sum(max(candidates - i - 1, 0) * i for i in range(k))
 
 
 # Kernels whose flat S x B grid splits each row over S programs that all read the whole row.
