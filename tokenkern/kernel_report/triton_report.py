@@ -423,30 +423,46 @@ def _kernel_bytes(launch: Launch) -> tuple[int, str]:
 def _greedy_bytes(name: str, named: dict[str, Any], used: list[Any]) -> tuple[int, str]:
     """The greedy diversity kernels (diversity.py) touch of the Gram G (B, N, N): its diagonal
     (a sector per token) and the row of each step's pick; maxmin's first pick reads all of G
-    (the step rows are then L2 traffic, noted). dpp_select re-reads at step i the i Cholesky
-    entries of each candidate still unselected, sum_i (candidates - i - 1) i floats per sample:
-    counted where the (B, N, k) scratch exceeds the L2 (each step streams all of it), noted as
-    L2 traffic where it fits."""
+    first, so its step rows count again where G exceeds the L2 (the scan evicted them) and are
+    noted as L2 traffic where it fits. dpp_select re-reads at step i the i Cholesky entries of
+    each candidate still unselected, sum_i (candidates - i - 1) i floats per sample: counted
+    where the (B, N, k) scratch exceeds the L2, as an upper bound (a step touches only the
+    first i entries of the live rows: the note gives the largest step's footprint), and noted
+    as L2 traffic where the scratch fits."""
     g, k = named["g_ptr"], int(named["k"])
     batch, n = g.shape[0], g.shape[1]
     scratch = named.get("ct_ptr")
     others = sum(_tensor_bytes([v for v in used if v is not g and v is not scratch]).values())
     rows = k if name == "_dpp_kernel" else k - 1
+    row_bytes = batch * rows * n * g.element_size()
     if name == "_greedy_kernel" and not named["MMR"]:
         g_bytes = g.numel() * g.element_size()
-        note = f"G read whole by the first pick; the {rows} step rows again: L2 traffic"
+        if g_bytes > SM90.l2_bytes:
+            note = f"G read whole by the first pick, then the {rows} step rows (counted again: G exceeds the L2)"
+            g_bytes += row_bytes
+        else:
+            note = f"G read whole by the first pick; the {rows} step rows again: L2 traffic"
     else:
-        g_bytes = batch * n * SM90.sector_bytes + batch * rows * n * g.element_size()
+        g_bytes = batch * n * SM90.sector_bytes + row_bytes
         note = f"G: its diagonal (a sector per token) and the {rows} rows of the picks"
     if scratch is None:
         return others + g_bytes, note
     scratch_bytes = scratch.numel() * scratch.element_size()
-    rereads = scratch.element_size() * sum(_live_rereads(int(c), k) for c in _candidates(named, batch, n))
+    candidates = _candidates(named, batch, n)
+    rereads = scratch.element_size() * sum(_live_rereads(c, k) for c in candidates)
     if scratch_bytes > SM90.l2_bytes:
-        note += f"; the Cholesky scratch re-read at every step ({rereads / 1e6:.0f} MB, counted: it exceeds the L2)"
+        step = max(sum(_step_footprint(c, i) for c in candidates) for i in range(k))
+        note += (f"; the Cholesky scratch re-read at every step ({rereads / 1e6:.0f} MB, counted: the scratch "
+                 f"exceeds the L2; an upper bound, the largest step touches {step / 2**20:.1f} MiB of it)")  # fmt: skip
         return others + g_bytes + scratch_bytes + rereads, note
     note += f"; the Cholesky scratch re-read at every step ({rereads / 1e6:.0f} MB of L2 traffic: it fits in L2)"
     return others + g_bytes + scratch_bytes, note
+
+
+def _step_footprint(candidates: int, i: int) -> int:
+    """Bytes of the Cholesky scratch dpp's step i reads in one sample: the first i entries of
+    each live row, in 32-byte sectors."""
+    return max(candidates - i - 1, 0) * math.ceil(i * 4 / SM90.sector_bytes) * SM90.sector_bytes
 
 
 def _candidates(named: dict[str, Any], batch: int, n: int) -> list[int]:
