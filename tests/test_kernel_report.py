@@ -364,3 +364,22 @@ def test_dpp_scratch_rereads_are_what_the_kernel_loads(monkeypatch, gen):
         # the pick's entries 0..i-1 at step i, while it is a candidate (past them: none)
         picks = sum(i for c in candidates for i in range(min(k, c)))
         assert scratch["floats"] == sum(_live_rereads(c, k) for c in candidates) + picks, (b, n, k, masked)
+
+
+def test_gram_calls_state_the_compute_floor():
+    """The greedy diversity calls' floor includes the symmetric Gram GEMM (B N^2 D FLOPs at the
+    target's dense bf16 peak), beside the bytes of x, in their params, formula and table line."""
+    from tokenkern.kernel_report import format_table
+    from tokenkern.kernel_report.schema import SM90
+    from tokenkern.kernel_report.triton_report import _diversity_calls
+
+    b, n, k, d = 8, 2880, 720, 4096
+    for call in _diversity_calls(b, n, k, d):
+        flops = b * n * n * d
+        assert call.params["compute_floor_flops"] == flops
+        assert call.params["compute_floor_us"] == pytest.approx(flops / SM90.peak_flops * 1e6, abs=0.01)
+        assert f"{flops / 1e9:.1f} GFLOP" in call.floor_formula and "larger of the two" in call.floor_formula
+        record = {"op": call.op, "shape": call.shape, "params": call.params, "launches": 0, "bytes_moved": 1,
+                  "hbm_floor_bytes": 1, "passes_over_x": 1, "kernels": []}  # fmt: skip
+        line = format_table({"target": {"name": SM90.name}, "calls": [record]}).splitlines()[2]
+        assert line.endswith(f"compute floor {flops / 1e9:.1f} GFLOP = {call.params['compute_floor_us']} us"), line

@@ -64,6 +64,12 @@ _ROW = ("kernel", "backend", "ctas", "threads", "registers", "spill_bytes", "sha
         "tensor_cores", "compulsory_bytes")  # fmt: skip
 
 
+def _compute_floor(params: dict[str, Any]) -> str:
+    if "compute_floor_us" not in params:
+        return ""
+    return f"; compute floor {params['compute_floor_flops'] / 1e9:.1f} GFLOP = {params['compute_floor_us']} us"
+
+
 def format_table(report: dict[str, Any]) -> str:
     """Per op call: launches, bytes vs floor; per kernel: CTAs, threads, registers, spills,
     shared memory, CTAs/SM, SM fill, tensor cores. Identical launches of a kernel are one row
@@ -75,7 +81,7 @@ def format_table(report: dict[str, Any]) -> str:
         lines.append(
             f"{call['op']} {call['shape']}: {call['launches']} launches, {_mb(call['bytes_moved'])} MB moved "
             f"(compulsory) vs floor {_mb(call['hbm_floor_bytes'])} MB x {call['passes_over_x']:g} passes "
-            f"= {ratio:.2f}x"
+            f"= {ratio:.2f}x" + _compute_floor(call["params"])
         )
         lines.append(f"  {'kernel':28} {'n':>3} {'backend':7} {'CTAs':>7} {'thr':>4} {'regs':>4} {'spill':>5} "
                      f"{'smem':>6} {'CTA/SM':>6} {'fill':>6} {'TC':>3} {'MB':>8}")  # fmt: skip

@@ -36,15 +36,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .schema import LABEL, SM90, KernelLaunch, OpCall, ctas_per_sm, sm_fill
+from .schema import LABEL, SM90, KernelLaunch, OpCall, compute_floor, ctas_per_sm, sm_fill
 
 ARCH = 90
 ROOT = Path(__file__).resolve().parents[2]
 SOURCE = Path("csrc/cuda/merge_kernels.cu")
 
-# Dense bf16/fp16 tensor-core peak of an H100 SXM / H200 SXM (NVIDIA datasheets, no sparsity):
-# the compute floor of the report's target. benchmarks/conftest.py holds the per-device table.
-SM90_PEAK_FLOPS = 989.4e12
+SM90_PEAK_FLOPS = SM90.peak_flops  # the compute floor's dense bf16 tensor-core peak
 
 # Kernel ids of the launch plan (enum MergeKernel in csrc/common/merge_plan.h), in id order.
 PLAN_KERNELS = (
@@ -529,10 +527,7 @@ def _params(p: MergeCall) -> dict[str, Any]:
     else:
         params["r"] = p.k
         rows, cols = (p.n + 1) // 2, p.n // 2
-    gemm = 2 * p.b * rows * cols * p.c
-    params |= {"compute_floor_flops": gemm, "compute_floor_us": round(gemm / SM90_PEAK_FLOPS * 1e6, 2),
-               "peak_flops": SM90_PEAK_FLOPS}  # fmt: skip
-    return params
+    return params | compute_floor(2 * p.b * rows * cols * p.c, "")[0]
 
 
 def op_call(p: MergeCall, compiled: dict[str, CompiledKernel], why: str = "") -> OpCall:
@@ -548,11 +543,7 @@ def op_call(p: MergeCall, compiled: dict[str, CompiledKernel], why: str = "") ->
     kernels += [_kernel_record(p, launch, compiled, why) for launch in plan]
     floor, floor_formula = _floor(p)
     params = _params(p)
-    gemm = params["compute_floor_flops"]
-    floor_formula += (
-        f"; compute floor: similarity GEMM 2*B*rows*cols*C = {gemm / 1e9:.1f} GFLOP = {params['compute_floor_us']} us "
-        f"at {SM90_PEAK_FLOPS / 1e12:.1f} TFLOPS (dense bf16); the floor is the larger of the two"
-    )
+    floor_formula += compute_floor(params["compute_floor_flops"], "similarity GEMM 2*B*rows*cols*C")[1]
     known = [k.flops for k in kernels if k.flops is not None]
     if p.op == "merge_tokens" and p.metric_is_x:
         # Every assignment must be known before a kept row's sum is final: with metric = x the

@@ -42,9 +42,22 @@ class Target:
     ctas_per_sm_max: int = 32
     l2_bytes: int = 50 * 1024 * 1024  # H100 SXM / H200: 50 MiB
     sector_bytes: int = 32  # the unit of a global memory access
+    # Dense bf16/fp16 tensor-core peak of an H100 SXM / H200 SXM (NVIDIA datasheets, no sparsity):
+    # the compute floor of the report's calls. benchmarks/conftest.py holds the per-device table.
+    peak_flops: float = 989.4e12
 
 
 SM90 = Target()
+
+
+def compute_floor(flops: int, what: str, target: Target = SM90) -> tuple[dict[str, Any], str]:
+    """The params entries and the floor-formula clause of a call whose floor includes a GEMM of
+    ``flops`` floating point operations (``what`` says which) at the target's tensor-core peak."""
+    us = round(flops / target.peak_flops * 1e6, 2)
+    params = {"compute_floor_flops": flops, "compute_floor_us": us, "peak_flops": target.peak_flops}
+    clause = (f"; compute floor: {what} = {flops / 1e9:.1f} GFLOP = {us} us at {target.peak_flops / 1e12:.1f} "
+              "TFLOPS (dense bf16); the floor is the larger of the two")  # fmt: skip
+    return params, clause
 
 
 def ctas_per_sm(threads: int, registers: int, shared_bytes: int, target: Target = SM90) -> tuple[int, str]:

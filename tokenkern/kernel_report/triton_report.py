@@ -34,7 +34,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from .schema import LABEL, SM90, KernelLaunch, OpCall, ctas_per_sm, sm_fill
+from .schema import LABEL, SM90, KernelLaunch, OpCall, compute_floor, ctas_per_sm, sm_fill
 
 ARCH = 90
 
@@ -310,14 +310,16 @@ def _diversity_calls(b: int, n: int, k: int, d: int) -> list[Call]:
     from tokenkern.ops import diversity
 
     label = f"B={b} N={n} D={d} bf16 k={k}"
-    params = {"B": b, "N": n, "D": d, "dtype": "bf16", "k": k}
+    # The GEMM computes each Gram entry once: the symmetric half, B N^2 D FLOPs.
+    gemm, gemm_clause = compute_floor(b * n * n * d, "the symmetric Gram GEMM B*N^2*D")
+    params = {"B": b, "N": n, "D": d, "dtype": "bf16", "k": k, **gemm}
 
     def make() -> dict[str, Any]:
         # Every token a candidate (the masked kernels, the most work): dpp's count depends on it.
         return {**_x(b, n, d, "bf16"), "r": torch.empty(b, n), "mask": torch.ones(b, n, dtype=torch.bool)}
 
     floor = lambda a, out: _nbytes(a["x"], out)  # noqa: E731
-    formula = "|x| + |indices| (read x once, write the indices)"
+    formula = "|x| + |indices| (read x once, write the indices)" + gemm_clause
     passes = "1: x once (the Gram GEMM); the N x N float32 similarity is scratch"
     return [
         Call("maxmin_select", label, params, make, lambda a: diversity.maxmin_select_triton(a["x"], k, a["mask"]),
