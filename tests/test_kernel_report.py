@@ -383,3 +383,41 @@ def test_gram_calls_state_the_compute_floor():
                   "hbm_floor_bytes": 1, "passes_over_x": 1, "kernels": []}  # fmt: skip
         line = format_table({"target": {"name": SM90.name}, "calls": [record]}).splitlines()[2]
         assert line.endswith(f"compute floor {flops / 1e9:.1f} GFLOP = {call.params['compute_floor_us']} us"), line
+
+
+def test_docs_static_tables_are_the_committed_report():
+    """README.md and docs/performance.md hold the committed report's static tables, as
+    ``python -m tokenkern kernels --docs`` writes them (no number typed by hand)."""
+    from tokenkern.kernel_report import tables
+
+    path = ROOT / "benchmarks" / "results" / "static" / "sm90.json"
+    if not path.exists():
+        pytest.skip("no committed static report (make kernel-report writes it)")
+    report = json.loads(path.read_text())
+    found = {}
+    for rel in tables.DOCS:
+        for name, body in tables.blocks((ROOT / rel).read_text()).items():
+            assert body == tables.table(report, name), f"{rel}: static-table:{name} differs from {path.name}"
+            found[name] = rel
+    assert set(found) == {"headline", "all"}, found
+
+
+def test_static_tables_rewrite_their_blocks_only():
+    from tokenkern.kernel_report import tables
+
+    call = {"op": "topk_gather", "shape": "B=1 N=8 D=4 bf16 k=2", "params": {"B": 1}, "launches": 1,
+            "bytes_moved": 300, "hbm_floor_bytes": 200, "passes_over_x": 1,
+            "kernels": [{"kernel": "k", "backend": "triton", "ctas": 1, "spill_bytes": 0, "compulsory_bytes": 300,
+                         "flops": None, "notes": ""}]}  # fmt: skip
+    report = {"target": {"name": "sm_90"}, "toolchain": {"triton": "3.6.0"}, "calls": [call]}
+    text = "before\n<!-- static-table:all -->\nstale\n<!-- /static-table -->\nafter\n"
+    new = tables.update_text(text, report)
+    assert new.startswith("before\n<!-- static-table:all -->\n") and new.endswith("<!-- /static-table -->\nafter\n")
+    body = tables.blocks(new)["all"]
+    assert "stale" not in body and "| `topk_gather` B=1 N=8 D=4 bf16 k=2 | 1 | 0.00 MB | 1 × 0.00 MB | 1.50x |" in body
+    assert body.rstrip().endswith("| bytes 1.5 |")  # 300 > 1.2 x 200: a breach of the bytes budget
+    assert tables.update_text(new, report) == new
+    with pytest.raises(ValueError, match="static-table name must be one of"):
+        tables.update_text("<!-- static-table:nope -->\n<!-- /static-table -->", report)
+    with pytest.raises(ValueError, match=r"no call .* of the headline table"):
+        tables.table(report, "headline")

@@ -98,6 +98,11 @@ def _kernels(args: argparse.Namespace) -> int:
     print(format_table(report))
     if args.json:
         print(f"wrote {write_json(report, args.json)} ({LABEL})")
+    if args.docs:
+        from .kernel_report.tables import update_docs
+
+        for path in update_docs(report):
+            print(f"rewrote the static tables of {path} ({LABEL})")
     if not args.check:
         return 0
     verdict = budget.check(report)
@@ -173,6 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     kernels.add_argument("--json", default=None, metavar="PATH", help="also write the report as JSON")
     kernels.add_argument("--check", action="store_true", help="check the kernel budget against the allow-list")
+    kernels.add_argument(
+        "--docs", action="store_true", help="rewrite the static tables of README.md and docs/performance.md (here)"
+    )
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] != ["bench"]:
         argv = _negative_values_attached(argv, [demo, plan_parser])

@@ -106,7 +106,8 @@ def _is_b1_n2880(p: dict[str, Any]) -> bool:
     return p.get("B") == 1 and p.get("N", p.get("key_end", 0) - p.get("key_start", 0)) == 2880
 
 
-def _heavy(call: dict[str, Any], k: dict[str, Any]) -> bool:
+def heavy(call: dict[str, Any], k: dict[str, Any]) -> bool:
+    """Whether kernel record k carries > 10% of the call's bytes or known FLOPs."""
     total_bytes = call["bytes_moved"]
     flops = [x["flops"] for x in call["kernels"] if x["flops"]]
     by_bytes = total_bytes > 0 and k["compulsory_bytes"] > FILL_SHARE * total_bytes
@@ -123,7 +124,7 @@ def call_breaches(call: dict[str, Any]) -> list[Breach]:
             out.append(Breach(op, k["kernel"], "spills", k["spill_bytes"], 0, (shape,)))
         if k["backend"] == "torch":
             continue
-        if _is_b8(p) and _heavy(call, k) and k["ctas"] < SM90.sms:
+        if _is_b8(p) and heavy(call, k) and k["ctas"] < SM90.sms:
             out.append(Breach(op, k["kernel"], "grid_b8", k["ctas"], SM90.sms, (shape,)))
         if _is_b1_n2880(p) and k["ctas"] <= p["B"]:
             out.append(Breach(op, k["kernel"], "per_sample_b1", k["ctas"], p["B"] + 1, (shape,)))
