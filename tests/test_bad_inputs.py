@@ -487,27 +487,27 @@ def test_method_configs_check_their_fields():
 
 def test_leverage_sketch_limit_on_cuda(gen):
     x = torch.randn(1, 300, 260, generator=gen)
-    message = "rank + oversample must be <= 256 on CUDA when min(N, D) > 256"
+    message = "rank + oversample must be <= 128 on CUDA when min(N, D) > 128"
     for fn in (leverage_scores_triton, lambda x, **kw: leverage_topk_triton(x, 3, **kw)):
         with raises(message) as info:
-            fn(x, rank=249)
-        assert "use rank <= 248 with oversample=8" in str(info.value)
-        with raises("use oversample < 256 and rank <= 256 - oversample"):
+            fn(x, rank=121)
+        assert "use rank <= 120 with oversample=8" in str(info.value)
+        with raises("use oversample < 128 and rank <= 128 - oversample"):
             fn(x, rank=4, oversample=300)
     # The fake kernel of a CUDA tensor makes the same check; a CPU tensor takes any rank.
     with FakeTensorMode(allow_non_fake_inputs=True):
         xc = torch.empty(1, 300, 260, device="cuda")
         with raises(f"tokenkern.leverage_scores: {message}"):
-            torch.ops.tokenkern.leverage_scores(xc, rank=249)
+            torch.ops.tokenkern.leverage_scores(xc, rank=121)
         with raises(f"tokenkern.leverage_topk: {message}"):
-            torch.ops.tokenkern.leverage_topk(xc, 3, rank=249)
-        assert torch.ops.tokenkern.leverage_scores(xc, rank=248).shape == (1, 300)
-        assert torch.ops.tokenkern.leverage_scores(x, rank=249).shape == (1, 300)
-    # Allowed at the limit, and whenever min(N, D) <= 256 (the sketch is then at most 256 wide).
-    assert leverage_ops.svd_sketch("leverage_scores", 300, 260, 248, 8, 2, 0, cuda=True) == (248, 256)
-    assert leverage_ops.svd_sketch("leverage_scores", 300, 200, 249, 8, 2, 0, cuda=True) == (200, 200)
-    scores = torch.ops.tokenkern.leverage_scores(x, rank=249)  # sums to r (see the power_iters test)
-    assert abs(scores.double().sum().item() - 249) <= 300 * 249 * 2**-20
+            torch.ops.tokenkern.leverage_topk(xc, 3, rank=121)
+        assert torch.ops.tokenkern.leverage_scores(xc, rank=120).shape == (1, 300)
+        assert torch.ops.tokenkern.leverage_scores(x, rank=121).shape == (1, 300)
+    # Allowed at the limit, and whenever min(N, D) <= 128 (the sketch is then at most 128 wide).
+    assert leverage_ops.svd_sketch("leverage_scores", 300, 260, 120, 8, 2, 0, cuda=True) == (120, 128)
+    assert leverage_ops.svd_sketch("leverage_scores", 300, 100, 249, 8, 2, 0, cuda=True) == (100, 100)
+    scores = torch.ops.tokenkern.leverage_scores(x, rank=121)  # sums to r (see the power_iters test)
+    assert abs(scores.double().sum().item() - 121) <= 300 * 121 * 2**-20
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU")

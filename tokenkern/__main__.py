@@ -94,6 +94,12 @@ def _kernels(args: argparse.Namespace) -> int:
         return 2
     from .kernel_report import LABEL, budget, build_report, format_table, write_json
 
+    if args.sweep:
+        from .kernel_report import sweep
+
+        results = sweep.run()
+        print(sweep.format_results(results))
+        return 1 if any(r.problems() for r in results) else 0
     report = build_report()
     print(format_table(report))
     if args.json:
@@ -181,6 +187,10 @@ def main(argv: list[str] | None = None) -> int:
     kernels.add_argument(
         "--docs", action="store_true", help="rewrite the static tables of README.md and docs/performance.md (here)"
     )
+    kernels.add_argument(
+        "--sweep", action="store_true",
+        help="instead: compile every configuration over a sweep of shapes and dtypes; fail on one that cannot launch",
+    )  # fmt: skip
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] != ["bench"]:
         argv = _negative_values_attached(argv, [demo, plan_parser])

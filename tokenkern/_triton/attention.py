@@ -198,31 +198,38 @@ def _colsum_kernel(
     tl.store(out_ptr + b * o_sb + grp * o_sg + cols, out, mask=col_ok)
 
 
-def _blocks(d: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_D). The interpreter runs programs one by one: larger blocks."""
+def _blocks(d: int, itemsize: int = 2) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_D). The interpreter runs programs one by one: larger blocks.
+    Float32 q and k (``itemsize`` 4) at BLOCK_D >= 256 take query tiles of 32: with 64 the lse
+    kernel's staged tiles need 256 KiB of shared memory on sm_90, more than a block may have."""
     block_d = max(16, next_pow2(d))
     if interpreted():
         return 128, 128, block_d
     if block_d >= 256:
-        return 64, 32, block_d
+        return (32 if itemsize >= 4 else 64), 32, block_d
     return 64, 64, block_d
 
 
-def _colsum_blocks(batch: int, n_cols: int, nq: int, block_d: int, split: bool) -> tuple[int, int, int]:
+def _colsum_blocks(
+    batch: int, n_cols: int, nq: int, block_d: int, split: bool, itemsize: int = 2
+) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps) of the column-sum kernel; query tiles of 16 for a few
     queries (decode). ``split`` (the heads may be split over programs, ``head_groups``):
     128-wide key tiles, the groups fill the GPU at any batch. Otherwise 128-wide tiles while
     they still give >= 132 programs (one per SM of an H100/H200), narrower ones when the
-    batch is small."""
+    batch is small. Float32 q and k (``itemsize`` 4) take key tiles of at most 64 at
+    BLOCK_D = 128 and query tiles of 64: with 128 their staged tiles need 256 KiB of shared
+    memory on sm_90, more than a block may have (make kernel-sweep)."""
     if interpreted():
         return 128, 128, 4
     block_m = 16 if nq <= 16 else 64
     if block_d >= 256:
         return min(block_m, 32), 32, 4
+    widest = 64 if itemsize >= 4 and block_m == 64 and block_d >= 128 else 128
     if split:
-        return block_m, 128, 8
+        return block_m, widest, 8 if widest == 128 else 4
     for block_n in (128, 64):
-        if triton.cdiv(n_cols, block_n) * batch >= SMS:
+        if block_n <= widest and triton.cdiv(n_cols, block_n) * batch >= SMS:
             return block_m, block_n, 8 if block_n == 128 else 4
     return block_m, 32, 4
 
@@ -257,7 +264,7 @@ def attention_lse(
     (``log2 sum 2^(scale * log2(e) * q.k)``) when base2."""
     b, hq, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
-    block_m, block_n, block_d = blocks or _blocks(d)
+    block_m, block_n, block_d = blocks or _blocks(d, q.element_size())
     lse = empty(b, hq, nq, dtype=torch.float32, device=q.device)
     km, km_sb, km_sn = _mask_strides(key_mask)
     n_blocks = triton.cdiv(nq, block_m)
@@ -353,7 +360,7 @@ def column_sums(
     b, hq, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
     n_cols = key_end - key_start
-    block_m, block_n, block_d = blocks or _blocks(d)
+    block_m, block_n, block_d = blocks or _blocks(d, q.element_size())
     lse_given = lse is not None
     if lse is None:
         # Kept in base 2: a natural-log round trip would shift large logits by whole units.
@@ -361,7 +368,7 @@ def column_sums(
     qm, qm_sb, qm_sn = _mask_strides(query_mask)
     km, km_sb, km_sn = _mask_strides(key_mask)
     if blocks is None:
-        block_m, block_n, num_warps = _colsum_blocks(b, n_cols, nq, block_d, split=groups != 1)
+        block_m, block_n, num_warps = _colsum_blocks(b, n_cols, nq, block_d, groups != 1, q.element_size())
     else:
         num_warps = 4
     n_blocks = triton.cdiv(n_cols, block_n)

@@ -38,11 +38,14 @@ from .small import JACOBI_MAX_SWEEPS, JACOBI_TOL2, JACOBI_WARPS, top_subspace_ti
 from .utils import empty, flat_grid, unflatten2
 
 # The sketch width l is padded to a power of two L (>= 16); the Jacobi solver holds L x L
-# float32 matrices on chip, and at L = 512 it needs more shared memory than an H100/H200 block
-# has (227 KiB). So l = min(rank + oversample, N, D) <= 256 on CUDA.
-LEVERAGE_MAX_SKETCH = 256
+# float32 matrices on chip, and at L = 256 it, the passes and the row scores each need more
+# shared memory than an H100/H200 block may have (227 KiB; 256-640 KiB compiled for sm_90,
+# make kernel-sweep). So l = min(rank + oversample, N, D) <= 128 on CUDA.
+LEVERAGE_MAX_SKETCH = 128
 # The (64, L) @ (L, L) row-score product spills at four warps at L = 64 (sm_90); eight hold it.
+# At L = 128 they spill 27 KB per thread; (32, L) row tiles at eight warps hold it.
 ROW_SCORES_WARPS = 8
+ROW_SCORES_WIDE_BLOCK = 32
 
 
 @triton.jit
@@ -124,7 +127,8 @@ def row_scores(q: torch.Tensor, vsel: torch.Tensor) -> torch.Tensor:
     batch, n, _ = q.shape
     width = vsel.shape[-1]
     scores = empty(batch, n, dtype=torch.float32, device=q.device)
-    n_blocks = triton.cdiv(n, 64)
+    block_n = 64 if width <= 64 else ROW_SCORES_WIDE_BLOCK
+    n_blocks = triton.cdiv(n, block_n)
     _row_scores_kernel[flat_grid("leverage_scores", n_blocks, batch)](
         q,
         vsel,
@@ -136,7 +140,7 @@ def row_scores(q: torch.Tensor, vsel: torch.Tensor) -> torch.Tensor:
         vsel.stride(0),
         scores.stride(0),
         L=width,
-        BLOCK_N=64,
+        BLOCK_N=block_n,
         num_warps=ROW_SCORES_WARPS,
     )
     return scores

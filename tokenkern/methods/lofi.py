@@ -19,8 +19,8 @@ from .base import Reduction, keep_count, token_matrix
 @dataclass
 class LoFiConfig:
     """rank in [1, 65536], oversample in [0, 65536], power_iters in [0, 32], seed in
-    [0, 2**63 - 1] (see tokenkern.leverage_scores; on CUDA also rank + oversample <= 256 when
-    min(N, D) > 256)."""
+    [0, 2**63 - 1] (see tokenkern.leverage_scores; on CUDA also rank + oversample <= 128 when
+    min(N, D) > 128)."""
 
     keep: float | int = 0.25
     rank: int = 32

@@ -13,8 +13,8 @@ The whole contract at a glance::
                  l = min(r + oversample, N, D)
     power_iters  0 <= power_iters <= SVD_MAX_POWER_ITERS (32)
     seed         0 <= seed < 2**63 (the Gaussian sketch)
-    CUDA only    l <= LEVERAGE_MAX_SKETCH (256, tokenkern._triton.leverage: the Jacobi
-                 solver's on-chip limit)
+    CUDA only    l <= LEVERAGE_MAX_SKETCH (128, tokenkern._triton.leverage: the kernels'
+                 shared memory at sketch width 256 exceeds a block's)
 
     scores       (B, N) float32, scores[b, i] = ||U_r[i, :]||^2 (each row sums to r); NaN
                  for a sample with a NaN or Inf
@@ -87,8 +87,8 @@ def _cuda_sketch(op: str, n: int, d: int, rank: int, oversample: int, l: int) ->
         fix = f"use oversample < {top} and rank <= {top} - oversample"
     checks.fail(
         op,
-        f"rank + oversample must be <= {top} on CUDA when min(N, D) > {top} (the Jacobi solver's sketch; "
-        f"width 512 needs more shared memory than a block has), got rank={rank}, oversample={oversample} "
+        f"rank + oversample must be <= {top} on CUDA when min(N, D) > {top} (the sketch; at width {2 * top} the "
+        f"kernels need more shared memory than a block has), got rank={rank}, oversample={oversample} "
         f"with min(N, D)={min(n, d)}; {fix}, or a CPU tensor",
     )
 
@@ -126,8 +126,8 @@ def leverage_scores(x: Tensor, rank: int = 32, oversample: int = 8, power_iters:
     x.detach(): scores rank tokens and carry no gradient).
 
     Ranges: 1 <= rank <= 65536, 0 <= oversample <= 65536, 0 <= power_iters <= 32,
-    0 <= seed < 2**63. On CUDA the sketch ``min(rank + oversample, N, D)`` must be <= 256 (the
-    Jacobi solver's on-chip limit): with min(N, D) > 256 and oversample=8, rank <= 248.
+    0 <= seed < 2**63. On CUDA the sketch ``min(rank + oversample, N, D)`` must be <= 128 (the
+    kernels' shared memory): with min(N, D) > 128 and oversample=8, rank <= 120.
     """
     xb, single = checks.batched("leverage_scores", "x", x)
     check_leverage("leverage_scores", xb, rank, oversample, power_iters, seed, cuda=xb.is_cuda)

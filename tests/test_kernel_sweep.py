@@ -1,0 +1,69 @@
+"""The kernel sweep: every configuration the launchers choose, compiled for sm_90, must launch."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tokenkern.kernel_report.schema import SM90
+from tokenkern.kernel_report.sweep import Result
+
+
+def test_problems_name_what_would_not_launch():
+    fits = Result(
+        "k", "case", 4, (132, 1, 1), registers=255, shared_bytes=SM90.smem_per_sm - SM90.smem_reserved_per_cta
+    )
+    assert fits.problems() == []
+    smem = Result("k", "case", 4, (1, 1, 1), registers=32, shared_bytes=262144)
+    assert smem.problems() == ["needs 262144 bytes of shared memory, a block may have 232448"]
+    grid = Result("k", "case", 4, (1, 65536, 1), registers=32)
+    assert grid.problems() == ["grid (1, 65536, 1) exceeds CUDA's (2147483647, 65535, 65535)"]
+    regs = Result("k", "case", 32, (1, 1, 1), registers=255)  # 1024 threads x 255 > 65536
+    assert regs.problems() == ["255 registers x 1024 threads exceed an SM's 65536"]
+
+
+def test_sweep_covers_every_op_face():
+    from tokenkern.kernel_report import sweep
+
+    ops = {case.op for case in sweep.cases()}
+    assert ops == {"leverage_topk", "spectral_ipr", "attn_topk", "topk_gather", "gumbel_topk",
+                   "maxmin/mmr/dpp_select", "pivot_select"}  # fmt: skip
+
+
+_SWEEP = """
+import json, sys, torch
+from tokenkern._triton import attention
+from tokenkern.kernel_report import sweep
+
+def colsum(dtype, blocks):
+    q, k = torch.empty(1, 2, 300, 128, dtype=dtype), torch.empty(1, 2, 300, 128, dtype=dtype)
+    return attention.column_sums(q, k, None, 0.1, 0, 300, None, None, None, True, blocks=blocks, groups=1)
+
+cases = [sweep.Case("attn_scores", "float32, 128 x 128 key tiles", lambda: colsum(torch.float32, (64, 128, 128))),
+         sweep.Case("attn_scores", "bf16, the launcher's tiles", lambda: colsum(torch.bfloat16, None))]
+results = sweep.run(cases)
+print(sweep.format_results(results))
+json.dump([[r.kernel, r.case, r.shared_bytes, r.problems()] for r in results], open(sys.argv[1], "w"))
+"""
+
+
+def test_sweep_compiles_and_flags_a_block_past_the_shared_memory(tmp_path):
+    """In a fresh interpreter (TRITON_INTERPRET unset): float32 column sums forced to 128-wide
+    key tiles need more shared memory than a block may have; the launcher's own tiles fit."""
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = tmp_path / "sweep.json"
+    proc = subprocess.run([sys.executable, "-c", _SWEEP, str(out)], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(out.read_text())
+    limit = SM90.smem_per_sm - SM90.smem_reserved_per_cta
+    forced = [r for r in results if r[0] == "_colsum_kernel" and "float32" in r[1]]
+    assert len(forced) == 1 and forced[0][2] > limit and "shared memory" in forced[0][3][0], results
+    own = [r for r in results if "launcher's tiles" in r[1]]
+    assert own and all(r[2] <= limit and not r[3] for r in own), results
+    assert "WOULD NOT LAUNCH _colsum_kernel at attn_scores float32" in proc.stdout
+    assert "sweep: FAILED" in proc.stdout and "static, no GPU run" in proc.stdout
