@@ -130,6 +130,8 @@ def _diversity_cases() -> Iterator[Case]:
                         x, rel = _x(b, n, d, dtype), torch.empty(b, n, dtype=torch.float32)
                         mask = torch.ones(b, n, dtype=torch.bool)
                         diversity.maxmin_select_triton(x, k, None)
+                        diversity.maxmin_select_triton(x, k, mask)
+                        diversity.dpp_select_triton(x, rel, k, None)
                         diversity.mmr_select_triton(x, rel, k, 0.5, mask)
                         return diversity.dpp_select_triton(x, rel, k, mask)
 
