@@ -93,7 +93,7 @@ kernel-report: install
 	env -u TRITON_INTERPRET $(PY) -m tokenkern kernels --json benchmarks/results/static/sm90.json --docs --check
 
 kernel-sweep: install
-	env -u TRITON_INTERPRET $(PY) -m tokenkern kernels --sweep
+	env -u TRITON_INTERPRET $(PY) -m tokenkern kernels --sweep --json benchmarks/results/static/sweep.json
 
 bench: install
 	$(PYTEST) benchmarks --ignore=benchmarks/cpu --benchmark-only --benchmark-json=benchmarks/results/last-run.json

@@ -96,6 +96,16 @@ def test_batch_equals_per_sample(backend, gen):
         assert torch.allclose(batched[i : i + 1], single, rtol=1e-5, atol=1e-6)
 
 
+def test_widest_cuda_sketch_matches_exact_svd(gen):
+    """The Triton face at the widest sketch CUDA allows (l = 120 + 8 = 128): the Jacobi solver's
+    own launch and the row scores' 32-row tiles, on a gapped spectrum of rank 120."""
+    x64, exact = gapped_matrix(1, 300, 200, rank=120, gen=gen)
+    x = x64.float()
+    scores = leverage_scores_triton(x, rank=120, oversample=8)
+    assert_rel_close(scores[0], reference.leverage_scores(x, 120)[0], SCORE_TOL, "l = 128")
+    assert_rel_close(scores[0], exact[0], SCORE_TOL, "l = 128, the float64 matrix")
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(("n", "d", "rank"), [(1, 64, 32), (17, 64, 32), (40, 12, 32), (30, 64, 30)])
 def test_full_rank_range_is_exact(backend, n, d, rank, gen):

@@ -97,8 +97,13 @@ def _kernels(args: argparse.Namespace) -> int:
     if args.sweep:
         from .kernel_report import sweep
 
+        if args.docs or args.check:
+            print("tokenkern kernels: --sweep takes --json only (not --docs or --check)", file=sys.stderr)
+            return 2
         results = sweep.run()
         print(sweep.format_results(results))
+        if args.json:
+            print(f"wrote {sweep.write_json(results, args.json)} ({LABEL})")
         return 1 if any(r.problems() for r in results) else 0
     report = build_report()
     print(format_table(report))

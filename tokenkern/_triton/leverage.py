@@ -15,7 +15,8 @@ scores do not depend on the scale of x[b], float32 sums of its squares do: hence
 power-of-two scaling of the range finder.
 
 The Jacobi eigen-solver (small.py; also the Rayleigh-Ritz step of the spectral IPR) holds
-L x L float32 matrices on chip: ``LEVERAGE_MAX_SKETCH`` bounds l on CUDA.
+L x L float32 matrices on chip, and the passes and row scores hold L-wide tiles:
+``LEVERAGE_MAX_SKETCH`` bounds l on CUDA (their shared memory at L = 256 exceeds a block's).
 """
 
 from __future__ import annotations

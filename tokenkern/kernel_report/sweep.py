@@ -7,23 +7,26 @@ token, k = N, rank + oversample = 128, head dim 256, float32 inputs), and the la
 block sizes, warps, stages and sketch widths there. A configuration that needs more shared
 memory than a block may have (227 KiB), more registers than an SM holds for its threads, or a
 grid axis past CUDA's limits fails at launch, on the user's GPU. ``python -m tokenkern kernels
---sweep`` (``make kernel-sweep``) records every op face over the sweep (launches intercepted,
+--sweep [--json PATH]`` (``make kernel-sweep``, which writes
+``benchmarks/results/static/sweep.json``) records every op face over the sweep (launches intercepted,
 nothing executed), compiles each distinct specialization once and fails on any such
 configuration; spills are listed, not failed (the budget holds them at the headline shapes).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from .schema import LABEL, SM90, ctas_per_sm
-from .triton_report import _compile_all, _no_poison, record_launches, specialization
+from .triton_report import _compile_all, _key, _no_poison, record_launches, specialization
 
 # fp16 compiles to the same tiles, stages and MMA shapes as bf16 (same element size).
 _DT = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -52,7 +55,7 @@ def _leverage_cases() -> Iterator[Case]:
         for b in (1, 8):
             for n, d in TOKEN_SHAPES:
                 k = max(1, n // 4)
-                for rank, over in ((1, 0), (32, 8), (64, 64), (120, 8), (248, 8)):
+                for rank, over in ((1, 0), (32, 8), (64, 64), (120, 8)):
                     if min(rank + over, n, d) > LEVERAGE_MAX_SKETCH or rank > min(n, d):
                         continue
                     for p in (0, 2):
@@ -77,12 +80,13 @@ def _attention_cases() -> Iterator[Case]:
               (1, 12, 12, 200, 300, 80, (0, 300), 768), (1, 8, 1, 300, 300, 256, (0, 256), 2048))  # fmt: skip
     for dtype in _DT:
         for b, hq, hkv, nq, nk, hd, (ks, ke), dx in shapes:
-            for lse, causal, masks in ((False, True, False), (True, True, False), (False, False, True)):
+            for lse, causal, masks, reduce in ((False, True, False, "mean"), (True, True, True, "mean"),
+                                               (False, False, True, "sum"), (False, True, True, "sum")):  # fmt: skip
 
                 def run(b=b, hq=hq, hkv=hkv, nq=nq, nk=nk, hd=hd, ks=ks, ke=ke, dx=dx, lse=lse, causal=causal,
-                        masks=masks, dtype=dtype):  # fmt: skip
+                        masks=masks, reduce=reduce, dtype=dtype):  # fmt: skip
                     q, k = torch.empty(b, hq, nq, hd, dtype=_DT[dtype]), torch.empty(b, hkv, nk, hd, dtype=_DT[dtype])
-                    kw: dict[str, Any] = {"key_start": ks, "key_end": ke, "causal": causal}
+                    kw: dict[str, Any] = {"key_start": ks, "key_end": ke, "causal": causal, "reduce": reduce}
                     if lse:
                         kw["lse"] = torch.empty(b, hq, nq, dtype=torch.float32)
                     if masks:
@@ -92,7 +96,8 @@ def _attention_cases() -> Iterator[Case]:
                     return attention.attn_topk_triton(q, k, torch.empty(b, ke - ks, dx, dtype=_DT[dtype]),
                                                       max(1, (ke - ks) // 4), **kw)  # fmt: skip
 
-                label = f"B={b} H={hq}/{hkv} Nq={nq} Nk={nk} d={hd} {dtype} lse={lse} causal={causal} masks={masks}"
+                label = (f"B={b} H={hq}/{hkv} Nq={nq} Nk={nk} d={hd} {dtype} lse={lse} causal={causal} "
+                         f"masks={masks} {reduce}")  # fmt: skip
                 yield Case("attn_topk", label, run)
 
 
@@ -133,6 +138,7 @@ def _diversity_cases() -> Iterator[Case]:
                         diversity.maxmin_select_triton(x, k, mask)
                         diversity.dpp_select_triton(x, rel, k, None)
                         diversity.mmr_select_triton(x, rel, k, 0.5, mask)
+                        diversity.mmr_select_triton(x, rel, k, 0.5, None)
                         return diversity.dpp_select_triton(x, rel, k, mask)
 
                     yield Case("maxmin/mmr/dpp_select", f"B={b} N={n} D={d} {dtype} k={k}", run)
@@ -176,16 +182,14 @@ class Result:
 
 
 def _resource_key(spec: dict[str, Any]) -> str:
-    """What decides a specialization's shared memory and register budget: the kernel, its
-    constexprs, options and pointer dtypes (not the divisibility attributes of its arguments,
-    which change vector widths, not allocations)."""
-    pointers = sorted((k, v) for k, v in spec["signature"].items() if isinstance(v, str) and v.startswith("*"))
-    constexprs = sorted((k, repr(v)) for k, v in spec["constexprs"].items())
-    return repr((spec["module"], spec["name"], constexprs, sorted(spec["options"].items()), pointers))
+    """What the JIT compiles separately: the kernel, its signature, constexprs, options and the
+    divisibility attributes of its arguments (known 16-byte alignment lets loads be staged
+    through shared memory asynchronously, which changes the allocation)."""
+    return _key(spec)
 
 
 def record(selected: list[Case]) -> tuple[dict[str, dict[str, Any]], dict[str, Result]]:
-    """Record every case; returns one specialization per resource key and its (first) result."""
+    """Record every case; returns each distinct specialization and its (first) result."""
     specs: dict[str, dict[str, Any]] = {}
     results: dict[str, Result] = {}
     with _no_poison():
@@ -216,6 +220,16 @@ def run(selected: list[Case] | None = None, workers: int | None = None) -> list[
         c = compiled[key]
         r.registers, r.spill_bytes, r.shared_bytes = c["registers"], c["spill_bytes"], c["shared_bytes"]
     return list(results.values())
+
+
+def write_json(results: list[Result], path: str | Path) -> Path:
+    """The sweep's results as JSON (static, no GPU run): one record per specialization."""
+    records = [{**asdict(r), "grid": list(r.grid), "problems": r.problems()} for r in results]
+    out = {"label": LABEL, "target": SM90.name, "specializations": len(records), "results": records}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=1) + "\n")
+    return path
 
 
 def format_results(results: list[Result]) -> str:

@@ -4,7 +4,7 @@ README.md and docs/performance.md hold blocks between ``<!-- static-table:NAME -
 ``<!-- /static-table -->``; ``python -m tokenkern kernels --json PATH --docs`` (``make
 kernel-report``) rewrites them from the report, and a test checks the committed blocks against
 the committed JSON, so the numbers in the docs are the report's. NAME picks the rows:
-``headline`` (one call per op at its largest headline shape) or ``all``.
+``headline`` (each op at its largest headline shape, HEADLINE) or ``all``.
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ def table(report: dict[str, Any], name: str) -> str:
         f"{report['target']['name']} ({LABEL}; {toolchain}); `python -m tokenkern kernels --docs` writes it. "
         "Bytes are the kernels' compulsory bytes; the HBM floor is one pass over x plus the outputs; the compute "
         f"floor is the op's GEMM at {peak / 1e12:g} TFLOPS dense bf16; CTAs: the fewest of a kernel "
-        "carrying > 10% of the call's bytes or FLOPs (132 SMs; - where none does); budget: the call's breaches "
+        f"carrying > 10% of the call's bytes or FLOPs ({SM90.sms} SMs; - where none does); budget: the call's breaches "
         "of the budget."
     )
     lines = [
@@ -125,12 +125,14 @@ def blocks(text: str) -> dict[str, str]:
 
 
 def update_docs(report: dict[str, Any], root: str | Path = ".") -> list[Path]:
-    """Rewrite the blocks of DOCS under ``root``; returns the files that changed."""
+    """Rewrite the blocks of DOCS under ``root`` (the repository root); returns the files that
+    changed."""
+    missing = [rel for rel in DOCS if not (Path(root) / rel).exists()]
+    if missing:
+        raise FileNotFoundError(f"tokenkern.kernel_report: --docs runs in the repository root, no {missing[0]} here")
     changed = []
     for rel in DOCS:
         path = Path(root) / rel
-        if not path.exists():
-            continue
         text = path.read_text()
         new = update_text(text, report)
         if new != text:

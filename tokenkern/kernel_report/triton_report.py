@@ -430,7 +430,8 @@ def _greedy_bytes(name: str, named: dict[str, Any], used: list[Any]) -> tuple[in
     each candidate still unselected, sum_i (candidates - i - 1) i floats per sample: counted
     where the (B, N, k) scratch exceeds the L2, as an upper bound (a step touches only the
     first i entries of the live rows: the note gives the largest step's footprint), and noted
-    as L2 traffic where the scratch fits."""
+    as L2 traffic where the scratch fits. The pick's own i entries, read by each of the
+    sample's programs, count once (one row, re-read through L2 by several CTAs)."""
     g, k = named["g_ptr"], int(named["k"])
     batch, n = g.shape[0], g.shape[1]
     scratch = named.get("ct_ptr")
@@ -453,7 +454,7 @@ def _greedy_bytes(name: str, named: dict[str, Any], used: list[Any]) -> tuple[in
     candidates = _candidates(named, batch, n)
     rereads = scratch.element_size() * sum(_live_rereads(c, k) for c in candidates)
     if scratch_bytes > SM90.l2_bytes:
-        step = max(sum(_step_footprint(c, i) for c in candidates) for i in range(k))
+        step = max(sum(_step_footprint(c, i, scratch.element_size()) for c in candidates) for i in range(k))
         note += (f"; the Cholesky scratch re-read at every step ({rereads / 1e6:.0f} MB, counted: the scratch "
                  f"exceeds the L2; an upper bound, the largest step touches {step / 2**20:.1f} MiB of it)")  # fmt: skip
         return others + g_bytes + scratch_bytes + rereads, note
@@ -461,10 +462,11 @@ def _greedy_bytes(name: str, named: dict[str, Any], used: list[Any]) -> tuple[in
     return others + g_bytes + scratch_bytes, note
 
 
-def _step_footprint(candidates: int, i: int) -> int:
+def _step_footprint(candidates: int, i: int, itemsize: int = 4) -> int:
     """Bytes of the Cholesky scratch dpp's step i reads in one sample: the first i entries of
-    each live row, in 32-byte sectors."""
-    return max(candidates - i - 1, 0) * math.ceil(i * 4 / SM90.sector_bytes) * SM90.sector_bytes
+    each live row, in sectors (rows of k entries start on a sector when k * itemsize is a
+    multiple of one; else this is short by at most a sector per row)."""
+    return max(candidates - i - 1, 0) * math.ceil(i * itemsize / SM90.sector_bytes) * SM90.sector_bytes
 
 
 def _candidates(named: dict[str, Any], batch: int, n: int) -> list[int]:
