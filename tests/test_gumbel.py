@@ -514,13 +514,8 @@ def test_kernels_compile_for_cuda():
     """Ahead-of-time compile of every kernel variant to sm_80/sm_90 cubins with Triton's bundled
     ptxas (in a fresh interpreter: under TRITON_INTERPRET=1 the kernels are not JIT functions),
     so that type and lowering errors the interpreter cannot see fail on machines without a GPU."""
-    import os
-    import subprocess
-    import sys
-
     pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True)
+    proc = testing.run_compiling(_COMPILE_SCRIPT)
     if proc.returncode and ("ptxas" in proc.stderr or "No module named 'triton.backends.nvidia'" in proc.stderr):
         pytest.skip(f"this Triton cannot compile for CUDA: {proc.stderr.strip().splitlines()[-1]}")
     assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-3000:]

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
+from testing import run_compiling
 
 from tokenkern.kernel_report import budget, schema
 from tokenkern.kernel_report.schema import KernelLaunch, OpCall
@@ -241,9 +240,8 @@ print(format_table(report))
 def test_small_report_compiles_and_validates(tmp_path):
     """The sm_90 compile path at tiny shapes, in a fresh interpreter (TRITON_INTERPRET unset)."""
     pytest.importorskip("triton.backends.nvidia")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = tmp_path / "report.json"
-    proc = subprocess.run([sys.executable, "-c", _SMALL_REPORT, str(out)], env=env, capture_output=True, text=True)
+    proc = run_compiling(_SMALL_REPORT, str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
     schema.validate(report)

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from testing import run_compiling
 
 from tokenkern.kernel_report.schema import SM90
 from tokenkern.kernel_report.sweep import Result
@@ -69,9 +67,8 @@ def test_sweep_compiles_and_flags_a_block_past_the_shared_memory(tmp_path):
     key tiles need more shared memory than a block may have; the launcher's own tiles (bf16 and
     float32) fit."""
     pytest.importorskip("triton.backends.nvidia")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = tmp_path / "sweep.json"
-    proc = subprocess.run([sys.executable, "-c", _SWEEP, str(out)], env=env, capture_output=True, text=True)
+    proc = run_compiling(_SWEEP, str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(out.read_text())
     limit = SM90.smem_per_sm - SM90.smem_reserved_per_cta

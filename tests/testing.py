@@ -6,6 +6,8 @@ import functools
 import math
 import os
 import random
+import subprocess
+import sys
 
 import torch
 
@@ -17,6 +19,14 @@ TRITON_DEVICE = "cuda" if HAS_CUDA else "cpu"
 # The two implementations of a Python-registered op: the CPU kernel (torch/C++) and the
 # CUDA kernel (Triton). Tests take `backend` from here.
 BACKENDS = ["cpu", "triton"]
+
+
+def run_compiling(script: str, *args: str) -> subprocess.CompletedProcess:
+    """Run a Python script in a fresh interpreter with TRITON_INTERPRET unset: there the kernels
+    are JIT functions, which compile (for a GPU target, without one)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True, text=True)
+
 
 # The interpreter gets bf16 arithmetic wrong: bf16 cases run on a GPU only.
 FLOAT_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if HAS_CUDA else [])

@@ -527,7 +527,7 @@ def _params(p: MergeCall) -> dict[str, Any]:
     else:
         params["r"] = p.k
         rows, cols = (p.n + 1) // 2, p.n // 2
-    return params | compute_floor(2 * p.b * rows * cols * p.c, "similarity GEMM 2*B*rows*cols*C")[0]
+    return params | {"compute_floor_flops": 2 * p.b * rows * cols * p.c}
 
 
 def op_call(p: MergeCall, compiled: dict[str, CompiledKernel], why: str = "") -> OpCall:
@@ -543,7 +543,9 @@ def op_call(p: MergeCall, compiled: dict[str, CompiledKernel], why: str = "") ->
     kernels += [_kernel_record(p, launch, compiled, why) for launch in plan]
     floor, floor_formula = _floor(p)
     params = _params(p)
-    floor_formula += compute_floor(params["compute_floor_flops"], "similarity GEMM 2*B*rows*cols*C")[1]  # its clause
+    gemm, clause = compute_floor(params["compute_floor_flops"], "similarity GEMM 2*B*rows*cols*C")
+    params |= gemm
+    floor_formula += clause
     known = [k.flops for k in kernels if k.flops is not None]
     if p.op == "merge_tokens" and p.metric_is_x:
         # Every assignment must be known before a kept row's sum is final: with metric = x the

@@ -181,13 +181,6 @@ class Result:
         return out
 
 
-def _resource_key(spec: dict[str, Any]) -> str:
-    """What the JIT compiles separately: the kernel, its signature, constexprs, options and the
-    divisibility attributes of its arguments (known 16-byte alignment lets loads be staged
-    through shared memory asynchronously, which changes the allocation)."""
-    return _key(spec)
-
-
 def record(selected: list[Case]) -> tuple[dict[str, dict[str, Any]], dict[str, Result]]:
     """Record every case; returns each distinct specialization and its (first) result."""
     specs: dict[str, dict[str, Any]] = {}
@@ -200,7 +193,7 @@ def record(selected: list[Case]) -> tuple[dict[str, dict[str, Any]], dict[str, R
                 if launch.backend != "triton":
                     continue
                 spec = specialization(launch)
-                key = _resource_key(spec)
+                key = _key(spec)  # what the JIT compiles separately (alignment attributes included)
                 if key not in specs:
                     specs[key] = spec
                     warps = int(spec["options"].get("num_warps", 4))
