@@ -277,6 +277,7 @@ def test_cholesky_qr_orthonormalizes(l, m, gen):
                                                         (4096, 1, 32), (16, 1, 32), (4096, 8, 64)])  # fmt: skip
 def test_pass_block_fills_the_sms(extent, batch, block):
     assert triton_sketch.pass_block(extent, batch) == block
+    assert triton_sketch.pass_block(extent, batch, triton_sketch.F32_BLOCK) == triton_sketch.F32_BLOCK
     ctas = batch * -(-extent // block)
     # the largest block that reaches FILL_CTAS programs, the smallest block when none does
     assert ctas >= triton_sketch.FILL_CTAS or block == triton_sketch.PASS_MIN_BLOCK

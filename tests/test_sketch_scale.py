@@ -51,7 +51,7 @@ def test_found_scale_gives_the_bits_of_a_pass_at_that_scale(gen):
     x = torch.randn(b, n, d, generator=gen)
     x[:, :32] *= 2.0**20
     x[:, 32:64] *= 2.0**-20
-    x[0, 64:96] *= torch.exp2(10.0 * (torch.arange(d) // sketch.REDUCE_BLOCK))
+    x[0, 64:96] *= torch.exp2(10.0 * (torch.arange(d) // sketch.reduce_block(x.dtype)))
     passes, omega, (y, g, row_scale) = _first_pass(x, l, out_block=block)
     fixed = sketch.ScaledPasses(x.to(TRITON_DEVICE), l, "test", out_block=block)
     y_fixed, g_fixed = fixed.x_mm(omega, gram=True)

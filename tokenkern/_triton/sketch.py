@@ -84,6 +84,10 @@ ORTH_PASS_WARPS = ORTH_WARPS
 # (D, l) / (N, l) float32 operand from L2: per pass that is (programs x |operand|), L / 8
 # times x's bytes at block 16 (16-bit x), hence the floor of 32.
 REDUCE_BLOCK = 64
+# A float32 X (3xTF32: hi and lo halves of both tiles in registers) takes tiles of F32_BLOCK
+# on both sides: at 64 x 64 the passes spill up to ~1.6 KB per thread on sm_90 (make
+# kernel-sweep), at 32 x 32 none at L <= 64. Its bytes per tile row are those of a 16-bit X at 64.
+F32_BLOCK = 32
 # The last pass also multiplies its (64, L) tile by T (L, L): at four warps that spills on sm_90.
 T_PASS_WARPS = 8
 PASS_MAX_BLOCK = 64
@@ -657,10 +661,16 @@ def _orth_kernel(
                   HAS_T, ROW_SCALE, False)  # fmt: skip
 
 
-def pass_block(extent: int, batch: int) -> int:
+def reduce_block(dtype: torch.dtype) -> int:
+    """The chunk a pass over an X of this dtype sums over (REDUCE_BLOCK, F32_BLOCK for float32)."""
+    return REDUCE_BLOCK if split_dtype(dtype) else F32_BLOCK
+
+
+def pass_block(extent: int, batch: int, widest: int = PASS_MAX_BLOCK) -> int:
     """The output-tile block of a pass over ``extent`` rows (or columns) of each of ``batch``
-    samples: the largest of 64, 32 whose grid fills FILL_CTAS programs, else the smallest."""
-    block = PASS_MAX_BLOCK
+    samples: the largest power of two from ``widest`` (64; F32_BLOCK for a float32 X) down to
+    PASS_MIN_BLOCK whose grid fills FILL_CTAS programs, else the smallest."""
+    block = widest
     while block > PASS_MIN_BLOCK and batch * triton.cdiv(extent, block) < FILL_CTAS:
         block //= 2
     return block
@@ -782,8 +792,10 @@ class ScaledPasses:
         self.width = sketch_width(l)
         self.split = split_dtype(x.dtype)
         self.precision = "ieee" if interpreted() else "tf32x3"
-        self.block_n = out_block or pass_block(self.n, self.batch)
-        self.block_d = out_block or pass_block(self.d, self.batch)
+        self.reduce = reduce_block(x.dtype)
+        widest = PASS_MAX_BLOCK if self.split else F32_BLOCK
+        self.block_n = out_block or pass_block(self.n, self.batch, widest)
+        self.block_d = out_block or pass_block(self.d, self.batch, widest)
         self.counters = counters(3 * self.batch, x.device)  # the passes', done flags, orth's
 
     def _run(self, kernel, s, extent, block, gram, store, tin=None, orth=False,
@@ -853,14 +865,14 @@ class ScaledPasses:
         zero) -> (P: (B, N, l), None when not store; the packed Gram of P, (B, l (l + 1) / 2),
         when gram). Scratch with gram: (B, N / GRAM_ROWS, l (l + 1) / 2) float32 partial Grams."""
         return self._run(_x_mm_kernel, z, self.n, self.block_n, gram, store, BLOCK_N=self.block_n,
-                         BLOCK_D=REDUCE_BLOCK, bmax_ptr=self.counters, FIND_SCALE=False, NC=1)[:2]  # fmt: skip
+                         BLOCK_D=self.reduce, bmax_ptr=self.counters, FIND_SCALE=False, NC=1)[:2]  # fmt: skip
 
     def x_mm_orth(self, z: torch.Tensor, tin: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """CholeskyQR2 of (X @ z) tin in one launch (orthonormalize's Q1 (B, N, l) and T
         (B, L, L), the same bits): the pass, then its trailing orth phase. Scratch: the
         pass's and orth's partial Grams."""
         q, _, t = self._run(_x_mm_kernel, z, self.n, self.block_n, True, True, tin, True, BLOCK_N=self.block_n,
-                            BLOCK_D=REDUCE_BLOCK, bmax_ptr=self.counters, FIND_SCALE=False, NC=1)  # fmt: skip
+                            BLOCK_D=self.reduce, bmax_ptr=self.counters, FIND_SCALE=False, NC=1)  # fmt: skip
         return q, t
 
     def sketch(self, omega: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor, int]]:
@@ -884,7 +896,7 @@ class ScaledPasses:
         return empty(self.batch, triton.cdiv(self.n, self.block_n), dtype=torch.float32, device=self.x.device)
 
     def _find_scale(self, bmax: torch.Tensor) -> dict:
-        return dict(BLOCK_N=self.block_n, BLOCK_D=REDUCE_BLOCK, FIND_SCALE=True, NC=MAX_CHUNK, bmax_ptr=bmax,
+        return dict(BLOCK_N=self.block_n, BLOCK_D=self.reduce, FIND_SCALE=True, NC=MAX_CHUNK, bmax_ptr=bmax,
                     num_warps=FIND_SCALE_WARPS)  # fmt: skip
 
     def xt_mm(
@@ -892,7 +904,7 @@ class ScaledPasses:
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """X^T @ q (@ t for t: (B, L, L)) for q: (B, N, w) -> (P (B, D, l) unless not store,
         packed Gram of P if gram), as x_mm."""
-        return self._run(_xt_mm_kernel, q, self.d, self.block_d, gram, store, BLOCK_N=REDUCE_BLOCK,
+        return self._run(_xt_mm_kernel, q, self.d, self.block_d, gram, store, BLOCK_N=self.reduce,
                          BLOCK_D=self.block_d, t_ptr=self.counters if t is None else t,
                          HAS_T=t is not None, num_warps=T_PASS_WARPS if t is not None else 4,
                          **self._no_finish())[:2]  # fmt: skip
@@ -908,7 +920,7 @@ class ScaledPasses:
             evals = empty(self.batch, self.width, dtype=torch.float32, device=dev)
         else:
             vsel, evals = None, empty(self.batch, dtype=torch.float32, device=dev)
-        _, g, _ = self._run(_xt_mm_kernel, q, self.d, self.block_d, True, False, BLOCK_N=REDUCE_BLOCK,
+        _, g, _ = self._run(_xt_mm_kernel, q, self.d, self.block_d, True, False, BLOCK_N=self.reduce,
                             BLOCK_D=self.block_d, t_ptr=t, HAS_T=True, num_warps=T_PASS_WARPS,
                             vsel_ptr=self.counters if vsel is None else vsel, eval_ptr=evals, r=r, FINISH=finish,
                             MAX_SWEEPS=JACOBI_MAX_SWEEPS, TOL2=JACOBI_TOL2)  # fmt: skip
@@ -920,7 +932,7 @@ class ScaledPasses:
 
     def xt_mm_orth(self, q: torch.Tensor, tin: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """CholeskyQR2 of (X^T @ q) tin in one launch, as x_mm_orth: (Q1 (B, D, l), T)."""
-        z, _, t = self._run(_xt_mm_kernel, q, self.d, self.block_d, True, True, tin, True, BLOCK_N=REDUCE_BLOCK,
+        z, _, t = self._run(_xt_mm_kernel, q, self.d, self.block_d, True, True, tin, True, BLOCK_N=self.reduce,
                             BLOCK_D=self.block_d, t_ptr=self.counters, HAS_T=False, **self._no_finish())  # fmt: skip
         return z, t
 
