@@ -200,13 +200,14 @@ def _colsum_kernel(
 
 def _blocks(d: int, itemsize: int = 2) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_D). The interpreter runs programs one by one: larger blocks.
-    Float32 q and k (``itemsize`` 4) at BLOCK_D >= 256 take query tiles of 32: with 64 the lse
-    kernel's staged tiles need 256 KiB of shared memory on sm_90, more than a block may have."""
+    Float32 q and k (``itemsize`` 4) at BLOCK_D >= 256 take query tiles of 16: with 64 the lse
+    kernel's staged tiles need 256 KiB of shared memory on sm_90, more than a block may have,
+    and with 32 its 3xTF32 halves of the query tile spill ~20 KB per thread (make kernel-sweep)."""
     block_d = max(16, next_pow2(d))
     if interpreted():
         return 128, 128, block_d
     if block_d >= 256:
-        return (32 if itemsize >= 4 else 64), 32, block_d
+        return (16 if itemsize >= 4 else 64), 32, block_d
     return 64, 64, block_d
 
 
@@ -217,19 +218,22 @@ def _colsum_blocks(
     queries (decode). ``split`` (the heads may be split over programs, ``head_groups``):
     128-wide key tiles, the groups fill the GPU at any batch. Otherwise 128-wide tiles while
     they still give >= 132 programs (one per SM of an H100/H200), narrower ones when the
-    batch is small. Float32 q and k (``itemsize`` 4) take key tiles of at most 64 at
-    BLOCK_D = 128 and query tiles of 64: with 128 their staged tiles need 256 KiB of shared
-    memory on sm_90, more than a block may have (make kernel-sweep)."""
+    batch is small. Float32 q and k (``itemsize`` 4, 3xTF32: hi and lo halves of both tiles in
+    registers) take 64-wide key tiles, query tiles of at most 32 and eight warps at any batch:
+    128-wide key tiles need 256 KiB of shared memory on sm_90, more than a block may have, and
+    the others spill (up to ~1.3 KB per thread at 64 x 64 or 32 x 32 and four warps; none at
+    32 x 64 and eight: make kernel-sweep); at BLOCK_D >= 256, 16 x 32 (~0.6 KB, was ~24 KB)."""
     if interpreted():
         return 128, 128, 4
     block_m = 16 if nq <= 16 else 64
+    if itemsize >= 4:
+        return (16, 32, 8) if block_d >= 256 else (min(block_m, 32), 64, 8)
     if block_d >= 256:
         return min(block_m, 32), 32, 4
-    widest = 64 if itemsize >= 4 and block_m == 64 and block_d >= 128 else 128
     if split:
-        return block_m, widest, 8 if widest == 128 else 4
+        return block_m, 128, 8
     for block_n in (128, 64):
-        if block_n <= widest and triton.cdiv(n_cols, block_n) * batch >= SMS:
+        if triton.cdiv(n_cols, block_n) * batch >= SMS:
             return block_m, block_n, 8 if block_n == 128 else 4
     return block_m, 32, 4
 
