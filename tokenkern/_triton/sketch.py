@@ -74,8 +74,11 @@ CHOLESKY_FLOOR = 1e-12
 ORTH_WARPS = 16
 # A pass with a trailing orth phase (one launch) runs both at the warps the orth phase and
 # the last program's Cholesky need: at eight the launch spills 400-900 bytes (sm_90), at
-# sixteen it needs 86-112 registers and none.
+# sixteen it needs 86-112 registers and none. At L = 128 each L x L matrix is 32 registers a
+# thread even at sixteen warps, and the launch spills 5.5-13 KB per thread (sm_90); at
+# ORTH_PASS_WARPS_WIDE (thirty-two) 0.26-2.9 KB.
 ORTH_PASS_WARPS = ORTH_WARPS
+ORTH_PASS_WARPS_WIDE = 32
 # The passes over X: each program owns an output tile of out-block rows (x_mm) or columns
 # (xt_mm) of X by L and sums over the other side of X in REDUCE_BLOCK chunks. The out block
 # is halved from PASS_MAX_BLOCK down to PASS_MIN_BLOCK until B x blocks reach FILL_CTAS (the
@@ -817,7 +820,7 @@ class ScaledPasses:
             n_tiles = triton.cdiv(extent, o_block)
             opart = empty(self.batch, n_tiles, pack, dtype=torch.float32, device=dev)
             t = empty(self.batch, self.width, self.width, dtype=torch.float32, device=dev)
-            blocks["num_warps"] = ORTH_PASS_WARPS
+            blocks["num_warps"] = ORTH_PASS_WARPS if self.width <= 64 else ORTH_PASS_WARPS_WIDE
         kernel[flat_grid(self.op, n_blocks + n_tiles, self.batch)](
             x,
             self.amax,
