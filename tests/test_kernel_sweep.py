@@ -9,7 +9,7 @@ import pytest
 from testing import run_compiling
 
 from tokenkern.kernel_report.schema import SM90
-from tokenkern.kernel_report.sweep import Result
+from tokenkern.kernel_report.sweep import SPILLS_ALLOWED, Result, spill_verdict
 
 
 def test_problems_name_what_would_not_launch():
@@ -25,6 +25,20 @@ def test_problems_name_what_would_not_launch():
     assert regs.problems() == ["255 registers x 1024 threads exceed an SM's 65536"]
 
 
+def test_spill_verdict_flags_unlisted_larger_and_obsolete_entries():
+    allowed = {("_k", "fp32"): 100, ("_k", "d=256"): 50, ("_gone", "x"): 10}
+    results = [Result("_k", "op B=1 fp32", 8, (1, 1, 1), registers=255, spill_bytes=100),
+               Result("_k", "op B=1 bf16 d=256", 8, (1, 1, 1), registers=255, spill_bytes=60),
+               Result("_other", "op fp32", 8, (1, 1, 1), registers=255, spill_bytes=4),
+               Result("_gone", "x", 8, (1, 1, 1), registers=40)]  # fmt: skip
+    breaches, obsolete = spill_verdict(results, allowed)
+    assert len(breaches) == 2
+    assert "op B=1 bf16 d=256: 60 bytes" in breaches[0] and "= 50" in breaches[0]
+    assert "_other at op fp32: 4 bytes" in breaches[1] and "not in SPILLS_ALLOWED" in breaches[1]
+    assert obsolete == ["SPILLS_ALLOWED('_gone', 'x') = 10 covers no spill: drop it"]
+    assert spill_verdict(results[:1], {("_k", "fp32"): 100}) == ([], [])
+
+
 ROOT = Path(__file__).resolve().parent.parent
 STATIC = ROOT / "benchmarks" / "results" / "static"
 
@@ -37,6 +51,10 @@ def test_committed_sweep_launches_and_covers_the_report():
     sweep = json.loads((STATIC / "sweep.json").read_text())
     assert sweep["label"] == "static, no GPU run" and sweep["specializations"] == len(sweep["results"]) > 0
     assert [r for r in sweep["results"] if r["problems"]] == []
+    fields = ("kernel", "case", "num_warps", "registers", "spill_bytes", "shared_bytes")
+    results = [Result(**{f: r[f] for f in fields}, grid=tuple(r["grid"])) for r in sweep["results"]]
+    assert spill_verdict(results) == ([], []), "make kernel-sweep: spills outside SPILLS_ALLOWED, or stale entries"
+    assert all(v > 0 for v in SPILLS_ALLOWED.values())
     limit = SM90.smem_per_sm - SM90.smem_reserved_per_cta
     assert all(0 < r["registers"] <= 255 and r["shared_bytes"] <= limit for r in sweep["results"])
     report = json.loads((STATIC / "sm90.json").read_text())

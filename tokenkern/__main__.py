@@ -104,7 +104,7 @@ def _kernels(args: argparse.Namespace) -> int:
         print(sweep.format_results(results))
         if args.json:
             print(f"wrote {sweep.write_json(results, args.json)} ({LABEL})")
-        return 1 if any(r.problems() for r in results) else 0
+        return 1 if sweep.failed(results) else 0
     report = build_report()
     print(format_table(report))
     if args.json:

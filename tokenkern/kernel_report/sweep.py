@@ -10,7 +10,8 @@ grid axis past CUDA's limits fails at launch, on the user's GPU. ``python -m tok
 --sweep [--json PATH]`` (``make kernel-sweep``, which writes
 ``benchmarks/results/static/sweep.json``) records every op face over the sweep (launches intercepted,
 nothing executed), compiles each distinct specialization once and fails on any such
-configuration; spills are listed, not failed (the budget holds them at the headline shapes).
+configuration, and on a spill that ``SPILLS_ALLOWED`` does not list (the budget holds the
+headline shapes to none; this list holds every other configuration to today's spills).
 """
 
 from __future__ import annotations
@@ -33,6 +34,34 @@ _DT = {"bf16": torch.bfloat16, "fp32": torch.float32}
 GRID_X_MAX, GRID_YZ_MAX = 2**31 - 1, 65535
 # (N, D): one token, tiny, LLaVA-1.5, SigLIP, LLaVA-NeXT, Qwen2-VL-wide, long and narrow
 TOKEN_SHAPES = ((1, 8), (17, 40), (576, 1024), (729, 1152), (2880, 4096), (1024, 3584), (4096, 64))
+
+
+# (kernel, a piece of the case label) -> the most spill bytes per thread (sm_90; static, no GPU
+# run) among the spilling specializations that entry covers. A spill no entry covers, or above
+# its entry, fails the sweep, and so does an entry that covers no spill any more: the list only
+# shrinks. Labels are those of the first case that compiles a specialization.
+SPILLS_ALLOWED: dict[tuple[str, str], int] = {
+    # sketch width 128 (rank + oversample > 64): the passes' fused orth phase (and the stand-alone
+    # Jacobi) hold several 128 x 128 float32 matrices, 32 registers a thread each at 16 warps (the
+    # passes run at 32 there: 5.5-13 KB at 16)
+    ("_x_mm_kernel", "r=64+64"): 2924,
+    ("_xt_mm_kernel", "r=64+64"): 1440,
+    ("_top_subspace_kernel", "r=64+64"): 1848,
+    ("_top_subspace_kernel", "r=120+8"): 1848,
+    ("_ritz_ipr_kernel", "rank=112"): 8,
+    # float32 x, rank 1 (L = 16): the 3xTF32 pass next to the orth phase
+    ("_x_mm_kernel", "fp32 rank=1"): 36,
+    ("_xt_mm_kernel", "fp32 rank=1"): 68,
+    # a handful of tokens (N = 1 or 17, D <= 40)
+    ("_xt_mm_kernel", "bf16 rank=1"): 32,
+    ("_xt_mm_kernel", "r=1+0"): 80,
+    ("_gram_ipr_kernel", "fp32 rank=-1"): 452,
+    # float32 q/k at head dim 256: the 3xTF32 halves of a 16 x 256 query tile and a 32 x 256 key tile
+    ("_colsum_kernel", "d=256 fp32"): 664,
+    # 16-bit q/k with both masks, summed (not mean), at four warps
+    ("_colsum_kernel", "bf16 lse=False"): 8,
+    ("_gumbel_topk_kernel", "N=40000"): 120,
+}
 
 
 @dataclass(frozen=True)
@@ -215,6 +244,34 @@ def run(selected: list[Case] | None = None, workers: int | None = None) -> list[
     return list(results.values())
 
 
+def spill_verdict(
+    results: list[Result], allowed: dict[tuple[str, str], int] | None = None
+) -> tuple[list[str], list[str]]:
+    """(each spill that no entry of ``allowed`` (default SPILLS_ALLOWED) covers or that is above
+    its entry; each entry that covers no spill). An entry covers a spill of its kernel whose case
+    label holds its piece."""
+    allowed = SPILLS_ALLOWED if allowed is None else allowed
+    breaches, covered = [], set()
+    for r in results:
+        if not r.spill_bytes:
+            continue
+        key = next((k for k in allowed if k[0] == r.kernel and k[1] in r.case), None)
+        covered.add(key)
+        if key is None:
+            breaches.append(f"{r.kernel} at {r.case}: {r.spill_bytes} bytes spilled per thread, not in SPILLS_ALLOWED")
+        elif r.spill_bytes > allowed[key]:
+            breaches.append(f"{r.kernel} at {r.case}: {r.spill_bytes} bytes spilled per thread, "
+                            f"SPILLS_ALLOWED{key} = {allowed[key]}")  # fmt: skip
+    obsolete = [f"SPILLS_ALLOWED{k} = {v} covers no spill: drop it" for k, v in allowed.items() if k not in covered]
+    return breaches, obsolete
+
+
+def failed(results: list[Result]) -> bool:
+    """Whether the sweep fails: a configuration that cannot launch, or spills outside SPILLS_ALLOWED."""
+    breaches, obsolete = spill_verdict(results)
+    return any(r.problems() for r in results) or bool(breaches or obsolete)
+
+
 def write_json(results: list[Result], path: str | Path) -> Path:
     """The sweep's results as JSON (static, no GPU run): one record per specialization."""
     records = [{**asdict(r), "grid": list(r.grid), "problems": r.problems()} for r in results]
@@ -243,5 +300,10 @@ def format_results(results: list[Result]) -> str:
     lines.append("")
     for r, p in bad:
         lines.append(f"WOULD NOT LAUNCH {r.kernel} at {r.case}: {p}")
-    lines.append("sweep: FAILED" if bad else "sweep: every configuration launches")
+    breaches, obsolete = spill_verdict(results)
+    lines += [f"SPILL {line}" for line in breaches] + obsolete
+    spilled = sum(1 for r in results if r.spill_bytes)
+    if not (breaches or obsolete):
+        lines.append(f"{spilled} specializations spill, all within SPILLS_ALLOWED ({len(SPILLS_ALLOWED)} entries)")
+    lines.append("sweep: FAILED" if bad or breaches or obsolete else "sweep: every configuration launches")
     return "\n".join(lines)
