@@ -795,10 +795,9 @@ class ScaledPasses:
         self.width = sketch_width(l)
         self.split = split_dtype(x.dtype)
         self.precision = "ieee" if interpreted() else "tf32x3"
-        self.reduce = reduce_block(x.dtype)
-        widest = PASS_MAX_BLOCK if self.split else F32_BLOCK
-        self.block_n = out_block or pass_block(self.n, self.batch, widest)
-        self.block_d = out_block or pass_block(self.d, self.batch, widest)
+        self.reduce = reduce_block(x.dtype)  # also the widest output tile: 64 x 64 or 32 x 32 tiles
+        self.block_n = out_block or pass_block(self.n, self.batch, self.reduce)
+        self.block_d = out_block or pass_block(self.d, self.batch, self.reduce)
         self.counters = counters(3 * self.batch, x.device)  # the passes', done flags, orth's
 
     def _run(self, kernel, s, extent, block, gram, store, tin=None, orth=False,
